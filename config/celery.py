@@ -1,0 +1,47 @@
+"""The Celery app, configured from Settings. Producers and workers share this one object."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import Settings, get_settings
+
+TASK_MODULES = ["tasks.enhancement"]
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Apply Settings to a Celery app: JSON only, late acks, events, the worker pool."""
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        # JSON only: a pickle message could run code in the worker, and a secret could hide in it.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=settings.celery_result_expires_s,
+        # A job is acknowledged after it ran, so a killed worker's jobs are delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Long I/O waits: prefetching more than one message per slot would park work behind them.
+        worker_prefetch_multiplier=1,
+        worker_pool=settings.worker_pool,
+        worker_concurrency=settings.worker_concurrency,
+        # Flower shows a job from enqueue to result only when both kinds of event are sent.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+    )
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from `settings` (default: the environment)."""
+    app = Celery("enhance_worker", include=TASK_MODULES)
+    configure(app, settings or get_settings())
+    return app
+
+
+app = create_app()

@@ -1,0 +1,33 @@
+"""The public names backend code imports: `from tasks import enhance`.
+
+Importing this package registers the tasks on the shared Celery app (config.celery.app).
+"""
+
+from tasks.enhancement import enhance_prompt
+from tasks.errors import (
+    AuthenticationError,
+    ConflictTaskUUID,
+    PermanentError,
+    RateLimited,
+    TaskTimeout,
+    TransientError,
+    ValidationError,
+    WorkerError,
+)
+from tasks.pipelines import enhance
+from tasks.schemas import EnhanceRequest, EnhanceResult
+
+__all__ = [
+    "AuthenticationError",
+    "ConflictTaskUUID",
+    "EnhanceRequest",
+    "EnhanceResult",
+    "PermanentError",
+    "RateLimited",
+    "TaskTimeout",
+    "TransientError",
+    "ValidationError",
+    "WorkerError",
+    "enhance",
+    "enhance_prompt",
+]

@@ -1,0 +1,89 @@
+"""The shared Task class: the retry policy, written once.
+
+- ValidationError, PermanentError and other WorkerErrors fail the task at once, logged once at
+  ERROR with a message that says what was wrong.
+- TransientError retries with exponential back-off and full jitter, capped, honouring Retry-After,
+  at most RUNWARE_MAX_RETRIES times; then the task fails with the last error and the retry count.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Task
+
+from config.settings import get_settings
+from tasks.errors import TransientError, ValidationError, WorkerError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def backoff_seconds(retries: int, base: float, cap: float, retry_after: float | None) -> float:
+    """Full-jitter exponential back-off: uniform(0, min(cap, base * 2**retries)), but never
+    sooner than the server's Retry-After."""
+    ceiling = min(cap, base * (2 ** min(retries, 32)))
+    delay = random.uniform(0.0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+class RunwareTask(Task):  # type: ignore[type-arg]
+    """Base of every task that calls Runware."""
+
+    # Our own errors are expected outcomes: Celery logs them without a traceback; we log them once.
+    throws = (WorkerError,)
+    typing = False
+
+    def keyword_only(self, args: tuple[Any, ...]) -> None:
+        """Refuse positional arguments with a message that says how to call the task."""
+        if args:
+            raise ValidationError(
+                f"{self.name} takes keyword arguments only (got {len(args)} positional)"
+            )
+
+    def guarded(self, call: Callable[[], T]) -> T:
+        """Run `call`, turning a TransientError into a retry and any WorkerError into a failure."""
+        task_id = self.request.id
+        try:
+            return call()
+        except TransientError as exc:
+            settings = get_settings()
+            retries = int(self.request.retries or 0)
+            if retries >= settings.runware_max_retries:
+                logger.error(
+                    "Task %s (%s) gave up after %d retries: %s",
+                    task_id,
+                    self.name,
+                    retries,
+                    exc,
+                )
+                raise type(exc)(
+                    f"{exc} (gave up after {retries} retries)",
+                    code=exc.code,
+                    status=exc.status,
+                    retry_after=exc.retry_after,
+                ) from None
+            countdown = backoff_seconds(
+                retries,
+                settings.runware_retry_backoff_s,
+                settings.runware_retry_backoff_max_s,
+                exc.retry_after,
+            )
+            logger.warning(
+                "Task %s (%s) will retry in %.2fs (retry %d of %d): %s",
+                task_id,
+                self.name,
+                countdown,
+                retries + 1,
+                settings.runware_max_retries,
+                exc,
+            )
+            raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
+        except WorkerError as exc:
+            logger.error("Task %s (%s) failed: %s", task_id, self.name, exc)
+            raise

@@ -1,0 +1,297 @@
+"""The Runware REST client: one requests.Session per process, a timeout on every call, and the
+mapping from HTTP status and body to results, TransientError or PermanentError.
+
+It knows the wire protocol only (RUNWARE_API.md); retries, limits and costs live elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from config.settings import Settings, get_settings
+from tasks.errors import (
+    AuthenticationError,
+    ConflictTaskUUID,
+    PermanentError,
+    RateLimited,
+    TaskTimeout,
+    TransientError,
+)
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = "enhance-worker/0.1 (+celery)"
+# Error codes that name a passing condition even when Runware reports them in a 200 body.
+TRANSIENT_CODES = frozenset({"timeoutProvider", "serverError", "providerError", "timeout"})
+PENDING_STATUSES = frozenset({"processing", "pending", "queued", "scheduled", "waiting"})
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What Runware returned for one taskUUID: its data items (one per version or image)."""
+
+    task_uuid: str
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        """The sum of the items' `cost` (USD); Runware reports it per item."""
+        total = 0.0
+        for item in self.items:
+            value = item.get("cost")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                total += float(value)
+        return total
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Seconds from a Retry-After header (delta or HTTP date), if there is a usable one."""
+    raw = response.headers.get("Retry-After")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        from datetime import UTC, datetime
+
+        return max(0.0, (parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def _errors_of(body: Any) -> list[dict[str, Any]]:
+    """Both documented error shapes: {"errors": [...]} and the older {"error": {...}}."""
+    if not isinstance(body, dict):
+        return []
+    found: list[dict[str, Any]] = []
+    errors = body.get("errors")
+    if isinstance(errors, list):
+        found.extend(e for e in errors if isinstance(e, dict))
+    single = body.get("error")
+    if isinstance(single, dict):
+        found.append(single)
+    elif isinstance(single, str):
+        found.append({"message": single})
+    return found
+
+
+class RunwareClient:
+    """A Runware REST client for one process. Thread-safe: the pool is sized to the concurrency."""
+
+    def __init__(self, settings: Settings, pool_size: int = 10) -> None:
+        self._settings = settings
+        self._url = settings.runware_api_url
+        self._timeout = (settings.runware_connect_timeout_s, settings.runware_timeout_s)
+        key = settings.runware_api_key
+        self._key = key.get_secret_value() if key is not None else None
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update({"Content-Type": "application/json", "User-Agent": USER_AGENT})
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.session.close()
+
+    def redact(self, text: str) -> str:
+        """`text` with the API key, should any server echo it, replaced by ***."""
+        if self._key and self._key in text:
+            return text.replace(self._key, "***")
+        return text
+
+    # --- calls ---------------------------------------------------------------------------------
+    def run(self, task: dict[str, Any]) -> TaskOutcome:
+        """Send one task object and return its items (sync delivery) or its acknowledgement."""
+        return self._post(task, task_uuid=str(task["taskUUID"]))
+
+    def get_response(self, task_uuid: str) -> tuple[bool, TaskOutcome]:
+        """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
+        outcome = self._post({"taskType": "getResponse", "taskUUID": task_uuid}, task_uuid)
+        finished: list[dict[str, Any]] = []
+        for item in outcome.items:
+            status = str(item.get("status", "success")).lower()
+            if status in PENDING_STATUSES:
+                return False, TaskOutcome(task_uuid)
+            if status == "error":
+                error = item.get("error") if isinstance(item.get("error"), dict) else item
+                raise self._per_task_error([error] if isinstance(error, dict) else [], task_uuid)
+            finished.append(item)
+        return bool(finished), TaskOutcome(task_uuid, finished)
+
+    def wait(self, task_uuid: str, first_wait: float | None = None) -> TaskOutcome:
+        """Poll getResponse until the task finishes, backing off, within RUNWARE_POLL_TIMEOUT_S."""
+        settings = self._settings
+        delay = settings.runware_poll_interval_s if first_wait is None else first_wait
+        deadline = time.monotonic() + settings.runware_poll_timeout_s
+        while True:
+            if delay > 0:
+                if time.monotonic() + delay > deadline:
+                    raise TaskTimeout(
+                        f"Runware task {task_uuid} did not finish within "
+                        f"{settings.runware_poll_timeout_s:g}s (RUNWARE_POLL_TIMEOUT_S)"
+                    )
+                time.sleep(delay)
+            done, outcome = self.get_response(task_uuid)
+            if done:
+                return outcome
+            delay = min(max(delay * 1.5, settings.runware_poll_interval_s), 10.0)
+
+    # --- wire ----------------------------------------------------------------------------------
+    def _post(self, task: dict[str, Any], task_uuid: str) -> TaskOutcome:
+        if self._key is None:
+            raise AuthenticationError(
+                "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
+            )
+        kind = task.get("taskType", "?")
+        try:
+            response = self.session.post(
+                self._url,
+                data=json.dumps([task]),
+                headers={"Authorization": f"Bearer {self._key}"},
+                timeout=self._timeout,
+            )
+        except requests.Timeout as exc:
+            raise TransientError(
+                f"Runware {kind} {task_uuid}: no answer within the timeout ({type(exc).__name__})",
+                code="timeout",
+            ) from None
+        except requests.RequestException as exc:
+            raise TransientError(
+                f"Runware {kind} {task_uuid}: connection failed ({type(exc).__name__})",
+                code="connection",
+            ) from None
+        return self._parse(response, kind, task_uuid)
+
+    def _parse(self, response: requests.Response, kind: str, task_uuid: str) -> TaskOutcome:
+        status = response.status_code
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        errors = _errors_of(body)
+        if status != 200:
+            raise self._status_error(response, errors, kind, task_uuid)
+        if body is None:
+            raise TransientError(
+                f"Runware {kind} {task_uuid}: answered 200 with a body that is not JSON",
+                code="badResponse",
+                status=status,
+            )
+        data = body.get("data") if isinstance(body, dict) else body
+        items = [
+            item
+            for item in (data if isinstance(data, list) else [])
+            if isinstance(item, dict) and item.get("taskUUID", task_uuid) == task_uuid
+        ]
+        own_errors = [e for e in errors if e.get("taskUUID", task_uuid) == task_uuid]
+        if own_errors and not items:
+            raise self._per_task_error(own_errors, task_uuid)
+        if not items and not isinstance(data, list):
+            raise TransientError(
+                f"Runware {kind} {task_uuid}: answered 200 without a data list",
+                code="badResponse",
+                status=status,
+            )
+        return TaskOutcome(task_uuid, items)
+
+    def _describe(self, errors: list[dict[str, Any]]) -> tuple[str | None, str]:
+        if not errors:
+            return None, "no error details"
+        first = errors[0]
+        code = first.get("code")
+        message = str(first.get("message") or "no message")
+        parameter = first.get("parameter")
+        text = f"{code}: {message}" if code else message
+        if parameter:
+            text += f" (parameter {parameter})"
+        return (str(code) if code else None), self.redact(text)
+
+    def _per_task_error(self, errors: list[dict[str, Any]], task_uuid: str) -> Exception:
+        code, text = self._describe(errors)
+        message = f"Runware rejected task {task_uuid}: {text}"
+        if code in TRANSIENT_CODES:
+            return TransientError(message, code=code, status=200)
+        if code in {"invalidApiKey", "missingApiKey"}:
+            return AuthenticationError(message, code=code, status=200)
+        if code == "conflictTaskUUID":
+            return ConflictTaskUUID(message)
+        return PermanentError(message, code=code, status=200)
+
+    def _status_error(
+        self,
+        response: requests.Response,
+        errors: list[dict[str, Any]],
+        kind: str,
+        task_uuid: str,
+    ) -> Exception:
+        status = response.status_code
+        code, text = self._describe(errors)
+        message = f"Runware {kind} {task_uuid}: HTTP {status}, {text}"
+        if status in (401, 403):
+            hint = " (check RUNWARE_API_KEY)"
+            return AuthenticationError(message + hint, code=code, status=status)
+        if status == 409:
+            return ConflictTaskUUID(message)
+        if status in (429, 503):
+            return RateLimited(
+                message, code=code, status=status, retry_after=_retry_after(response)
+            )
+        if status == 408 or status >= 500:
+            return TransientError(
+                message, code=code, status=status, retry_after=_retry_after(response)
+            )
+        return PermanentError(message, code=code, status=status)
+
+
+# --- one client per process, created lazily after fork -----------------------------------------
+_lock = threading.Lock()
+_client: tuple[int, RunwareClient] | None = None
+_pool_size = 10
+
+
+def configure_pool(size: int) -> None:
+    """Size the connection pool of clients made from now on (the worker's concurrency)."""
+    global _pool_size
+    _pool_size = max(1, size)
+
+
+def reset_client() -> None:
+    """Drop this process's client (after a fork, or when settings change)."""
+    global _client
+    with _lock:
+        if _client is not None and _client[0] == os.getpid():
+            _client[1].close()
+        _client = None
+
+
+def get_client() -> RunwareClient:
+    """This process's RunwareClient; a forked child never reuses its parent's sockets."""
+    global _client
+    pid = os.getpid()
+    current = _client
+    if current is not None and current[0] == pid:
+        return current[1]
+    with _lock:
+        if _client is None or _client[0] != pid:
+            _client = (pid, RunwareClient(get_settings(), _pool_size))
+            logger.debug("Created the Runware HTTP session for process %s.", pid)
+        return _client[1]
+
+
+def new_task_uuid() -> str:
+    """A fresh UUID v4 for a Runware task."""
+    return str(uuid.uuid4())

@@ -1,0 +1,102 @@
+"""The console command `enhance-worker`: demo, sandbox, enhance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(timeout=args.timeout)
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    from workers.sandbox import Sandbox, SandboxConfig
+
+    config = SandboxConfig(
+        api_key=args.api_key,
+        latency_s=args.latency,
+        async_delay_s=args.async_delay,
+        rate_429=args.rate_429,
+        rate_500=args.rate_500,
+        rate_503=args.rate_503,
+        rate_hang=args.rate_hang,
+        rate_garbage=args.rate_garbage,
+        hang_s=args.hang,
+        cost_per_item=args.cost,
+        seed=args.seed,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sandbox = Sandbox(host=args.host, port=args.port, config=config)
+    print(f"Runware SANDBOX (not the real Runware API) listening on {sandbox.url}", flush=True)
+    try:
+        sandbox.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.stop()
+    return 0
+
+
+def _cmd_enhance(args: argparse.Namespace) -> int:
+    from tasks import ValidationError, enhance
+
+    try:
+        async_result = enhance(args.prompt, max_length=args.max_length, versions=args.versions)
+    except ValidationError as exc:
+        print(f"enhance-worker: {exc}", file=sys.stderr)
+        return 2
+    result = async_result.get(timeout=args.timeout)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enhance-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="start what is missing, enhance three prompts, print costs")
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds to wait per job")
+    demo.set_defaults(func=_cmd_demo)
+
+    sandbox = sub.add_parser("sandbox", help="serve a local stand-in for Runware's REST API")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8787)
+    sandbox.add_argument("--api-key", default=None, help="accept only this key (default: any)")
+    sandbox.add_argument("--latency", type=float, default=0.0, help="seconds added to each call")
+    sandbox.add_argument("--async-delay", type=float, default=2.0, help="async render seconds")
+    sandbox.add_argument("--cost", type=float, default=0.0013, help="USD per returned item")
+    sandbox.add_argument("--hang", type=float, default=5.0, help="seconds a hung call takes")
+    sandbox.add_argument("--seed", type=int, default=None, help="seed for injected faults")
+    for fault in ("429", "500", "503", "hang", "garbage"):
+        sandbox.add_argument(
+            f"--rate-{fault}",
+            dest=f"rate_{fault}",
+            type=float,
+            default=0.0,
+            help=f"share of calls answered with {fault} (0..1)",
+        )
+    sandbox.set_defaults(func=_cmd_sandbox)
+
+    enhance = sub.add_parser("enhance", help="enqueue one prompt and print the result")
+    enhance.add_argument("prompt")
+    enhance.add_argument("--versions", type=int, default=1)
+    enhance.add_argument("--max-length", type=int, default=None)
+    enhance.add_argument("--timeout", type=float, default=120.0)
+    enhance.set_defaults(func=_cmd_enhance)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""`enhance-worker demo`: the main job on embedded defaults.
+
+Starts what is missing (a redis-server when none answers at REDIS_URL, the Runware sandbox when
+RUNWARE_API_KEY is unset), starts a real worker, enhances the seed page's two examples and one
+request with three versions, prints each enhanced prompt with its cost and the total, and stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from config.settings import ConfigError, Settings, load_settings
+
+SEED_PROMPTS: list[dict[str, Any]] = [
+    {
+        "prompt": "quiet midnight tea ceremony in a giant overgrown glasshouse, moths circling, "
+        "cracked tiles, elegant host in silver robes",
+        "promptMaxLength": 260,
+        "promptVersions": 1,
+    },
+    {
+        "prompt": "A solitary astronomer in a brass-toned desert camp mapping strange stars beside "
+        "a mechanical telescope, surreal retrofuturist mood",
+        "promptMaxLength": 260,
+        "promptVersions": 1,
+    },
+    {"prompt": "a red fox in fresh snow at dawn", "promptMaxLength": 120, "promptVersions": 3},
+]
+
+
+@contextlib.contextmanager
+def _runware_endpoint(settings: Settings) -> Iterator[dict[str, str]]:
+    """The worker's Runware environment: the real API with a key, else a local sandbox."""
+    if settings.runware_api_key is not None:
+        print(f"Using the real Runware API at {settings.runware_api_url}.")
+        yield {}
+        return
+    from workers.sandbox import Sandbox
+
+    with Sandbox() as sandbox:
+        print(
+            f"RUNWARE_API_KEY is not set: using the local Runware SANDBOX at {sandbox.url}\n"
+            "(a stand-in server speaking Runware's protocol; texts and costs are simulated)."
+        )
+        yield {"RUNWARE_API_URL": sandbox.url, "RUNWARE_API_KEY": "sandbox-demo-key"}
+
+
+@contextlib.contextmanager
+def _redis(settings: Settings) -> Iterator[str]:
+    from workers.services import RedisServer, redis_answers
+
+    if redis_answers(settings.broker_url):
+        print(f"Using the Redis that answers at {settings.broker_url.split('@')[-1]}.")
+        yield settings.broker_url
+        return
+    with RedisServer() as server:
+        print(
+            f"No Redis answers at REDIS_URL: started a private redis-server on port {server.port}."
+        )
+        yield server.url()
+
+
+def run_demo(timeout: float = 120.0) -> int:
+    """Run the demo; the exit status."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"enhance-worker: {exc}")
+        return 2
+    from config.celery import app
+    from tasks.enhancement import enhance_prompt
+    from workers.services import WorkerProcess
+
+    queue = f"enhance-demo-{uuid.uuid4().hex[:8]}"
+    with _redis(settings) as url, _runware_endpoint(settings) as runware_env:
+        app.conf.update(broker_url=url, result_backend=url)
+        env = {
+            "REDIS_URL": url,
+            "CELERY_BROKER_URL": url,
+            "CELERY_RESULT_BACKEND": url,
+            **runware_env,
+        }
+        with WorkerProcess(
+            env, name="demo", extra_args=["-Q", queue, "--without-mingle", "--without-gossip"]
+        ) as worker:
+            print(f"Started a worker (pid {worker.pid}, log {worker.log_path}).\n")
+            pending = [enhance_prompt.apply_async(kwargs=kw, queue=queue) for kw in SEED_PROMPTS]
+            total = 0.0
+            failed = 0
+            for number, (kwargs, async_result) in enumerate(
+                zip(SEED_PROMPTS, pending, strict=True), start=1
+            ):
+                try:
+                    result = async_result.get(timeout=timeout)
+                except Exception as exc:
+                    failed += 1
+                    print(f"{number}. FAILED: {kwargs['prompt']}\n   {type(exc).__name__}: {exc}\n")
+                    continue
+                total += float(result["cost"])
+                print(f"{number}. {result['prompt']}")
+                for version, text in enumerate(result["texts"], start=1):
+                    label = f"v{version}" if len(result["texts"]) > 1 else "->"
+                    print(f"   {label} {text}")
+                print(f"   cost ${result['cost']:.6f} (taskUUID {result['taskUUID']})\n")
+            print(f"Total cost: ${total:.6f} for {len(SEED_PROMPTS) - failed} enhancements.")
+        app.close()
+    return 1 if failed else 0

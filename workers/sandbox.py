@@ -1,0 +1,491 @@
+"""A real HTTP server that speaks Runware's REST protocol, for the demo, the tests and benchmarks.
+
+It checks requests as Runware does (Bearer key, JSON array body, promptEnhance fields and limits,
+unique taskUUIDs), answers one item per version with the same taskUUID and `cost` when asked,
+supports async delivery with getResponse, and can inject latency, 429, 500, 503, hangs and garbled
+bodies. It is never used silently: it announces itself when it starts.
+
+Control endpoints (not part of Runware): GET /_sandbox/stats, POST /_sandbox/config (JSON fields
+of SandboxConfig), POST /_sandbox/reset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from config.settings import ENHANCE_MODEL
+
+logger = logging.getLogger(__name__)
+
+MICRO = 1_000_000
+FAULTS = ("429", "500", "503", "hang", "garbage")
+ENHANCE_FIELDS = {
+    "taskType",
+    "taskUUID",
+    "model",
+    "prompt",
+    "promptMaxLength",
+    "promptVersions",
+    "includeCost",
+    "deliveryMethod",
+    "webhookURL",
+}
+FLOURISHES = (
+    "cinematic lighting, rich textures, sharp focus",
+    "soft volumetric light, painterly detail, shallow depth of field",
+    "dramatic composition, golden hour glow, intricate detail",
+    "moody atmosphere, film grain, wide-angle perspective",
+    "vivid colour palette, high dynamic range, crisp detail",
+)
+
+
+@dataclass
+class SandboxConfig:
+    """What the sandbox does; every field can be changed at run time via /_sandbox/config."""
+
+    api_key: str | None = None  # None: any non-empty key is accepted
+    latency_s: float = 0.0
+    cost_per_item: float = 0.0013
+    async_delay_s: float = 2.0  # how long an async task "renders" before getResponse has it
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_503: float = 0.0
+    rate_hang: float = 0.0
+    rate_garbage: float = 0.0
+    hang_s: float = 5.0
+    retry_after_s: float | None = None  # sent with 429/503 when set
+    fail_next: list[str] = field(default_factory=list)  # faults for the next requests, in order
+    seed: int | None = None
+
+
+@dataclass
+class _Stored:
+    task_type: str
+    items: list[dict[str, Any]]
+    ready_at: float
+
+
+class SandboxState:
+    """Everything the sandbox has seen and billed; thread-safe."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self.random = random.Random(config.seed)
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.tasks: dict[str, _Stored] = {}
+            self.requests = 0
+            self.by_type: dict[str, int] = {}
+            self.statuses: dict[str, int] = {}
+            self.accepted: dict[str, int] = {}  # taskUUID -> times accepted (billed)
+            self.billed_micro = 0
+            self.in_flight = 0
+            self.max_in_flight = 0
+            self.call_times: list[float] = []
+            self.auth_failures = 0
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "requests": self.requests,
+                "by_type": dict(self.by_type),
+                "statuses": dict(self.statuses),
+                "accepted": dict(self.accepted),
+                "billed_usd": self.billed_micro / MICRO,
+                "billed_micro": self.billed_micro,
+                "max_in_flight": self.max_in_flight,
+                "in_flight": self.in_flight,
+                "call_times": list(self.call_times),
+                "auth_failures": self.auth_failures,
+            }
+
+    def next_fault(self) -> str | None:
+        with self.lock:
+            cfg = self.config
+            if cfg.fail_next:
+                return cfg.fail_next.pop(0)
+            roll = self.random.random()
+            for name, rate in (
+                ("429", cfg.rate_429),
+                ("500", cfg.rate_500),
+                ("503", cfg.rate_503),
+                ("hang", cfg.rate_hang),
+                ("garbage", cfg.rate_garbage),
+            ):
+                if roll < rate:
+                    return name
+                roll -= rate
+            return None
+
+
+def _error(
+    code: str, message: str, task: dict[str, Any] | None = None, parameter: str | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if parameter:
+        error["parameter"] = parameter
+    if task is not None:
+        error["taskType"] = task.get("taskType")
+        error["taskUUID"] = task.get("taskUUID")
+    return error
+
+
+def _check_int(task: dict[str, Any], name: str, low: int, high: int) -> dict[str, Any] | None:
+    value = task.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        return _error(
+            f"invalid{name[0].upper()}{name[1:]}",
+            f"{name} must be an integer between {low} and {high}",
+            task,
+            name,
+        )
+    return None
+
+
+def check_enhance(task: dict[str, Any]) -> dict[str, Any] | None:
+    """Runware's checks of a promptEnhance task; an error object, or None when it is valid."""
+    unknown = sorted(set(task) - ENHANCE_FIELDS)
+    if unknown:
+        return _error(
+            "unsupportedParameter", f"unsupported parameter {unknown[0]}", task, unknown[0]
+        )
+    if task.get("model") != ENHANCE_MODEL:
+        return _error("invalidModel", f"model must be {ENHANCE_MODEL}", task, "model")
+    prompt = task.get("prompt")
+    if not isinstance(prompt, str) or not 1 <= len(prompt) <= 300:
+        return _error(
+            "invalidPrompt", "prompt must be a string of 1 to 300 characters", task, "prompt"
+        )
+    for name, low, high in (("promptMaxLength", 12, 400), ("promptVersions", 1, 5)):
+        problem = _check_int(task, name, low, high)
+        if problem:
+            return problem
+    if "includeCost" in task and not isinstance(task["includeCost"], bool):
+        return _error("invalidIncludeCost", "includeCost must be a boolean", task, "includeCost")
+    if task.get("deliveryMethod", "sync") not in ("sync", "async"):
+        return _error(
+            "invalidDeliveryMethod", "deliveryMethod must be sync or async", task, "deliveryMethod"
+        )
+    hook = task.get("webhookURL")
+    if hook is not None and (
+        not isinstance(hook, str) or not hook.startswith(("http://", "https://"))
+    ):
+        return _error("invalidWebhookURL", "webhookURL must be an http(s) URL", task, "webhookURL")
+    return None
+
+
+def enhanced_texts(prompt: str, versions: int, max_tokens: int | None) -> list[str]:
+    """Deterministic stand-ins for the model's output: the prompt, expanded, one per version."""
+    limit = (max_tokens or 400) * 4
+    texts = []
+    for index in range(versions):
+        text = f"{prompt.strip().rstrip('.')}, {FLOURISHES[index % len(FLOURISHES)]}"
+        texts.append(text[:limit])
+    return texts
+
+
+def _valid_uuid4(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and uuid.UUID(value).version == 4
+    except ValueError:
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _SandboxServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("sandbox: %s", format % args)
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _send(
+        self,
+        status: int,
+        body: Any,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        payload = raw if raw is not None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+        with self.server.state.lock:
+            key = str(status)
+            self.server.state.statuses[key] = self.server.state.statuses.get(key, 0) + 1
+
+    def _read_json(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw or b"null")
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/_sandbox/stats"):
+            self._send(200, self.server.state.stats())
+        elif self.path.startswith("/_sandbox/health"):
+            self._send(200, {"ok": True, "sandbox": True})
+        else:
+            self._send(404, {"errors": [_error("notFound", "POST task arrays to /v1")]})
+
+    def do_POST(self) -> None:
+        state = self.server.state
+        if self.path.startswith("/_sandbox/"):
+            self._control(state)
+            return
+        with state.lock:
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            self._api(state)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+
+    def _control(self, state: SandboxState) -> None:
+        if self.path.startswith("/_sandbox/reset"):
+            self._read_json()
+            state.reset()
+            self._send(200, {"ok": True})
+        elif self.path.startswith("/_sandbox/config"):
+            changes = self._read_json() or {}
+            with state.lock:
+                for name, value in changes.items():
+                    if not hasattr(state.config, name):
+                        self._send(400, {"error": f"unknown sandbox setting {name}"})
+                        return
+                    setattr(state.config, name, value)
+                current = asdict(state.config)
+            current.pop("api_key", None)
+            self._send(200, current)
+        else:
+            self._send(404, {"error": "unknown control endpoint"})
+
+    # --- the Runware API -----------------------------------------------------------------------
+    def _api(self, state: SandboxState) -> None:
+        with state.lock:
+            state.requests += 1
+            state.call_times.append(time.time())
+            expected = state.config.api_key
+            latency = state.config.latency_s
+        try:
+            body = self._read_json()
+        except (ValueError, UnicodeDecodeError):
+            self._send(400, {"errors": [_error("invalidJSON", "the body is not valid JSON")]})
+            return
+        auth = self.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not key:
+            with state.lock:
+                state.auth_failures += 1
+            self._send(401, {"errors": [_error("missingApiKey", "no API key was sent")]})
+            return
+        if expected is not None and key != expected:
+            with state.lock:
+                state.auth_failures += 1
+            self._send(401, {"errors": [_error("invalidApiKey", "the API key is not valid")]})
+            return
+        if not isinstance(body, list) or not body or not all(isinstance(t, dict) for t in body):
+            self._send(
+                400,
+                {
+                    "errors": [
+                        _error("invalidRequest", "the body must be a JSON array of task objects")
+                    ]
+                },
+            )
+            return
+        fault = state.next_fault()
+        if latency > 0:
+            time.sleep(latency)
+        if fault in ("429", "500", "503"):
+            headers = {}
+            if fault in ("429", "503") and state.config.retry_after_s is not None:
+                headers["Retry-After"] = f"{state.config.retry_after_s:g}"
+            code = {
+                "429": "queueCapacityExceeded",
+                "500": "serverError",
+                "503": "serviceUnavailable",
+            }
+            self._send(
+                int(fault), {"errors": [_error(code[fault], "injected by the sandbox")]}, headers
+            )
+            return
+        if fault == "garbage":
+            self._send(200, None, raw=b"<html>502 bad gateway</html>")
+            return
+        data: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for task in body:
+            self._one(state, task, data, errors)
+        if fault == "hang":
+            time.sleep(state.config.hang_s)  # processed and billed, but the answer comes too late
+        status = 200 if data or not errors else self._status_for(errors)
+        answer: dict[str, Any] = {"data": data}
+        if errors:
+            answer["errors"] = errors
+        self._send(status, answer)
+
+    @staticmethod
+    def _status_for(errors: list[dict[str, Any]]) -> int:
+        return 409 if errors[0].get("code") == "conflictTaskUUID" else 400
+
+    def _one(
+        self,
+        state: SandboxState,
+        task: dict[str, Any],
+        data: list[dict[str, Any]],
+        errors: list[dict[str, Any]],
+    ) -> None:
+        kind = task.get("taskType")
+        task_uuid = str(task.get("taskUUID"))
+        with state.lock:
+            state.by_type[str(kind)] = state.by_type.get(str(kind), 0) + 1
+        if not _valid_uuid4(task_uuid):
+            errors.append(_error("invalidTaskUUID", "taskUUID must be a UUID v4", task, "taskUUID"))
+            return
+        if kind == "getResponse":
+            self._get_response(state, str(task_uuid), data, errors)
+            return
+        if kind != "promptEnhance":
+            errors.append(
+                _error(
+                    "unsupportedTaskType", f"taskType {kind!r} is not supported", task, "taskType"
+                )
+            )
+            return
+        problem = check_enhance(task)
+        if problem:
+            errors.append(problem)
+            return
+        texts = enhanced_texts(
+            task["prompt"], task.get("promptVersions", 1), task.get("promptMaxLength")
+        )
+        cost = state.config.cost_per_item
+        items: list[dict[str, Any]] = []
+        for text in texts:
+            item: dict[str, Any] = {"taskType": kind, "taskUUID": task_uuid, "text": text}
+            if task.get("includeCost"):
+                item["cost"] = cost
+            items.append(item)
+        is_async = task.get("deliveryMethod") == "async"
+        with state.lock:
+            if task_uuid in state.tasks:
+                errors.append(
+                    _error(
+                        "conflictTaskUUID", "this taskUUID was already submitted", task, "taskUUID"
+                    )
+                )
+                return
+            ready_at = time.monotonic() + (state.config.async_delay_s if is_async else 0.0)
+            state.tasks[task_uuid] = _Stored(kind, items, ready_at)
+            state.accepted[task_uuid] = state.accepted.get(task_uuid, 0) + 1
+            state.billed_micro += round(cost * MICRO) * len(items)
+        if is_async:
+            data.append({"taskType": kind, "taskUUID": task_uuid})
+        else:
+            data.extend(items)
+        if task.get("webhookURL"):
+            threading.Thread(
+                target=_deliver_webhook, args=(task["webhookURL"], items), daemon=True
+            ).start()
+
+    @staticmethod
+    def _get_response(
+        state: SandboxState,
+        task_uuid: str,
+        data: list[dict[str, Any]],
+        errors: list[dict[str, Any]],
+    ) -> None:
+        with state.lock:
+            stored = state.tasks.get(task_uuid)
+        if stored is None:
+            errors.append(_error("taskNotFound", "no task with this taskUUID", None, "taskUUID"))
+            return
+        if time.monotonic() < stored.ready_at:
+            data.append(
+                {"taskType": stored.task_type, "taskUUID": task_uuid, "status": "processing"}
+            )
+            return
+        data.extend({**item, "status": "success"} for item in stored.items)
+
+
+def _deliver_webhook(url: str, items: list[dict[str, Any]]) -> None:
+    import requests
+
+    for item in items:
+        try:
+            requests.post(url, json=item, timeout=5)
+        except requests.RequestException:
+            logger.warning("sandbox: webhook delivery failed for taskUUID %s", item.get("taskUUID"))
+
+
+class _SandboxServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], state: SandboxState) -> None:
+        super().__init__(address, _Handler)
+        self.state = state
+
+
+class Sandbox:
+    """A running sandbox server. `url` is what RUNWARE_API_URL should be set to."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, config: SandboxConfig | None = None
+    ) -> None:
+        self.state = SandboxState(config or SandboxConfig())
+        self._server = _SandboxServer((host, port), self.state)
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Sandbox:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="sandbox", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def configure(self, **changes: Any) -> None:
+        with self.state.lock:
+            for name, value in changes.items():
+                if not hasattr(self.state.config, name):
+                    raise AttributeError(f"unknown sandbox setting {name}")
+                setattr(self.state.config, name, value)
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,51 @@
+"""Worker process life cycle: logging, the HTTP session after fork, and the ready line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import signals
+
+from config.settings import get_settings
+from tasks import runware
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+@signals.setup_logging.connect
+def setup_logging(**_: Any) -> None:
+    """Our own logging set-up (Celery's is skipped when this signal has a receiver)."""
+    logging.basicConfig(
+        level=get_settings().log_level, format=LOG_FORMAT, stream=sys.stderr, force=True
+    )
+    # urllib3 logs every connection at DEBUG; nothing secret, but it drowns the job lines.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+@signals.worker_init.connect
+def size_http_pool(sender: Any = None, **_: Any) -> None:
+    """Size the Runware connection pool to the worker's concurrency (threads share one)."""
+    concurrency = getattr(sender, "concurrency", None) or get_settings().worker_concurrency
+    runware.configure_pool(int(concurrency))
+
+
+@signals.worker_process_init.connect
+def fresh_http_session(**_: Any) -> None:
+    """A forked pool process must not share its parent's sockets: start a new session."""
+    runware.reset_client()
+
+
+@signals.worker_ready.connect
+def announce_ready(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    target = settings.runware_api_url
+    logger.info(
+        "Worker %s is ready to take jobs (Runware endpoint %s, pool %s).",
+        getattr(sender, "hostname", "?"),
+        target,
+        settings.worker_pool,
+    )
