@@ -21,14 +21,17 @@ from tasks.errors import TransientError, ValidationError, WorkerError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A server's Retry-After is honoured in full up to this bound; beyond it we assume a bogus header.
+RETRY_AFTER_CEILING_S = 600.0
+
 
 def backoff_seconds(retries: int, base: float, cap: float, retry_after: float | None) -> float:
     """Full-jitter exponential back-off: uniform(0, min(cap, base * 2**retries)), but never
-    sooner than the server's Retry-After."""
+    sooner than the server's Retry-After (itself bounded by RETRY_AFTER_CEILING_S)."""
     ceiling = min(cap, base * (2 ** min(retries, 32)))
     delay = random.uniform(0.0, ceiling)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, cap))
+        delay = max(delay, min(retry_after, RETRY_AFTER_CEILING_S))
     return delay
 
 

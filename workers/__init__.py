@@ -1,20 +1,35 @@
 """The worker entry point: `celery -A workers worker` and `celery -A workers flower`.
 
-Exposes `app`, the shared Celery app with every task module registered.
+`workers.app` is the shared Celery app with every task module registered and the worker
+life-cycle hooks connected. It is built on first access, so tools that only need a helper module
+(`workers.services`, `workers.sandbox`) do not read the configuration by importing this package.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
-from config.settings import ConfigError
-
-try:
-    import tasks  # noqa: F401 - registers the tasks on the app
-    import workers.signals  # noqa: F401 - connects the worker life-cycle hooks
-    from config.celery import app
-except ConfigError as exc:  # one line, naming the variable, instead of a traceback
-    sys.stderr.write(f"enhance-worker: {exc}\n")
-    raise SystemExit(2) from None
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["app"]
+
+
+def _load_app() -> Celery:
+    from config.settings import ConfigError
+
+    try:
+        import tasks  # noqa: F401 - registers the tasks on the app
+        import workers.signals  # noqa: F401 - connects the worker life-cycle hooks
+        from config.celery import app
+    except ConfigError as exc:  # one line, naming the variable, instead of a traceback
+        sys.stderr.write(f"enhance-worker: {exc}\n")
+        raise SystemExit(2) from None
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return _load_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,17 @@ from config.settings import ENHANCE_MODEL
 logger = logging.getLogger(__name__)
 
 MICRO = 1_000_000
-FAULTS = ("429", "500", "503", "hang", "garbage")
+FAULTS = ("400", "401", "402", "403", "404", "429", "500", "503", "hang", "garbage")
+FAULT_CODES = {
+    "400": "invalidParameter",
+    "401": "invalidApiKey",
+    "402": "insufficientCredits",
+    "403": "forbidden",
+    "404": "notFound",
+    "429": "queueCapacityExceeded",
+    "500": "serverError",
+    "503": "serviceUnavailable",
+}
 ENHANCE_FIELDS = {
     "taskType",
     "taskUUID",
@@ -94,6 +104,7 @@ class SandboxState:
             self.max_in_flight = 0
             self.call_times: list[float] = []
             self.auth_failures = 0
+            self.bodies: dict[str, dict[str, Any]] = {}  # taskUUID -> the last task object sent
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -314,18 +325,12 @@ class _Handler(BaseHTTPRequestHandler):
         fault = state.next_fault()
         if latency > 0:
             time.sleep(latency)
-        if fault in ("429", "500", "503"):
+        if fault in FAULT_CODES:
             headers = {}
             if fault in ("429", "503") and state.config.retry_after_s is not None:
                 headers["Retry-After"] = f"{state.config.retry_after_s:g}"
-            code = {
-                "429": "queueCapacityExceeded",
-                "500": "serverError",
-                "503": "serviceUnavailable",
-            }
-            self._send(
-                int(fault), {"errors": [_error(code[fault], "injected by the sandbox")]}, headers
-            )
+            error = _error(FAULT_CODES[fault], "injected by the sandbox")
+            self._send(int(fault), {"errors": [error]}, headers)
             return
         if fault == "garbage":
             self._send(200, None, raw=b"<html>502 bad gateway</html>")
@@ -360,6 +365,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not _valid_uuid4(task_uuid):
             errors.append(_error("invalidTaskUUID", "taskUUID must be a UUID v4", task, "taskUUID"))
             return
+        if kind != "getResponse":
+            with state.lock:
+                state.bodies[task_uuid] = dict(task)
         if kind == "getResponse":
             self._get_response(state, str(task_uuid), data, errors)
             return
@@ -478,6 +486,10 @@ class Sandbox:
         self._server.server_close()
 
     def configure(self, **changes: Any) -> None:
+        """Change SandboxConfig fields at run time (fail_next takes names from FAULTS)."""
+        unknown_faults = set(changes.get("fail_next", ())) - set(FAULTS)
+        if unknown_faults:
+            raise ValueError(f"unknown sandbox faults {sorted(unknown_faults)}; known: {FAULTS}")
         with self.state.lock:
             for name, value in changes.items():
                 if not hasattr(self.state.config, name):

@@ -1,0 +1,146 @@
+"""Shared test fixtures: a private redis-server, the Runware sandbox and real worker processes.
+
+Nothing here touches a Redis the machine may already run: the suite starts its own on a free port
+(the PATH's redis-server, or the embedded one) before any project module is imported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from celery import Celery
+
+from workers.sandbox import Sandbox, SandboxConfig
+from workers.services import RedisServer, WorkerProcess
+
+# A key nobody would type: every scan for leaks looks for this exact string.
+SECRET = "rw-test-9f3c7e1d4b2a-do-not-leak"
+
+_redis: RedisServer | None = None
+_dbs = itertools.count(2)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the suite's own Redis before test modules import the project's Celery app."""
+    global _redis
+    _redis = RedisServer().start()
+    for name in (
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
+        "RUNWARE_API_KEY",
+        "RUNWARE_API_URL",
+        "RUNWARE_RATE_LIMIT",
+        "RUNWARE_MAX_IN_FLIGHT",
+    ):
+        os.environ.pop(name, None)
+    os.environ["REDIS_URL"] = _redis.url(1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _redis is not None:
+        _redis.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> RedisServer:
+    assert _redis is not None
+    return _redis
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(config=SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3)) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clean_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts with a sandbox that has seen nothing and injects nothing."""
+    if "sandbox" not in request.fixturenames:
+        yield
+        return
+    server: Sandbox = request.getfixturevalue("sandbox")
+    server.state.reset()
+    yield
+    server.configure(
+        fail_next=[],
+        rate_429=0.0,
+        rate_500=0.0,
+        rate_503=0.0,
+        rate_hang=0.0,
+        rate_garbage=0.0,
+        latency_s=0.0,
+        retry_after_s=None,
+        api_key=SECRET,
+    )
+
+
+def worker_env(redis_url: str, sandbox: Sandbox, **overrides: str) -> dict[str, str]:
+    """The environment of a test worker: fast retries, short timeouts, debug logs."""
+    env = {
+        "REDIS_URL": redis_url,
+        "RUNWARE_API_URL": sandbox.url,
+        "RUNWARE_API_KEY": SECRET,
+        "RUNWARE_TIMEOUT_S": "1",
+        "RUNWARE_MAX_RETRIES": "3",
+        "RUNWARE_RETRY_BACKOFF_S": "0.05",
+        "RUNWARE_RETRY_BACKOFF_MAX_S": "0.5",
+        "RUNWARE_POLL_INTERVAL_S": "0.1",
+        "RUNWARE_POLL_TIMEOUT_S": "20",
+        "WORKER_CONCURRENCY": "8",
+        "LOG_LEVEL": "DEBUG",
+    }
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class RunningWorker:
+    """A worker process and a producer app on the same Redis database, as backend code has."""
+
+    process: WorkerProcess
+    redis_url: str
+    app: Celery = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.app = Celery(broker=self.redis_url, backend=self.redis_url)
+
+    def send(self, **kwargs: object) -> object:
+        return self.app.send_task("tasks.enhance_prompt", kwargs=kwargs)
+
+
+@pytest.fixture(scope="session")
+def main_worker(redis_server: RedisServer, sandbox: Sandbox) -> Iterator[RunningWorker]:
+    """The suite's shared worker, on database 1 (the one the project's own app points at)."""
+    url = redis_server.url(1)
+    process = WorkerProcess(worker_env(url, sandbox), name="main").start()
+    running = RunningWorker(process, url)
+    yield running
+    running.app.close()
+    process.stop()
+
+
+StartWorker = Callable[..., RunningWorker]
+
+
+@pytest.fixture
+def start_worker(redis_server: RedisServer, sandbox: Sandbox) -> Iterator[StartWorker]:
+    """Start a worker with its own settings on a database of its own; stopped after the test."""
+    started: list[RunningWorker] = []
+
+    def start(name: str = "extra", **overrides: str) -> RunningWorker:
+        url = redis_server.url(next(_dbs))
+        env = worker_env(url, sandbox, **overrides)
+        process = WorkerProcess(env, name=f"{name}{len(started)}").start()
+        running = RunningWorker(process, url)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.app.close()
+        running.process.stop()

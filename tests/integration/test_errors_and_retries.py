@@ -1,0 +1,123 @@
+"""Error mapping and the retry policy, against faults the sandbox injects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import RunningWorker, StartWorker
+from workers.sandbox import Sandbox
+
+
+def _retries_logged(worker: RunningWorker, task_id: str) -> int:
+    return sum(
+        1 for line in worker.process.log().splitlines() if task_id in line and "will retry" in line
+    )
+
+
+@pytest.mark.parametrize("faults", [["429"], ["503", "500"], ["garbage"], ["429", "503", "500"]])
+def test_transient_faults_are_retried_until_success(
+    main_worker: RunningWorker, sandbox: Sandbox, faults: list[str]
+) -> None:
+    sandbox.configure(fail_next=list(faults))
+    async_result = main_worker.send(prompt="a red fox")
+    result = async_result.get(timeout=30)
+    assert result["text"]
+    assert sandbox.state.requests == len(faults) + 1
+    assert sandbox.state.accepted == {result["taskUUID"]: 1}
+    assert _retries_logged(main_worker, async_result.id) == len(faults)
+
+
+def test_retries_are_bounded(main_worker: RunningWorker, sandbox: Sandbox) -> None:
+    """RUNWARE_MAX_RETRIES=3: four 503s in a row end as a FAILURE after exactly four calls."""
+    sandbox.configure(fail_next=["503"] * 4)
+    async_result = main_worker.send(prompt="a red fox")
+    with pytest.raises(Exception, match=r"HTTP 503.*gave up after 3 retries"):
+        async_result.get(timeout=30)
+    assert async_result.state == "FAILURE"
+    assert sandbox.state.requests == 4
+    assert sandbox.state.accepted == {}
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ("400", "invalidParameter"),
+        ("402", "insufficientCredits"),
+        ("404", "notFound"),
+        ("403", "forbidden"),
+    ],
+)
+def test_permanent_errors_fail_at_once_keeping_code_and_message(
+    main_worker: RunningWorker, sandbox: Sandbox, fault: str, code: str
+) -> None:
+    sandbox.configure(fail_next=[fault])
+    async_result = main_worker.send(prompt="a red fox")
+    with pytest.raises(Exception, match=rf"HTTP {fault}, {code}: injected by the sandbox"):
+        async_result.get(timeout=30)
+    assert sandbox.state.requests == 1
+    assert _retries_logged(main_worker, async_result.id) == 0
+
+
+def test_retry_after_is_honoured(main_worker: RunningWorker, sandbox: Sandbox) -> None:
+    sandbox.configure(fail_next=["429"], retry_after_s=0.8)
+    main_worker.send(prompt="a red fox").get(timeout=30)
+    first, second = sandbox.state.call_times
+    # The worker's own back-off is capped at 0.5 s here, so only Retry-After explains the gap.
+    assert second - first >= 0.8
+
+
+def test_a_lost_answer_is_recovered_without_paying_twice(
+    main_worker: RunningWorker, sandbox: Sandbox
+) -> None:
+    """The sandbox bills the task but answers after the client's 1 s timeout; the retry gets 409
+    conflictTaskUUID and recovers the result with getResponse."""
+    sandbox.configure(fail_next=["hang"], hang_s=2.0)
+    result = main_worker.send(prompt="a red fox", promptVersions=2).get(timeout=30)
+    assert len(result["texts"]) == 2
+    assert sandbox.state.accepted == {result["taskUUID"]: 1}
+    assert sandbox.state.statuses.get("409") == 1
+    assert sandbox.state.by_type.get("getResponse") == 1
+    assert result["cost"] == pytest.approx(2 * 0.0013)
+
+
+def test_a_wrong_key_fails_each_job_at_once(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    worker = start_worker("wrongkey", RUNWARE_API_KEY="rw-not-the-right-key")
+    pending = [worker.send(prompt=f"fox {n}") for n in range(5)]
+    for async_result in pending:
+        with pytest.raises(Exception, match=r"HTTP 401, invalidApiKey.*check RUNWARE_API_KEY"):
+            async_result.get(timeout=30)
+    assert sandbox.state.requests == 5  # one call per job: no retry storm
+    assert sandbox.state.auth_failures == 5
+
+
+def test_no_key_fails_without_calling(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    worker = start_worker("nokey", RUNWARE_API_KEY="")
+    with pytest.raises(Exception, match="RUNWARE_API_KEY is not set"):
+        worker.send(prompt="a red fox").get(timeout=30)
+    assert sandbox.state.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RUNWARE_TIMEOUT_S", "soon"), ("RUNWARE_MAX_RETRIES", "-2"), ("REDIS_URL", "nowhere")],
+)
+def test_a_bad_setting_stops_the_worker_with_one_line(variable: str, value: str) -> None:
+    import os
+
+    env = {**os.environ, variable: value}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"enhance-worker: invalid configuration: {variable}=")
+    assert "expected" in lines[0]

@@ -1,0 +1,121 @@
+"""The Runware client against the sandbox (a real HTTP server): parsing and status mapping."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from config.settings import load_settings
+from tasks.errors import (
+    AuthenticationError,
+    ConflictTaskUUID,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
+from tasks.runware import RunwareClient, _errors_of
+from tasks.schemas import parse_enhance
+from tests.conftest import SECRET
+from workers.sandbox import Sandbox
+
+
+@pytest.fixture
+def client(sandbox: Sandbox) -> Iterator[RunwareClient]:
+    settings = load_settings(
+        _env_file=None, runware_api_url=sandbox.url, runware_api_key=SECRET, runware_timeout_s=0.5
+    )
+    client = RunwareClient(settings, pool_size=4)
+    yield client
+    client.close()
+
+
+def _task(versions: int = 1) -> dict[str, object]:
+    request = parse_enhance({"prompt": "a red fox", "promptVersions": versions})
+    return request.runware_task(str(uuid.uuid4()))
+
+
+def test_one_item_per_version_with_the_same_task_uuid(client: RunwareClient) -> None:
+    task = _task(versions=3)
+    outcome = client.run(task)
+    assert len(outcome.items) == 3
+    assert {item["taskUUID"] for item in outcome.items} == {task["taskUUID"]}
+    assert outcome.cost == pytest.approx(3 * 0.0013)
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "code"),
+    [
+        ("400", PermanentError, "invalidParameter"),
+        ("401", AuthenticationError, "invalidApiKey"),
+        ("402", PermanentError, "insufficientCredits"),
+        ("403", AuthenticationError, "forbidden"),
+        ("404", PermanentError, "notFound"),
+        ("429", RateLimited, "queueCapacityExceeded"),
+        ("500", TransientError, "serverError"),
+        ("503", RateLimited, "serviceUnavailable"),
+        ("garbage", TransientError, "badResponse"),
+        ("hang", TransientError, "timeout"),
+    ],
+)
+def test_status_mapping(
+    client: RunwareClient, sandbox: Sandbox, fault: str, error: type[Exception], code: str
+) -> None:
+    sandbox.configure(fail_next=[fault], hang_s=1.0)
+    with pytest.raises(error) as caught:
+        client.run(_task())
+    assert getattr(caught.value, "code", None) == code
+    assert SECRET not in str(caught.value)
+    if isinstance(caught.value, PermanentError):
+        assert not isinstance(caught.value, TransientError)
+
+
+def test_retry_after_is_read(client: RunwareClient, sandbox: Sandbox) -> None:
+    sandbox.configure(fail_next=["429"], retry_after_s=2.5)
+    with pytest.raises(RateLimited) as caught:
+        client.run(_task())
+    assert caught.value.retry_after == 2.5
+
+
+def test_resending_a_task_uuid_is_a_conflict_and_get_response_recovers(
+    client: RunwareClient, sandbox: Sandbox
+) -> None:
+    task = _task(versions=2)
+    first = client.run(task)
+    with pytest.raises(ConflictTaskUUID):
+        client.run(task)
+    done, recovered = client.get_response(str(task["taskUUID"]))
+    assert done
+    assert [i["text"] for i in recovered.items] == [i["text"] for i in first.items]
+    assert sandbox.state.accepted[str(task["taskUUID"])] == 1
+
+
+def test_wrong_key_is_an_authentication_error(sandbox: Sandbox) -> None:
+    settings = load_settings(_env_file=None, runware_api_url=sandbox.url, runware_api_key="nope")
+    client = RunwareClient(settings)
+    with pytest.raises(AuthenticationError, match="check RUNWARE_API_KEY"):
+        client.run(_task())
+    client.close()
+
+
+def test_missing_key_fails_without_a_call(sandbox: Sandbox) -> None:
+    settings = load_settings(_env_file=None, runware_api_url=sandbox.url)
+    client = RunwareClient(settings)
+    with pytest.raises(AuthenticationError, match="RUNWARE_API_KEY is not set"):
+        client.run(_task())
+    assert sandbox.state.requests == 0
+    client.close()
+
+
+def test_both_error_shapes_are_read() -> None:
+    new = {"errors": [{"code": "invalidPositivePrompt", "message": "bad"}]}
+    old = {"error": {"code": "invalidApiKey", "message": "bad key"}}
+    assert _errors_of(new)[0]["code"] == "invalidPositivePrompt"
+    assert _errors_of(old)[0]["code"] == "invalidApiKey"
+    assert _errors_of({"error": "plain text"}) == [{"message": "plain text"}]
+    assert _errors_of(["not", "a", "dict"]) == []
+
+
+def test_an_echoed_key_is_redacted(client: RunwareClient) -> None:
+    assert client.redact(f"bad key {SECRET}!") == "bad key ***!"

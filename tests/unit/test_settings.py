@@ -1,0 +1,57 @@
+"""Settings: defaults, overrides, and one-line errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import ConfigError, load_settings
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "RUNWARE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(_env_file=None)
+    assert settings.runware_api_url == "https://api.runware.ai/v1"
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.broker_url == settings.result_backend == settings.redis_url
+    assert settings.runware_api_key is None
+    assert settings.worker_pool == "threads"
+
+
+def test_broker_and_backend_override_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://r:6379/0")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://b:6379/1")
+    settings = load_settings(_env_file=None)
+    assert settings.broker_url == "redis://b:6379/1"
+    assert settings.result_backend == "redis://r:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepts"),
+    [
+        ("RUNWARE_TIMEOUT_S", "abc", "a number > 0"),
+        ("RUNWARE_TIMEOUT_S", "0", "a number > 0"),
+        ("RUNWARE_MAX_RETRIES", "-1", "an integer 0..100"),
+        ("RUNWARE_API_URL", "ftp://x", "http(s) URL"),
+        ("REDIS_URL", "localhost", "redis://"),
+        ("WORKER_POOL", "fork", "threads"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, accepts: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{variable}={value!r}" in message
+    assert accepts in message
+
+
+def test_the_key_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNWARE_API_KEY", "very-secret-value")
+    settings = load_settings(_env_file=None)
+    assert settings.runware_api_key is not None
+    assert "very-secret-value" not in repr(settings)
+    assert "very-secret-value" not in str(settings.model_dump())
