@@ -19,6 +19,34 @@ class ConfigError(ValueError):
     """A setting has a value it does not accept; the message names the variable."""
 
 
+_PER = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: object) -> float | None:
+    """Calls per second from `N`, `N/s`, `N/m` or `N/h`; None (no limit) for empty or 0."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number, per = float(value), 1.0
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if not text:
+            return None
+        amount, _, unit = text.partition("/")
+        if unit and unit not in _PER:
+            raise ValueError("the unit after / must be s, m or h")
+        try:
+            number = float(amount)
+        except ValueError:
+            raise ValueError("must be a number, or N/s, N/m or N/h") from None
+        per = _PER.get(unit, 1.0)
+    else:
+        raise ValueError("must be a number, or N/s, N/m or N/h")
+    if number < 0 or number != number or number == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return number / per if number > 0 else None
+
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -61,6 +89,50 @@ class Settings(BaseSettings):
         description="seconds an async task may take before it fails with a timeout, > 0",
     )
 
+    # --- The fleet-wide limits (tasks/limiter.py) -----------------------------------------
+    runware_rate_limit: float | None = Field(
+        default=None,
+        description="Runware calls per second across all workers: N, N/s, N/m or N/h; "
+        "empty or 0 for no limit",
+    )
+    runware_rate_burst: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="calls that may go at once after a quiet spell, >= 1",
+    )
+    runware_max_in_flight: int | None = Field(
+        default=None,
+        ge=0,
+        description="most Runware calls open at once across all workers, an integer; "
+        "empty or 0 for no cap",
+    )
+    runware_limit_max_wait_s: PositiveFloat = Field(
+        default=5.0,
+        description="longest a task waits in its worker for a call slot before it is "
+        "re-scheduled with a countdown, > 0",
+    )
+    runware_lease_s: PositiveFloat | None = Field(
+        default=None,
+        description="seconds an in-flight slot is held at most (a dead worker's slot comes back "
+        "after it); default: the HTTP timeouts plus 5",
+    )
+    runware_cooldown_s: PositiveFloat = Field(
+        default=1.0, description="first fleet-wide pause after a 429 or 503, doubling, > 0"
+    )
+    runware_cooldown_max_s: PositiveFloat = Field(
+        default=30.0, description="longest fleet-wide pause after 429/503, > 0"
+    )
+    limiter_redis_url: str | None = Field(
+        default=None,
+        description="a redis:// URL for the limiter and ledger state; default REDIS_URL",
+    )
+    key_prefix: str = Field(
+        default="enhance",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="prefix of this service's Redis keys (letters, digits, _.:-)",
+    )
+
     # --- Redis and Celery ------------------------------------------------------------------
     redis_url: str = Field(
         default="redis://localhost:6379/0",
@@ -92,7 +164,17 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value
 
-    @field_validator("redis_url", "celery_broker_url", "celery_result_backend")
+    @field_validator("runware_rate_limit", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> float | None:
+        return parse_rate(value)
+
+    @field_validator("runware_max_in_flight", "runware_lease_s", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", 0, "0") else value
+
+    @field_validator("redis_url", "celery_broker_url", "celery_result_backend", "limiter_redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
@@ -110,6 +192,18 @@ class Settings(BaseSettings):
     def broker_url(self) -> str:
         """The broker URL: CELERY_BROKER_URL, else REDIS_URL."""
         return self.celery_broker_url or self.redis_url
+
+    @property
+    def limiter_url(self) -> str:
+        """Where the limiter and ledger keep their state: LIMITER_REDIS_URL, else REDIS_URL."""
+        return self.limiter_redis_url or self.redis_url
+
+    @property
+    def lease_s(self) -> float:
+        """How long an in-flight slot is held at most."""
+        if self.runware_lease_s is not None:
+            return self.runware_lease_s
+        return self.runware_timeout_s + self.runware_connect_timeout_s + 5.0
 
     @property
     def result_backend(self) -> str:

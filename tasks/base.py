@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
+from celery.exceptions import Ignore
 
 from config.settings import get_settings
-from tasks.errors import TransientError, ValidationError, WorkerError
+from tasks.errors import LimiterBusy, TransientError, ValidationError, WorkerError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +49,24 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             raise ValidationError(
                 f"{self.name} takes keyword arguments only (got {len(args)} positional)"
             )
+
+    def reschedule(self, countdown: float, why: str) -> Ignore:
+        """Send this job again in `countdown` seconds without touching its retry budget.
+
+        Waiting for the fleet's limits is not a failure: the new message keeps the task id,
+        arguments, retry count and chain links, and this run ends without a state change.
+        """
+        logger.info(
+            "Task %s (%s) waits for the fleet's Runware limits (%s); re-scheduled in %.1fs.",
+            self.request.id,
+            self.name,
+            why,
+            countdown,
+        )
+        self.signature_from_request(
+            self.request, countdown=countdown, retries=self.request.retries
+        ).apply_async()
+        return Ignore(f"re-scheduled in {countdown:.1f}s")
 
     def guarded(self, call: Callable[[], T]) -> T:
         """Run `call`, turning a TransientError into a retry and any WorkerError into a failure."""
@@ -87,6 +106,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 exc,
             )
             raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
+        except LimiterBusy as exc:
+            raise self.reschedule(exc.countdown, str(exc)) from None
         except WorkerError as exc:
             logger.error("Task %s (%s) failed: %s", task_id, self.name, exc)
             raise

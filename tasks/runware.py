@@ -6,12 +6,15 @@ It knows the wire protocol only (RUNWARE_API.md); retries, limits and costs live
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -28,6 +31,7 @@ from tasks.errors import (
     TaskTimeout,
     TransientError,
 )
+from tasks.limiter import Permit, get_limiter
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,15 @@ class TaskOutcome:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 total += float(value)
         return total
+
+
+Gate = Callable[[str], AbstractContextManager[Permit]]
+
+
+@contextlib.contextmanager
+def _open_gate(task_type: str) -> Iterator[Permit]:
+    """No limits: every call may go at once (used where no limiter is wired in)."""
+    yield Permit(lease="", waited_s=0.0)
 
 
 def _retry_after(response: requests.Response) -> float | None:
@@ -91,8 +104,9 @@ def _errors_of(body: Any) -> list[dict[str, Any]]:
 class RunwareClient:
     """A Runware REST client for one process. Thread-safe: the pool is sized to the concurrency."""
 
-    def __init__(self, settings: Settings, pool_size: int = 10) -> None:
+    def __init__(self, settings: Settings, pool_size: int = 10, gate: Gate | None = None) -> None:
         self._settings = settings
+        self._gate: Gate = gate or _open_gate
         self._url = settings.runware_api_url
         self._timeout = (settings.runware_connect_timeout_s, settings.runware_timeout_s)
         key = settings.runware_api_key
@@ -156,9 +170,19 @@ class RunwareClient:
             raise AuthenticationError(
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
             )
-        kind = task.get("taskType", "?")
+        kind = str(task.get("taskType", "?"))
+        with self._gate(kind) as permit:
+            response = self._send(task, kind, task_uuid)
+            if response.status_code in (429, 503):
+                permit.outcome = "throttled"
+                permit.retry_after = _retry_after(response)
+            else:
+                permit.outcome = "ok"
+        return self._parse(response, kind, task_uuid)
+
+    def _send(self, task: dict[str, Any], kind: str, task_uuid: str) -> requests.Response:
         try:
-            response = self.session.post(
+            return self.session.post(
                 self._url,
                 data=json.dumps([task]),
                 headers={"Authorization": f"Bearer {self._key}"},
@@ -174,7 +198,6 @@ class RunwareClient:
                 f"Runware {kind} {task_uuid}: connection failed ({type(exc).__name__})",
                 code="connection",
             ) from None
-        return self._parse(response, kind, task_uuid)
 
     def _parse(self, response: requests.Response, kind: str, task_uuid: str) -> TaskOutcome:
         status = response.status_code
@@ -287,7 +310,7 @@ def get_client() -> RunwareClient:
         return current[1]
     with _lock:
         if _client is None or _client[0] != pid:
-            _client = (pid, RunwareClient(get_settings(), _pool_size))
+            _client = (pid, RunwareClient(get_settings(), _pool_size, gate=get_limiter().slot))
             logger.debug("Created the Runware HTTP session for process %s.", pid)
         return _client[1]
 

@@ -91,6 +91,8 @@ def worker_env(redis_url: str, sandbox: Sandbox, **overrides: str) -> dict[str, 
         "RUNWARE_RETRY_BACKOFF_MAX_S": "0.5",
         "RUNWARE_POLL_INTERVAL_S": "0.1",
         "RUNWARE_POLL_TIMEOUT_S": "20",
+        "RUNWARE_COOLDOWN_S": "0.05",
+        "RUNWARE_COOLDOWN_MAX_S": "0.5",
         "WORKER_CONCURRENCY": "8",
         "LOG_LEVEL": "DEBUG",
     }
@@ -132,8 +134,10 @@ def start_worker(redis_server: RedisServer, sandbox: Sandbox) -> Iterator[StartW
     """Start a worker with its own settings on a database of its own; stopped after the test."""
     started: list[RunningWorker] = []
 
-    def start(name: str = "extra", **overrides: str) -> RunningWorker:
-        url = redis_server.url(next(_dbs))
+    def start(
+        name: str = "extra", same_db_as: RunningWorker | None = None, **overrides: str
+    ) -> RunningWorker:
+        url = same_db_as.redis_url if same_db_as else redis_server.url(next(_dbs))
         env = worker_env(url, sandbox, **overrides)
         process = WorkerProcess(env, name=f"{name}{len(started)}").start()
         running = RunningWorker(process, url)

@@ -1,4 +1,4 @@
-"""The console command `enhance-worker`: demo, sandbox, enhance."""
+"""The console command `enhance-worker`: demo, sandbox, enhance, limits."""
 
 from __future__ import annotations
 
@@ -56,6 +56,39 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_limits(args: argparse.Namespace) -> int:
+    from tasks.limiter import get_limiter
+
+    limiter = get_limiter()
+    if args.action == "global":
+        changes: dict[str, object] = {}
+        if args.reset:
+            changes = {"rate": None, "burst": None, "max_in_flight": None}
+        if args.rate is not None:
+            changes["rate"] = args.rate
+        if args.burst is not None:
+            changes["burst"] = args.burst
+        if args.max_in_flight is not None:
+            changes["max_in_flight"] = args.max_in_flight
+        try:
+            limiter.set_overrides(**changes)
+        except ValueError as exc:
+            print(f"enhance-worker: {exc}", file=sys.stderr)
+            return 2
+    state = limiter.state()
+    if getattr(args, "json", False):
+        print(json.dumps(state))
+    else:
+        configured, overrides = state["settings"], state["overrides"]
+        for name in ("rate", "burst", "max_in_flight"):
+            value = overrides.get(name, configured[name])
+            source = "override" if name in overrides else "setting"
+            print(f"{name:>14}: {value if value not in (None, 0, 0.0) else 'none'} ({source})")
+        print(f"{'in flight':>14}: {state['in_flight']}")
+        print(f"{'cool-down':>14}: {state['cooldown_s']:.2f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enhance-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--max-length", type=int, default=None)
     enhance.add_argument("--timeout", type=float, default=120.0)
     enhance.set_defaults(func=_cmd_enhance)
+
+    limits = sub.add_parser("limits", help="show or change the fleet-wide limits at run time")
+    limits_sub = limits.add_subparsers(dest="action", required=True)
+    show = limits_sub.add_parser("show", help="the limits in force and what is in flight")
+    show.add_argument("--json", action="store_true")
+    glob = limits_sub.add_parser(
+        "global", help="override RUNWARE_RATE_LIMIT / _BURST / _MAX_IN_FLIGHT for every worker"
+    )
+    glob.add_argument("--rate", help="N, N/s, N/m or N/h; 0 for no limit")
+    glob.add_argument("--burst", type=int)
+    glob.add_argument("--max-in-flight", type=int, help="0 for no cap")
+    glob.add_argument("--reset", action="store_true", help="remove the overrides first")
+    glob.add_argument("--json", action="store_true")
+    limits.set_defaults(func=_cmd_limits)
     return parser
 
 

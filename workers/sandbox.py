@@ -94,6 +94,8 @@ class SandboxState:
 
     def reset(self) -> None:
         with self.lock:
+            # Requests still open from before a reset must not count against the new numbers.
+            self.generation = getattr(self, "generation", 0) + 1
             self.tasks: dict[str, _Stored] = {}
             self.requests = 0
             self.by_type: dict[str, int] = {}
@@ -102,7 +104,8 @@ class SandboxState:
             self.billed_micro = 0
             self.in_flight = 0
             self.max_in_flight = 0
-            self.call_times: list[float] = []
+            self.call_times: list[float] = []  # arrival of every API request
+            self.throttled_at: list[float] = []  # when each 429/503 answer was sent
             self.auth_failures = 0
             self.bodies: dict[str, dict[str, Any]] = {}  # taskUUID -> the last task object sent
 
@@ -118,6 +121,7 @@ class SandboxState:
                 "max_in_flight": self.max_in_flight,
                 "in_flight": self.in_flight,
                 "call_times": list(self.call_times),
+                "throttled_at": list(self.throttled_at),
                 "auth_failures": self.auth_failures,
             }
 
@@ -261,13 +265,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._control(state)
             return
         with state.lock:
+            generation = state.generation
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
             self._api(state)
         finally:
             with state.lock:
-                state.in_flight -= 1
+                if state.generation == generation:
+                    state.in_flight -= 1
 
     def _control(self, state: SandboxState) -> None:
         if self.path.startswith("/_sandbox/reset"):
@@ -330,6 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault in ("429", "503") and state.config.retry_after_s is not None:
                 headers["Retry-After"] = f"{state.config.retry_after_s:g}"
             error = _error(FAULT_CODES[fault], "injected by the sandbox")
+            if fault in ("429", "503"):
+                with state.lock:
+                    state.throttled_at.append(time.time())
             self._send(int(fault), {"errors": [error]}, headers)
             return
         if fault == "garbage":

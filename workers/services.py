@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -138,8 +139,10 @@ class WorkerProcess:
         name: str = "worker",
         extra_args: list[str] | None = None,
         log_path: str | None = None,
+        app: str = "workers",
     ) -> None:
         self.env = {**os.environ, **env}
+        self.app = app
         self.name = name
         self.extra_args = extra_args or []
         if log_path is None:
@@ -154,7 +157,7 @@ class WorkerProcess:
             "-m",
             "celery",
             "-A",
-            "workers",
+            self.app,
             "worker",
             "--hostname",
             f"{self.name}@%h",
@@ -235,3 +238,64 @@ def redis_for(url: str) -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url()
+
+
+class SandboxProcess:
+    """The sandbox as its own process (`enhance-worker sandbox`), driven over HTTP; for
+    benchmarks, where a sandbox thread would compete with the producer for the GIL."""
+
+    def __init__(self, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.args = list(args)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _control(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/_sandbox/{path}"
+
+    def start(self, timeout: float = 15.0) -> SandboxProcess:
+        import requests
+
+        command = [sys.executable, "-m", "workers.cli", "sandbox", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                requests.get(self._control("health"), timeout=0.5).raise_for_status()
+                return self
+            except requests.RequestException:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the sandbox did not start") from None
+                time.sleep(0.05)
+
+    def stats(self) -> dict[str, Any]:
+        import requests
+
+        answer: dict[str, Any] = requests.get(self._control("stats"), timeout=10).json()
+        return answer
+
+    def configure(self, **changes: Any) -> None:
+        import requests
+
+        requests.post(self._control("config"), json=changes, timeout=10).raise_for_status()
+
+    def reset(self) -> None:
+        import requests
+
+        requests.post(self._control("reset"), json={}, timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> SandboxProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

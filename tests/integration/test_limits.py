@@ -1,0 +1,138 @@
+"""The fleet-wide limits with real worker processes, counted by the sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import redis
+
+from tests.conftest import StartWorker
+from workers.sandbox import Sandbox
+from workers.services import RedisServer
+
+
+def _max_in_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    best = 0
+    start = 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def _wait_for(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_one_rate_for_two_workers(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    first = start_worker("rate", RUNWARE_RATE_LIMIT="10/s")
+    start_worker("rate", same_db_as=first, RUNWARE_RATE_LIMIT="10/s")
+    pending = [first.send(prompt=f"rate {n}") for n in range(30)]
+    assert all(p.get(timeout=60)["text"] for p in pending)
+    times = sorted(sandbox.state.call_times)
+    assert len(times) == 30
+    assert _max_in_window(times) <= 10 + 1  # the rate plus the burst of 1
+    observed = (len(times) - 1) / (times[-1] - times[0])
+    assert observed <= 10 * 1.03
+    assert observed >= 10 * 0.5  # it is a limit, not a stall
+
+
+def test_in_flight_cap_across_two_workers(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    sandbox.configure(latency_s=0.3)
+    first = start_worker("cap", RUNWARE_MAX_IN_FLIGHT="3")
+    start_worker("cap", same_db_as=first, RUNWARE_MAX_IN_FLIGHT="3")
+    pending = [first.send(prompt=f"cap {n}") for n in range(24)]
+    assert all(p.get(timeout=60)["text"] for p in pending)
+    assert sandbox.state.max_in_flight == 3
+
+
+def test_waiting_for_the_limit_uses_no_retries(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """With no retry budget at all, jobs that wait longer than the bound are re-scheduled and
+    still succeed: waiting is not failing."""
+    worker = start_worker(
+        "wait", RUNWARE_RATE_LIMIT="4/s", RUNWARE_LIMIT_MAX_WAIT_S="0.5", RUNWARE_MAX_RETRIES="0"
+    )
+    pending = [worker.send(prompt=f"wait {n}") for n in range(10)]
+    results = [p.get(timeout=60) for p in pending]
+    assert len({r["taskUUID"] for r in results}) == 10
+    assert set(sandbox.state.accepted.values()) == {1}
+    assert "re-scheduled in" in worker.process.log()
+    assert _max_in_window(sandbox.state.call_times) <= 4 + 1
+
+
+def test_a_429_pauses_the_whole_fleet(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    sandbox.configure(latency_s=0.1, fail_next=["429"])
+    worker = start_worker(
+        "cool", RUNWARE_COOLDOWN_S="1.0", RUNWARE_COOLDOWN_MAX_S="5", WORKER_CONCURRENCY="4"
+    )
+    pending = [worker.send(prompt=f"cool {n}") for n in range(12)]
+    assert all(p.get(timeout=60)["text"] for p in pending)
+    (throttled,) = sandbox.state.throttled_at
+    during = [t for t in sandbox.state.call_times if throttled + 0.1 < t < throttled + 0.9]
+    assert during == []
+    assert len(sandbox.state.call_times) == 13  # every job, plus the one throttled call
+
+
+def test_limits_change_at_run_time(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    sandbox.configure(latency_s=0.2)
+    worker = start_worker("live")
+    env = {**os.environ, "REDIS_URL": worker.redis_url}
+    cli = [sys.executable, "-m", "workers.cli", "limits", "global"]
+    subprocess.run([*cli, "--max-in-flight", "1"], env=env, check=True, timeout=30)
+    pending = [worker.send(prompt=f"live {n}") for n in range(6)]
+    assert all(p.get(timeout=60)["text"] for p in pending)
+    assert sandbox.state.max_in_flight == 1
+    subprocess.run([*cli, "--reset"], env=env, check=True, timeout=30)
+    sandbox.state.reset()
+    pending = [worker.send(prompt=f"free {n}") for n in range(6)]
+    assert all(p.get(timeout=60)["text"] for p in pending)
+    assert sandbox.state.max_in_flight > 1
+
+
+def test_a_killed_workers_slots_come_back(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    sandbox.configure(latency_s=30.0)  # the calls hang while their worker dies
+    settings = {"RUNWARE_MAX_IN_FLIGHT": "2", "RUNWARE_LEASE_S": "2", "RUNWARE_TIMEOUT_S": "60"}
+    doomed = start_worker("doomed", **settings)
+    doomed.send(prompt="hang one")
+    doomed.send(prompt="hang two")
+    _wait_for(lambda: sandbox.state.in_flight == 2)
+    doomed.process.kill()
+    leases = redis.Redis.from_url(doomed.redis_url)
+    assert leases.zcard("enhance:limit:global:leases") == 2
+    sandbox.configure(latency_s=0.0)
+    sandbox.state.reset()
+    heir = start_worker("heir", same_db_as=doomed, **settings)
+    result = heir.send(prompt="after the crash").get(timeout=30)
+    assert result["text"]
+    _wait_for(lambda: leases.zcard("enhance:limit:global:leases") == 0)
+    leases.close()
+
+
+def test_no_flood_while_the_limiter_redis_is_down(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    limiter_redis = RedisServer().start()
+    try:
+        worker = start_worker(
+            "down", LIMITER_REDIS_URL=limiter_redis.url(0), RUNWARE_RATE_LIMIT="50/s"
+        )
+        assert worker.send(prompt="before").get(timeout=30)["text"]
+        limiter_redis.stop()
+        sandbox.state.reset()
+        pending = [worker.send(prompt=f"during {n}") for n in range(5)]
+        time.sleep(1.5)
+        assert sandbox.state.requests == 0  # nothing went through without a grant
+        limiter_redis.start()
+        assert all(p.get(timeout=60)["text"] for p in pending)
+        assert sandbox.state.requests == 5
+        assert "limiter's Redis is unreachable" in worker.process.log()
+    finally:
+        limiter_redis.cleanup()

@@ -1,0 +1,29 @@
+"""`python -m tests.load NAME [args]` (or `./run bench NAME [args]`): run one benchmark.
+
+Benchmarks print figures and assert nothing; the test suite never times anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "rate": ("tests.load.bench_rate_limit", "fleet-wide rate limit, in-flight cap, lease recovery"),
+}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print("usage: python -m tests.load NAME [args]\n")
+        for name, (_, what) in BENCHMARKS.items():
+            print(f"  {name:<10} {what}")
+        return 2
+    module, _ = BENCHMARKS[sys.argv[1]]
+    sys.argv = [module, *sys.argv[2:]]
+    importlib.import_module(module).main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

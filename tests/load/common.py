@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: a private Redis, the sandbox process, a fleet of workers."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from celery import Celery
+
+from workers.services import RedisServer, SandboxProcess, WorkerProcess
+
+KEY = "bench-key"
+
+
+@contextlib.contextmanager
+def fleet(
+    redis_url: str, sandbox: SandboxProcess, count: int, app: str = "workers", **env: str
+) -> Iterator[Celery]:
+    """`count` real worker processes on `redis_url`, and a producer app for them."""
+    base = {
+        "REDIS_URL": redis_url,
+        "RUNWARE_API_URL": sandbox.url,
+        "RUNWARE_API_KEY": KEY,
+        "LOG_LEVEL": "WARNING",
+        "RUNWARE_LIMIT_MAX_WAIT_S": "5",
+    }
+    workers = [
+        WorkerProcess({**base, **env, "LOG_LEVEL": "INFO"}, name=f"bench{n}", app=app)
+        for n in range(count)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        producer = Celery(broker=redis_url, backend=redis_url)
+        yield producer
+        producer.close()
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def run_jobs(producer: Celery, count: int, timeout: float = 600.0) -> list[dict[str, Any]]:
+    pending = [
+        producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"benchmark prompt {n}"})
+        for n in range(count)
+    ]
+    deadline = time.monotonic() + timeout
+    return [p.get(timeout=max(1.0, deadline - time.monotonic())) for p in pending]
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The most calls in any window of `window` seconds (sliding, half-open)."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, moment in enumerate(ordered):
+        while moment - ordered[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def rate_report(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    span = ordered[-1] - ordered[0] if len(ordered) > 1 else 0.0
+    per_second: dict[int, int] = {}
+    for moment in ordered:
+        second = int(moment - ordered[0])
+        per_second[second] = per_second.get(second, 0) + 1
+    full = [per_second.get(s, 0) for s in range(int(span))]  # whole seconds only
+    return {
+        "calls": len(ordered),
+        "span_s": span,
+        "mean_rate": (len(ordered) - 1) / span if span else float("nan"),
+        "max_1s_window": max_in_window(ordered),
+        "per_second_stdev": statistics.pstdev(full) if full else 0.0,
+    }
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
