@@ -156,6 +156,31 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json (one JSON object per line, for log stacks)"
+    )
+    celery_visibility_timeout_s: int = Field(
+        default=3600,
+        ge=60,
+        description="seconds before an unacknowledged job of a dead worker is delivered again, "
+        "an integer >= 60",
+    )
+    worker_soft_shutdown_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds a worker lets running jobs finish on SIGTERM before it requeues "
+        "them, >= 0",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="TCP port of the worker's Prometheus /metrics endpoint, 1..65535; "
+        "unset for none",
+    )
+    flower_basic_auth: SecretStr | None = Field(
+        default=None, description="user:password pairs (comma-separated) that Flower requires"
+    )
 
     @field_validator("runware_api_url")
     @classmethod
@@ -169,7 +194,7 @@ class Settings(BaseSettings):
     def _rate(cls, value: object) -> float | None:
         return parse_rate(value)
 
-    @field_validator("runware_max_in_flight", "runware_lease_s", mode="before")
+    @field_validator("runware_max_in_flight", "runware_lease_s", "metrics_port", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", 0, "0") else value
