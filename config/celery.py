@@ -6,7 +6,7 @@ from celery import Celery
 
 from config.settings import Settings, get_settings
 
-TASK_MODULES = ["tasks.enhancement"]
+TASK_MODULES = ["tasks.enhancement", "tasks.pipelines"]
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -20,6 +20,12 @@ def configure(app: Celery, settings: Settings) -> None:
         accept_content=["json"],
         result_accept_content=["json"],
         result_expires=settings.celery_result_expires_s,
+        # How soon a dead worker's unacknowledged jobs are delivered again; the same for the
+        # result backend so that chords and results agree on it.
+        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
+        result_backend_transport_options={
+            "visibility_timeout": settings.celery_visibility_timeout_s
+        },
         # A job is acknowledged after it ran, so a killed worker's jobs are delivered again.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

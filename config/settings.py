@@ -123,6 +123,27 @@ class Settings(BaseSettings):
     runware_cooldown_max_s: PositiveFloat = Field(
         default=30.0, description="longest fleet-wide pause after 429/503, > 0"
     )
+    # --- Cost ledger and budgets (tasks/ledger.py) ------------------------------------------
+    runware_daily_budget_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="USD the whole fleet may spend per UTC day, a number >= 0; empty for none",
+    )
+    runware_account_daily_budget_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="USD each account may spend per UTC day, a number >= 0; empty for none",
+    )
+    runware_enhance_cost_usd: float = Field(
+        default=0.0013,
+        ge=0,
+        description="estimated USD of one promptEnhance version, reserved before the call, >= 0",
+    )
+    runware_reservation_s: PositiveFloat = Field(
+        default=900.0,
+        description="seconds a budget reservation of a task that died is kept before it is "
+        "released, > 0",
+    )
     limiter_redis_url: str | None = Field(
         default=None,
         description="a redis:// URL for the limiter and ledger state; default REDIS_URL",
@@ -161,9 +182,9 @@ class Settings(BaseSettings):
     )
     celery_visibility_timeout_s: int = Field(
         default=3600,
-        ge=60,
+        ge=1,
         description="seconds before an unacknowledged job of a dead worker is delivered again, "
-        "an integer >= 60",
+        "an integer >= 1, longer than any countdown or deadline the worker uses",
     )
     worker_soft_shutdown_s: float = Field(
         default=30.0,
@@ -194,10 +215,21 @@ class Settings(BaseSettings):
     def _rate(cls, value: object) -> float | None:
         return parse_rate(value)
 
-    @field_validator("runware_max_in_flight", "runware_lease_s", "metrics_port", mode="before")
+    @field_validator(
+        "runware_max_in_flight",
+        "runware_lease_s",
+        "metrics_port",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", 0, "0") else value
+
+    @field_validator("runware_daily_budget_usd", "runware_account_daily_budget_usd", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        # A budget of 0 means "spend nothing"; only an empty value means "no budget".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url", "celery_broker_url", "celery_result_backend", "limiter_redis_url")
     @classmethod

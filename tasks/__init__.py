@@ -6,6 +6,7 @@ Importing this package registers the tasks on the shared Celery app (config.cele
 from tasks.enhancement import enhance_prompt
 from tasks.errors import (
     AuthenticationError,
+    BudgetExceeded,
     ConflictTaskUUID,
     PermanentError,
     RateLimited,
@@ -14,11 +15,12 @@ from tasks.errors import (
     ValidationError,
     WorkerError,
 )
-from tasks.pipelines import enhance
+from tasks.pipelines import enhance, enhance_batch
 from tasks.schemas import EnhanceRequest, EnhanceResult
 
 __all__ = [
     "AuthenticationError",
+    "BudgetExceeded",
     "ConflictTaskUUID",
     "EnhanceRequest",
     "EnhanceResult",
@@ -29,5 +31,6 @@ __all__ = [
     "ValidationError",
     "WorkerError",
     "enhance",
+    "enhance_batch",
     "enhance_prompt",
 ]

@@ -11,16 +11,26 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import redis
 from celery import Task
 from celery.exceptions import Ignore
 
 from config.settings import get_settings
 from tasks.errors import LimiterBusy, TransientError, ValidationError, WorkerError
+from tasks.ledger import get_ledger
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Costed(Protocol):
+    @property
+    def cost(self) -> float: ...
+
+
+C = TypeVar("C", bound=Costed)
 
 # A server's Retry-After is honoured in full up to this bound; beyond it we assume a bogus header.
 RETRY_AFTER_CEILING_S = 600.0
@@ -68,11 +78,34 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
 
+    def billed(self, task_uuid: str, account: str, estimate_usd: float, call: Callable[[], C]) -> C:
+        """Reserve the estimate under the budgets, make the call, record its real cost once.
+
+        A transient failure keeps the reservation (the call may have been billed; the retry
+        reuses it, and it expires if the task dies); any other failure releases it.
+        """
+        ledger = get_ledger()
+        ledger.reserve(task_uuid, account, estimate_usd)
+        try:
+            result = call()
+        except (TransientError, LimiterBusy):
+            raise
+        except BaseException:
+            ledger.release(task_uuid)
+            raise
+        ledger.commit(task_uuid, account, result.cost)
+        return result
+
     def guarded(self, call: Callable[[], T]) -> T:
         """Run `call`, turning a TransientError into a retry and any WorkerError into a failure."""
         task_id = self.request.id
         try:
-            return call()
+            try:
+                return call()
+            except redis.RedisError as exc:
+                raise TransientError(
+                    f"Redis (limiter or ledger) failed: {type(exc).__name__}: {exc}"
+                ) from None
         except TransientError as exc:
             settings = get_settings()
             retries = int(self.request.retries or 0)

@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 from config.celery import app
+from config.settings import get_settings
 from tasks.base import RunwareTask
-from tasks.errors import ConflictTaskUUID, TransientError
+from tasks.errors import ConflictTaskUUID, TransientError, WorkerError
 from tasks.runware import RunwareClient, get_client
 from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance, stable_task_uuid
 
@@ -30,9 +31,34 @@ def run_enhance(request: EnhanceRequest, task_uuid: str, client: RunwareClient) 
     texts = [item["text"] for item in outcome.items if isinstance(item.get("text"), str)]
     if not texts:
         raise TransientError(f"Runware returned no enhanced text for task {task_uuid}")
+    cost = outcome.cost
     return EnhanceResult(
-        taskUUID=task_uuid, prompt=request.prompt, text=texts[0], texts=texts, cost=outcome.cost
+        taskUUID=task_uuid,
+        prompt=request.prompt,
+        text=texts[0],
+        texts=texts,
+        cost=cost,
+        totalCost=cost,
     )
+
+
+def _enhance(task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The body shared by enhance_prompt and enhance_batch_item: validate, reserve, call, bill."""
+
+    def work() -> dict[str, Any]:
+        task.keyword_only(args)
+        request = parse_enhance(kwargs)
+        task_uuid = request.taskUUID or stable_task_uuid(str(task.request.id))
+        estimate = get_settings().runware_enhance_cost_usd * request.promptVersions
+        result = task.billed(
+            task_uuid,
+            request.account,
+            estimate,
+            lambda: run_enhance(request, task_uuid, get_client()),
+        )
+        return result.model_dump()
+
+    return task.guarded(work)
 
 
 @app.task(bind=True, base=RunwareTask, name="tasks.enhance_prompt")
@@ -42,14 +68,18 @@ def enhance_prompt(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
     Keyword arguments are Runware's request fields: `prompt` (1..300 characters, required),
     `promptMaxLength` (12..400), `promptVersions` (1..5, default 1), `taskUUID` (UUID v4; made
     from the Celery task id when absent, so every retry and redelivery reuses it),
-    `deliveryMethod` (`sync` or `async`) and `webhookURL`. Returns
-    `{"taskType", "taskUUID", "prompt", "text", "texts", "cost"}`.
+    `deliveryMethod` (`sync` or `async`) and `webhookURL`; plus `account` (a label the cost is
+    attributed to, default `default`, never sent to Runware). Returns
+    `{"taskType", "taskUUID", "prompt", "text", "texts", "cost", "totalCost"}`.
     """
+    return _enhance(self, args, kwargs)
 
-    def work() -> dict[str, Any]:
-        self.keyword_only(args)
-        request = parse_enhance(kwargs)
-        task_uuid = request.taskUUID or stable_task_uuid(str(self.request.id))
-        return run_enhance(request, task_uuid, get_client()).model_dump()
 
-    return self.guarded(work)
+@app.task(bind=True, base=RunwareTask, name="tasks.enhance_batch_item")
+def enhance_batch_item(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One prompt of `enhance_batch`: like enhance_prompt, but a final failure is returned as
+    `{"prompt", "error"}` so that it does not sink the batch's chord."""
+    try:
+        return _enhance(self, args, kwargs)
+    except WorkerError as exc:
+        return {"prompt": kwargs.get("prompt"), "error": str(exc)}

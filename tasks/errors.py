@@ -62,3 +62,7 @@ class LimiterBusy(WorkerError):
     def __init__(self, message: str, countdown: float = 1.0) -> None:
         super().__init__(message)
         self.countdown = countdown
+
+
+class BudgetExceeded(WorkerError):
+    """The task's estimated cost would pass a daily budget; it fails without calling Runware."""

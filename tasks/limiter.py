@@ -32,7 +32,8 @@ from typing import Any
 import redis
 
 from config.settings import Settings, get_settings, parse_rate
-from tasks.errors import LimiterBusy, TransientError
+from tasks.errors import LimiterBusy
+from tasks.state import hold_through_outage, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -179,25 +180,10 @@ class Limiter:
             settings.lease_s,
             lease,
         ]
-        delay = 0.05
-        outage_deadline = time.monotonic() + self.outage_s
-        while True:
-            try:
-                granted, wait = self._acquire(keys=keys, args=args)
-                return bool(int(granted)), float(wait)
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-                if time.monotonic() > outage_deadline:
-                    raise TransientError(
-                        f"the limiter's Redis is unreachable ({type(exc).__name__}); no call "
-                        "was made"
-                    ) from None
-                logger.warning(
-                    "The limiter's Redis is unreachable (%s); holding calls, retrying in %.2fs.",
-                    type(exc).__name__,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        granted, wait = hold_through_outage(
+            lambda: self._acquire(keys=keys, args=args), "limiter", self.outage_s
+        )
+        return bool(int(granted)), float(wait)
 
     def _blocking_wait(self, timeout: float) -> None:
         try:
@@ -276,16 +262,6 @@ class Limiter:
 # --- one limiter per process ------------------------------------------------------------------
 _lock = threading.Lock()
 _limiter: Limiter | None = None
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    """A Redis client for the limiter and ledger state, with timeouts on every command."""
-    return redis.Redis.from_url(
-        settings.limiter_url,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        health_check_interval=30,
-    )
 
 
 def get_limiter() -> Limiter:

@@ -39,6 +39,9 @@ def _check_http_url(value: str) -> str:
     return value
 
 
+AccountStr = Annotated[
+    StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
+]
 UUID4Str = Annotated[StrictStr, pydantic.AfterValidator(_check_uuid4)]
 HttpURLStr = Annotated[StrictStr, Field(max_length=2048), pydantic.AfterValidator(_check_http_url)]
 
@@ -54,6 +57,8 @@ class EnhanceRequest(BaseModel):
     taskUUID: UUID4Str | None = None
     deliveryMethod: Literal["sync", "async"] = "sync"
     webhookURL: HttpURLStr | None = None
+    # Ours, not Runware's: who the cost is attributed to. Never sent to Runware.
+    account: AccountStr = "default"
 
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments to enqueue: only the fields that were set."""
@@ -87,6 +92,7 @@ class EnhanceResult(BaseModel):
     text: str
     texts: list[str]
     cost: StrictFloat | StrictInt
+    totalCost: StrictFloat | StrictInt
 
 
 def _describe(error: dict[str, Any]) -> str:

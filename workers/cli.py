@@ -1,4 +1,4 @@
-"""The console command `enhance-worker`: demo, sandbox, enhance, limits."""
+"""The console command `enhance-worker`: demo, sandbox, enhance, cost, limits."""
 
 from __future__ import annotations
 
@@ -89,6 +89,34 @@ def _cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from tasks.ledger import get_ledger
+
+    try:
+        totals = get_ledger().day(args.day)
+    except ValueError as exc:
+        print(f"enhance-worker: {exc}", file=sys.stderr)
+        return 2
+    report = totals.as_json(args.account)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    who = f" for account {args.account}" if args.account else ""
+    print(f"{report['day']} (UTC){who}: ${report['total_usd']:.6f} over {report['tasks']} tasks")
+    for name, usd in report["by_account"].items():
+        print(f"  {name:<24} ${usd:.6f}")
+    return 0
+
+
+def _day(text: str) -> str:
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-25") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enhance-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--max-length", type=int, default=None)
     enhance.add_argument("--timeout", type=float, default=120.0)
     enhance.set_defaults(func=_cmd_enhance)
+
+    cost = sub.add_parser("cost", help="what a UTC day cost, overall and per account")
+    cost.add_argument("--day", type=_day, default=None, help="YYYY-MM-DD (default: today, UTC)")
+    cost.add_argument("--account", default=None, help="only this account")
+    cost.add_argument("--json", action="store_true", help="print JSON")
+    cost.set_defaults(func=_cmd_cost)
 
     limits = sub.add_parser("limits", help="show or change the fleet-wide limits at run time")
     limits_sub = limits.add_subparsers(dest="action", required=True)

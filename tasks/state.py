@@ -1,0 +1,55 @@
+"""The Redis that holds the fleet's shared state (limits, ledger), and how outages are met.
+
+Every command has a timeout. While that Redis cannot be reached, callers hold their work and try
+again with back-off for a bounded time (fail closed: no Runware call without a grant, no call
+without a budget check), then give up with a TransientError so the task retries later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+from config.settings import Settings
+from tasks.errors import TransientError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client for LIMITER_REDIS_URL (default REDIS_URL), with timeouts on every command."""
+    return redis.Redis.from_url(
+        settings.limiter_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        health_check_interval=30,
+    )
+
+
+def hold_through_outage(call: Callable[[], T], what: str, outage_s: float) -> T:
+    """Run `call`; while Redis is unreachable, wait and retry for up to `outage_s` seconds."""
+    delay = 0.05
+    deadline = time.monotonic() + outage_s
+    while True:
+        try:
+            return call()
+        except OUTAGE_ERRORS as exc:
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"the {what}'s Redis is unreachable ({type(exc).__name__}); no call was made"
+                ) from None
+            logger.warning(
+                "The %s's Redis is unreachable (%s); holding calls, retrying in %.2fs.",
+                what,
+                type(exc).__name__,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
