@@ -22,7 +22,14 @@ def configure(app: Celery, settings: Settings) -> None:
         result_expires=settings.celery_result_expires_s,
         # How soon a dead worker's unacknowledged jobs are delivered again; the same for the
         # result backend so that chords and results agree on it.
-        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.celery_visibility_timeout_s,
+            # kombu sweeps for expired unacked jobs every interval x throttle seconds (100 s by
+            # default); sweep often enough that a dead worker's jobs return soon after the
+            # visibility timeout. One sweep is one ZRANGE on a small index.
+            "unacked_restore_interval": max(1, min(10, settings.celery_visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={
             "visibility_timeout": settings.celery_visibility_timeout_s
         },
