@@ -6,7 +6,7 @@ from celery import Celery
 
 from config.settings import Settings, get_settings
 
-TASK_MODULES = ["tasks.enhancement", "tasks.pipelines"]
+TASK_MODULES = ["tasks.enhancement", "tasks.generate", "tasks.pipelines"]
 
 
 def configure(app: Celery, settings: Settings) -> None:

@@ -82,11 +82,19 @@ class Settings(BaseSettings):
         default=60.0, description="cap of one retry back-off in seconds, > 0"
     )
     runware_poll_interval_s: PositiveFloat = Field(
-        default=1.5, description="first wait before polling an async task with getResponse, > 0"
+        default=2.0, description="first wait before polling an async task with getResponse, > 0"
+    )
+    runware_poll_max_interval_s: PositiveFloat = Field(
+        default=15.0, description="longest wait between two polls of an async task, > 0"
     )
     runware_poll_timeout_s: PositiveFloat = Field(
         default=300.0,
-        description="seconds an async task may take before it fails with a timeout, > 0",
+        description="seconds an async enhancement or image may take before it fails with a "
+        "timeout, > 0",
+    )
+    runware_video_timeout_s: PositiveFloat = Field(
+        default=1800.0,
+        description="seconds a video may take to render before it fails with a timeout, > 0",
     )
 
     # --- The fleet-wide limits (tasks/limiter.py) -----------------------------------------
@@ -138,6 +146,16 @@ class Settings(BaseSettings):
         default=0.0013,
         ge=0,
         description="estimated USD of one promptEnhance version, reserved before the call, >= 0",
+    )
+    runware_image_cost_usd: float = Field(
+        default=0.0019,
+        ge=0,
+        description="estimated USD of one generated image, reserved before the call, >= 0",
+    )
+    runware_video_cost_usd: float = Field(
+        default=0.25,
+        ge=0,
+        description="estimated USD of one generated video, reserved before the call, >= 0",
     )
     runware_reservation_s: PositiveFloat = Field(
         default=900.0,

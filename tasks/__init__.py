@@ -15,7 +15,8 @@ from tasks.errors import (
     ValidationError,
     WorkerError,
 )
-from tasks.pipelines import enhance, enhance_batch
+from tasks.generate import generate_image, generate_video
+from tasks.pipelines import enhance, enhance_batch, enhance_then_image, enhance_then_video
 from tasks.schemas import EnhanceRequest, EnhanceResult
 
 __all__ = [
@@ -33,4 +34,8 @@ __all__ = [
     "enhance",
     "enhance_batch",
     "enhance_prompt",
+    "enhance_then_image",
+    "enhance_then_video",
+    "generate_image",
+    "generate_video",
 ]

@@ -1,36 +1,42 @@
-"""The shared Task class: the retry policy, written once.
+"""The shared Task class: the retry policy, the budget and the call to Runware, written once.
 
 - ValidationError, PermanentError and other WorkerErrors fail the task at once, logged once at
   ERROR with a message that says what was wrong.
 - TransientError retries with exponential back-off and full jitter, capped, honouring Retry-After,
   at most RUNWARE_MAX_RETRIES times; then the task fails with the last error and the retry count.
+- Waiting (for the fleet's limits, or for Runware to finish an async task) is not failing: the
+  job is re-scheduled with a countdown and its retry budget is untouched.
+- Every call reserves its estimated cost under the budgets first and records its real cost once.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
-from tasks.errors import LimiterBusy, TransientError, ValidationError, WorkerError
+from tasks.errors import (
+    ConflictTaskUUID,
+    LimiterBusy,
+    TaskTimeout,
+    TransientError,
+    ValidationError,
+    WorkerError,
+)
 from tasks.ledger import get_ledger
+from tasks.polling import get_pending
+from tasks.runware import TaskOutcome, get_client
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Costed(Protocol):
-    @property
-    def cost(self) -> float: ...
-
-
-C = TypeVar("C", bound=Costed)
 
 # A server's Retry-After is honoured in full up to this bound; beyond it we assume a bogus header.
 RETRY_AFTER_CEILING_S = 600.0
@@ -44,6 +50,21 @@ def backoff_seconds(retries: int, base: float, cap: float, retry_after: float | 
     if retry_after is not None:
         delay = max(delay, min(retry_after, RETRY_AFTER_CEILING_S))
     return delay
+
+
+@dataclass(frozen=True)
+class RunwareJob:
+    """One Runware task to run for a Celery job, and how to pay for and wait on it."""
+
+    body: dict[str, Any]  # the task object sent to Runware (taskType, taskUUID, ...)
+    account: str
+    estimate_usd: float
+    deliver_async: bool
+    timeout_s: float  # deadline of an async task, from its submission
+
+    @property
+    def task_uuid(self) -> str:
+        return str(self.body["taskUUID"])
 
 
 class RunwareTask(Task):  # type: ignore[type-arg]
@@ -63,39 +84,68 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     def reschedule(self, countdown: float, why: str) -> Ignore:
         """Send this job again in `countdown` seconds without touching its retry budget.
 
-        Waiting for the fleet's limits is not a failure: the new message keeps the task id,
-        arguments, retry count and chain links, and this run ends without a state change.
+        The new message keeps the task id, arguments, retry count and chain links; this run ends
+        without a state change.
         """
         logger.info(
-            "Task %s (%s) waits for the fleet's Runware limits (%s); re-scheduled in %.1fs.",
-            self.request.id,
-            self.name,
-            why,
-            countdown,
+            "Task %s (%s) %s; re-scheduled in %.1fs.", self.request.id, self.name, why, countdown
         )
         self.signature_from_request(
             self.request, countdown=countdown, retries=self.request.retries
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
 
-    def billed(self, task_uuid: str, account: str, estimate_usd: float, call: Callable[[], C]) -> C:
-        """Reserve the estimate under the budgets, make the call, record its real cost once.
+    # --- the call ------------------------------------------------------------------------------
+    def call_runware(self, job: RunwareJob) -> TaskOutcome:
+        """Reserve the estimate under the budgets, submit or poll the task, record its cost once.
 
-        A transient failure keeps the reservation (the call may have been billed; the retry
-        reuses it, and it expires if the task dies); any other failure releases it.
+        A transient failure or a re-schedule keeps the reservation (the call may have been
+        billed; the next run reuses it, and it expires if the job dies); any other failure
+        releases it.
         """
         ledger = get_ledger()
-        ledger.reserve(task_uuid, account, estimate_usd)
+        ledger.reserve(job.task_uuid, job.account, job.estimate_usd)
         try:
-            result = call()
-        except (TransientError, LimiterBusy):
+            outcome = self._submit_or_poll(job)
+        except (TransientError, LimiterBusy, Ignore, Retry):
             raise
         except BaseException:
-            ledger.release(task_uuid)
+            ledger.release(job.task_uuid)
             raise
-        ledger.commit(task_uuid, account, result.cost)
-        return result
+        ledger.commit(job.task_uuid, job.account, outcome.cost)
+        return outcome
 
+    def _submit_or_poll(self, job: RunwareJob) -> TaskOutcome:
+        client, pending = get_client(), get_pending()
+        task_uuid = job.task_uuid
+        submitted = pending.submitted_at(task_uuid)
+        if submitted is None:
+            try:
+                outcome = client.run(job.body)
+            except ConflictTaskUUID:
+                # An earlier attempt was accepted and its answer lost: fetch it, do not resend.
+                logger.info("taskUUID %s was already accepted by Runware; polling it.", task_uuid)
+                submitted = pending.mark(task_uuid, job.timeout_s)
+            else:
+                if not job.deliver_async:
+                    return outcome
+                pending.mark(task_uuid, job.timeout_s)
+                raise self.reschedule(
+                    pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
+                )
+        done, outcome = client.get_response(task_uuid)
+        if done:
+            pending.clear(task_uuid)
+            return outcome
+        elapsed = max(0.0, time.time() - submitted)
+        if elapsed > job.timeout_s:
+            pending.clear(task_uuid)
+            raise TaskTimeout(f"Runware task {task_uuid} did not finish within {job.timeout_s:g}s")
+        raise self.reschedule(
+            pending.next_poll_in(elapsed), f"Runware is still working on {task_uuid}"
+        )
+
+    # --- the retry policy ----------------------------------------------------------------------
     def guarded(self, call: Callable[[], T]) -> T:
         """Run `call`, turning a TransientError into a retry and any WorkerError into a failure."""
         task_id = self.request.id
@@ -111,11 +161,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             retries = int(self.request.retries or 0)
             if retries >= settings.runware_max_retries:
                 logger.error(
-                    "Task %s (%s) gave up after %d retries: %s",
-                    task_id,
-                    self.name,
-                    retries,
-                    exc,
+                    "Task %s (%s) gave up after %d retries: %s", task_id, self.name, retries, exc
                 )
                 raise type(exc)(
                     f"{exc} (gave up after {retries} retries)",
@@ -140,7 +186,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             )
             raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
         except LimiterBusy as exc:
-            raise self.reschedule(exc.countdown, str(exc)) from None
+            raise self.reschedule(exc.countdown, f"waits for the fleet's limits ({exc})") from None
         except WorkerError as exc:
             logger.error("Task %s (%s) failed: %s", task_id, self.name, exc)
             raise

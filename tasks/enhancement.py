@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from config.celery import app
 from config.settings import get_settings
-from tasks.base import RunwareTask
-from tasks.errors import ConflictTaskUUID, TransientError, WorkerError
-from tasks.runware import RunwareClient, get_client
+from tasks.base import RunwareJob, RunwareTask
+from tasks.errors import TransientError, WorkerError
+from tasks.runware import TaskOutcome
 from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance, stable_task_uuid
 
-logger = logging.getLogger(__name__)
 
-
-def run_enhance(request: EnhanceRequest, task_uuid: str, client: RunwareClient) -> EnhanceResult:
-    """Call promptEnhance for `request` under `task_uuid` and build the result.
-
-    A 409 conflictTaskUUID means an earlier attempt with this taskUUID was accepted (the answer was
-    lost on the way back): its result is fetched with getResponse instead of paying again.
-    """
-    try:
-        outcome = client.run(request.runware_task(task_uuid))
-        if request.deliveryMethod == "async":
-            outcome = client.wait(task_uuid, first_wait=None)
-    except ConflictTaskUUID:
-        logger.info("taskUUID %s was already accepted by Runware; fetching its result.", task_uuid)
-        outcome = client.wait(task_uuid, first_wait=0.0)
+def enhance_result(request: EnhanceRequest, outcome: TaskOutcome) -> EnhanceResult:
+    """The task's result from Runware's items: every version's text, in order, and the cost."""
     texts = [item["text"] for item in outcome.items if isinstance(item.get("text"), str)]
     if not texts:
-        raise TransientError(f"Runware returned no enhanced text for task {task_uuid}")
+        raise TransientError(f"Runware returned no enhanced text for task {outcome.task_uuid}")
     cost = outcome.cost
     return EnhanceResult(
-        taskUUID=task_uuid,
+        taskUUID=outcome.task_uuid,
         prompt=request.prompt,
         text=texts[0],
         texts=texts,
@@ -49,14 +35,15 @@ def _enhance(task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         task.keyword_only(args)
         request = parse_enhance(kwargs)
         task_uuid = request.taskUUID or stable_task_uuid(str(task.request.id))
-        estimate = get_settings().runware_enhance_cost_usd * request.promptVersions
-        result = task.billed(
-            task_uuid,
-            request.account,
-            estimate,
-            lambda: run_enhance(request, task_uuid, get_client()),
+        settings = get_settings()
+        job = RunwareJob(
+            body=request.runware_task(task_uuid),
+            account=request.account,
+            estimate_usd=settings.runware_enhance_cost_usd * request.promptVersions,
+            deliver_async=request.deliveryMethod == "async",
+            timeout_s=settings.runware_poll_timeout_s,
         )
-        return result.model_dump()
+        return enhance_result(request, task.call_runware(job)).model_dump()
 
     return task.guarded(work)
 

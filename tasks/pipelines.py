@@ -7,14 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import chord, group
+from celery import Task, chain, chord, group
 from celery.result import AsyncResult
 
 from config.celery import app
 from tasks.enhancement import enhance_batch_item, enhance_prompt
 from tasks.errors import ValidationError
+from tasks.generate import generate_image, generate_video
 from tasks.ledger import MICRO, to_micro
-from tasks.schemas import EnhanceRequest, parse_enhance
+from tasks.schemas import (
+    EnhanceRequest,
+    ImageRequest,
+    VideoRequest,
+    parse_enhance,
+    parse_generation,
+)
 
 MAX_BATCH = 10_000
 
@@ -98,3 +105,68 @@ def collect_batch(results: list[dict[str, Any]]) -> dict[str, Any]:
         "failed": failed,
         "cost": cost_micro / MICRO,
     }
+
+
+# --- enhance, then generate one image or video per enhanced version ---------------------------
+GENERATORS: dict[str, Task] = {"image": generate_image, "video": generate_video}  # type: ignore[type-arg]
+
+
+def _enhance_then(kind: str, prompt: str, versions: int, options: dict[str, Any]) -> AsyncResult:  # type: ignore[type-arg]
+    account = options.get("account")
+    request = _request(prompt, None, versions, account=account)
+    model = ImageRequest if kind == "image" else VideoRequest
+    # Check the generation arguments now, with a stand-in prompt, so nothing is enqueued for a
+    # bad one; the real prompt is the enhanced text.
+    parse_generation(model, {**options, "positivePrompt": prompt}, f"generate_{kind}")
+    if "positivePrompt" in options or "taskUUID" in options:
+        raise ValidationError(
+            f"invalid generate_{kind} request: positivePrompt and taskUUID are set per version"
+        )
+    pipeline = chain(
+        enhance_prompt.s(**request.task_kwargs()),
+        fan_out_generation.s(kind=kind, options=options),
+    )
+    result: AsyncResult = pipeline.apply_async()  # type: ignore[type-arg]
+    return result
+
+
+def enhance_then_image(prompt: str, versions: int = 1, **image: Any) -> AsyncResult:  # type: ignore[type-arg]
+    """Enhance `prompt` into `versions` versions, then make one image per version (a chord).
+
+    `image` holds `tasks.generate_image` keyword arguments (`model`, `width`, ...; `account`
+    applies to both steps). The value is `{"prompt", "results": [one image result per version],
+    "cost": <enhancement plus every image, USD>}`.
+    """
+    return _enhance_then("image", prompt, versions, image)
+
+
+def enhance_then_video(prompt: str, versions: int = 1, **video: Any) -> AsyncResult:  # type: ignore[type-arg]
+    """Like enhance_then_image, with one `tasks.generate_video` per enhanced version."""
+    return _enhance_then("video", prompt, versions, video)
+
+
+@app.task(bind=True, name="tasks.fan_out_generation")
+def fan_out_generation(
+    self: Task,  # type: ignore[type-arg]
+    upstream: dict[str, Any],
+    kind: str,
+    options: dict[str, Any],
+) -> None:
+    """Replace itself with a chord: one generation per enhanced version, then collect them."""
+    generator = GENERATORS[kind]
+    upstream_total = upstream.get("totalCost", upstream.get("cost", 0.0))
+    header = group(
+        generator.s({"text": text, "totalCost": upstream_total}, **options)
+        for text in upstream["texts"]
+    )
+    callback = collect_generation.s(prompt=upstream["prompt"], upstream_cost=upstream_total)
+    raise self.replace(chord(header, callback))
+
+
+@app.task(name="tasks.collect_generation")
+def collect_generation(
+    results: list[dict[str, Any]], prompt: str, upstream_cost: float
+) -> dict[str, Any]:
+    """The pipeline's value: every generation result and the whole pipeline's cost."""
+    cost_micro = to_micro(upstream_cost) + sum(to_micro(float(r["cost"])) for r in results)
+    return {"prompt": prompt, "results": results, "cost": cost_micro / MICRO}

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -28,7 +27,6 @@ from tasks.errors import (
     ConflictTaskUUID,
     PermanentError,
     RateLimited,
-    TaskTimeout,
     TransientError,
 )
 from tasks.limiter import Permit, get_limiter
@@ -145,24 +143,6 @@ class RunwareClient:
                 raise self._per_task_error([error] if isinstance(error, dict) else [], task_uuid)
             finished.append(item)
         return bool(finished), TaskOutcome(task_uuid, finished)
-
-    def wait(self, task_uuid: str, first_wait: float | None = None) -> TaskOutcome:
-        """Poll getResponse until the task finishes, backing off, within RUNWARE_POLL_TIMEOUT_S."""
-        settings = self._settings
-        delay = settings.runware_poll_interval_s if first_wait is None else first_wait
-        deadline = time.monotonic() + settings.runware_poll_timeout_s
-        while True:
-            if delay > 0:
-                if time.monotonic() + delay > deadline:
-                    raise TaskTimeout(
-                        f"Runware task {task_uuid} did not finish within "
-                        f"{settings.runware_poll_timeout_s:g}s (RUNWARE_POLL_TIMEOUT_S)"
-                    )
-                time.sleep(delay)
-            done, outcome = self.get_response(task_uuid)
-            if done:
-                return outcome
-            delay = min(max(delay * 1.5, settings.runware_poll_interval_s), 10.0)
 
     # --- wire ----------------------------------------------------------------------------------
     def _post(self, task: dict[str, Any], task_uuid: str) -> TaskOutcome:

@@ -135,3 +135,120 @@ def stable_task_uuid(seed: str) -> str:
                 return str(parsed)
     digest = bytearray(hashlib.sha256(seed.encode()).digest()[:16])
     return str(uuid.UUID(bytes=bytes(digest), version=4))
+
+
+# --- Downstream generation ------------------------------------------------------------------
+AIRStr = Annotated[StrictStr, Field(min_length=3, max_length=200, pattern=r"^[\w.-]+:[\w.@-]+$")]
+PositivePromptStr = Annotated[StrictStr, Field(min_length=2, max_length=3000)]
+
+
+def _multiple_of_64(value: int) -> int:
+    if value % 64:
+        raise ValueError(f"must be a multiple of 64 (got {value})")
+    return value
+
+
+ImageSide = Annotated[StrictInt, Field(ge=128, le=2048), pydantic.AfterValidator(_multiple_of_64)]
+
+
+class _Generation(BaseModel):
+    """Fields shared by imageInference and videoInference requests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: AIRStr
+    positivePrompt: PositivePromptStr
+    negativePrompt: Annotated[StrictStr, Field(min_length=2, max_length=3000)] | None = None
+    seed: Annotated[StrictInt, Field(ge=1, le=9223372036854775807)] | None = None
+    taskUUID: UUID4Str | None = None
+    webhookURL: HttpURLStr | None = None
+    account: AccountStr = "default"
+
+    def _common(self, task_type: str, task_uuid: str) -> dict[str, Any]:
+        body = self.model_dump(exclude_none=True, exclude={"account", "taskUUID"})
+        return {"taskType": task_type, "taskUUID": task_uuid, **body, "includeCost": True}
+
+
+class ImageRequest(_Generation):
+    """Arguments of `tasks.generate_image`, named as Runware's imageInference fields."""
+
+    width: ImageSide = 1024
+    height: ImageSide = 1024
+    numberResults: Annotated[StrictInt, Field(ge=1, le=20)] = 1
+    steps: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+    CFGScale: Annotated[StrictFloat | StrictInt, Field(ge=0, le=50)] | None = None
+    outputType: Literal["URL", "base64Data", "dataURI"] = "URL"
+    outputFormat: Literal["JPG", "PNG", "WEBP"] = "JPG"
+    deliveryMethod: Literal["sync", "async"] = "sync"
+
+    def runware_task(self, task_uuid: str) -> dict[str, Any]:
+        return self._common("imageInference", task_uuid)
+
+
+class VideoRequest(_Generation):
+    """Arguments of `tasks.generate_video`, named as Runware's videoInference fields.
+
+    Sizes and durations are per model, so only broad bounds are checked here; Runware's answer
+    (a 400 naming the parameter) covers the rest.
+    """
+
+    width: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
+    height: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
+    duration: Annotated[StrictFloat | StrictInt, Field(gt=0, le=60)] = 5
+    fps: Annotated[StrictInt, Field(ge=1, le=120)] | None = None
+    numberResults: Annotated[StrictInt, Field(ge=1, le=4)] = 1
+    outputFormat: Literal["MP4", "WEBM"] = "MP4"
+
+    def runware_task(self, task_uuid: str) -> dict[str, Any]:
+        # Video is always delivered asynchronously and polled with getResponse.
+        return {**self._common("videoInference", task_uuid), "deliveryMethod": "async"}
+
+
+class ImageResult(BaseModel):
+    """The result of `tasks.generate_image`."""
+
+    taskType: Literal["imageInference"] = "imageInference"
+    taskUUID: str
+    positivePrompt: str
+    images: list[dict[str, Any]]
+    cost: float
+    totalCost: float
+
+
+class VideoResult(BaseModel):
+    """The result of `tasks.generate_video`."""
+
+    taskType: Literal["videoInference"] = "videoInference"
+    taskUUID: str
+    positivePrompt: str
+    videos: list[dict[str, Any]]
+    cost: float
+    totalCost: float
+
+
+def upstream_prompt(upstream: Any) -> tuple[str, float]:
+    """The positive prompt and the upstream totalCost from a generation task's first argument:
+    a `tasks.enhance_prompt` result (its `text`) or a plain prompt string (cost 0)."""
+    if isinstance(upstream, str):
+        return upstream, 0.0
+    if isinstance(upstream, dict):
+        if "error" in upstream:
+            raise ValidationError(f"the upstream task failed: {upstream['error']}")
+        text = upstream.get("text")
+        if isinstance(text, str):
+            total = upstream.get("totalCost", upstream.get("cost", 0.0))
+            return text, float(total) if isinstance(total, int | float) else 0.0
+    raise ValidationError(
+        "upstream: the first argument must be a tasks.enhance_prompt result (with `text`) or a "
+        f"prompt string (got {type(upstream).__name__})"
+    )
+
+
+def parse_generation(
+    model: type[ImageRequest] | type[VideoRequest], arguments: dict[str, Any], what: str
+) -> ImageRequest | VideoRequest:
+    """Validate generation keyword arguments, raising ValidationError naming the field."""
+    try:
+        return model.model_validate(arguments)
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc, what) from None

@@ -53,7 +53,7 @@ def redis_server() -> RedisServer:
 
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(config=SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3)) as server:
+    with Sandbox(config=SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3, video_render_s=1.0)) as server:
         yield server
 
 
@@ -76,6 +76,7 @@ def _clean_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
         latency_s=0.0,
         retry_after_s=None,
         api_key=SECRET,
+        video_render_s=1.0,
     )
 
 

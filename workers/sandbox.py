@@ -17,16 +17,14 @@ import random
 import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from config.settings import ENHANCE_MODEL
+from workers.sandbox_tasks import MICRO, accept, check, error, valid_uuid4
 
 logger = logging.getLogger(__name__)
 
-MICRO = 1_000_000
 FAULTS = ("400", "401", "402", "403", "404", "429", "500", "503", "hang", "garbage")
 FAULT_CODES = {
     "400": "invalidParameter",
@@ -38,24 +36,6 @@ FAULT_CODES = {
     "500": "serverError",
     "503": "serviceUnavailable",
 }
-ENHANCE_FIELDS = {
-    "taskType",
-    "taskUUID",
-    "model",
-    "prompt",
-    "promptMaxLength",
-    "promptVersions",
-    "includeCost",
-    "deliveryMethod",
-    "webhookURL",
-}
-FLOURISHES = (
-    "cinematic lighting, rich textures, sharp focus",
-    "soft volumetric light, painterly detail, shallow depth of field",
-    "dramatic composition, golden hour glow, intricate detail",
-    "moody atmosphere, film grain, wide-angle perspective",
-    "vivid colour palette, high dynamic range, crisp detail",
-)
 
 
 @dataclass
@@ -64,8 +44,11 @@ class SandboxConfig:
 
     api_key: str | None = None  # None: any non-empty key is accepted
     latency_s: float = 0.0
-    cost_per_item: float = 0.0013
-    async_delay_s: float = 2.0  # how long an async task "renders" before getResponse has it
+    cost_per_item: float = 0.0013  # USD per enhanced version
+    image_cost: float = 0.0019  # USD per image
+    video_cost: float = 0.25  # USD per video
+    async_delay_s: float = 2.0  # how long an async enhancement or image takes
+    video_render_s: float = 5.0  # how long a video takes to render
     rate_429: float = 0.0
     rate_500: float = 0.0
     rate_503: float = 0.0
@@ -145,81 +128,6 @@ class SandboxState:
             return None
 
 
-def _error(
-    code: str, message: str, task: dict[str, Any] | None = None, parameter: str | None = None
-) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if parameter:
-        error["parameter"] = parameter
-    if task is not None:
-        error["taskType"] = task.get("taskType")
-        error["taskUUID"] = task.get("taskUUID")
-    return error
-
-
-def _check_int(task: dict[str, Any], name: str, low: int, high: int) -> dict[str, Any] | None:
-    value = task.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        return _error(
-            f"invalid{name[0].upper()}{name[1:]}",
-            f"{name} must be an integer between {low} and {high}",
-            task,
-            name,
-        )
-    return None
-
-
-def check_enhance(task: dict[str, Any]) -> dict[str, Any] | None:
-    """Runware's checks of a promptEnhance task; an error object, or None when it is valid."""
-    unknown = sorted(set(task) - ENHANCE_FIELDS)
-    if unknown:
-        return _error(
-            "unsupportedParameter", f"unsupported parameter {unknown[0]}", task, unknown[0]
-        )
-    if task.get("model") != ENHANCE_MODEL:
-        return _error("invalidModel", f"model must be {ENHANCE_MODEL}", task, "model")
-    prompt = task.get("prompt")
-    if not isinstance(prompt, str) or not 1 <= len(prompt) <= 300:
-        return _error(
-            "invalidPrompt", "prompt must be a string of 1 to 300 characters", task, "prompt"
-        )
-    for name, low, high in (("promptMaxLength", 12, 400), ("promptVersions", 1, 5)):
-        problem = _check_int(task, name, low, high)
-        if problem:
-            return problem
-    if "includeCost" in task and not isinstance(task["includeCost"], bool):
-        return _error("invalidIncludeCost", "includeCost must be a boolean", task, "includeCost")
-    if task.get("deliveryMethod", "sync") not in ("sync", "async"):
-        return _error(
-            "invalidDeliveryMethod", "deliveryMethod must be sync or async", task, "deliveryMethod"
-        )
-    hook = task.get("webhookURL")
-    if hook is not None and (
-        not isinstance(hook, str) or not hook.startswith(("http://", "https://"))
-    ):
-        return _error("invalidWebhookURL", "webhookURL must be an http(s) URL", task, "webhookURL")
-    return None
-
-
-def enhanced_texts(prompt: str, versions: int, max_tokens: int | None) -> list[str]:
-    """Deterministic stand-ins for the model's output: the prompt, expanded, one per version."""
-    limit = (max_tokens or 400) * 4
-    texts = []
-    for index in range(versions):
-        text = f"{prompt.strip().rstrip('.')}, {FLOURISHES[index % len(FLOURISHES)]}"
-        texts.append(text[:limit])
-    return texts
-
-
-def _valid_uuid4(value: Any) -> bool:
-    try:
-        return isinstance(value, str) and uuid.UUID(value).version == 4
-    except ValueError:
-        return False
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _SandboxServer
@@ -258,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path.startswith("/_sandbox/health"):
             self._send(200, {"ok": True, "sandbox": True})
         else:
-            self._send(404, {"errors": [_error("notFound", "POST task arrays to /v1")]})
+            self._send(404, {"errors": [error("notFound", "POST task arrays to /v1")]})
 
     def do_POST(self) -> None:
         state = self.server.state
@@ -305,26 +213,26 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_json()
         except (ValueError, UnicodeDecodeError):
-            self._send(400, {"errors": [_error("invalidJSON", "the body is not valid JSON")]})
+            self._send(400, {"errors": [error("invalidJSON", "the body is not valid JSON")]})
             return
         auth = self.headers.get("Authorization", "")
         key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
         if not key:
             with state.lock:
                 state.auth_failures += 1
-            self._send(401, {"errors": [_error("missingApiKey", "no API key was sent")]})
+            self._send(401, {"errors": [error("missingApiKey", "no API key was sent")]})
             return
         if expected is not None and key != expected:
             with state.lock:
                 state.auth_failures += 1
-            self._send(401, {"errors": [_error("invalidApiKey", "the API key is not valid")]})
+            self._send(401, {"errors": [error("invalidApiKey", "the API key is not valid")]})
             return
         if not isinstance(body, list) or not body or not all(isinstance(t, dict) for t in body):
             self._send(
                 400,
                 {
                     "errors": [
-                        _error("invalidRequest", "the body must be a JSON array of task objects")
+                        error("invalidRequest", "the body must be a JSON array of task objects")
                     ]
                 },
             )
@@ -336,11 +244,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {}
             if fault in ("429", "503") and state.config.retry_after_s is not None:
                 headers["Retry-After"] = f"{state.config.retry_after_s:g}"
-            error = _error(FAULT_CODES[fault], "injected by the sandbox")
+            injected = error(FAULT_CODES[fault], "injected by the sandbox")
             if fault in ("429", "503"):
                 with state.lock:
                     state.throttled_at.append(time.time())
-            self._send(int(fault), {"errors": [error]}, headers)
+            self._send(int(fault), {"errors": [injected]}, headers)
             return
         if fault == "garbage":
             self._send(200, None, raw=b"<html>502 bad gateway</html>")
@@ -368,60 +276,42 @@ class _Handler(BaseHTTPRequestHandler):
         data: list[dict[str, Any]],
         errors: list[dict[str, Any]],
     ) -> None:
-        kind = task.get("taskType")
+        kind = str(task.get("taskType"))
         task_uuid = str(task.get("taskUUID"))
         with state.lock:
-            state.by_type[str(kind)] = state.by_type.get(str(kind), 0) + 1
-        if not _valid_uuid4(task_uuid):
-            errors.append(_error("invalidTaskUUID", "taskUUID must be a UUID v4", task, "taskUUID"))
+            state.by_type[kind] = state.by_type.get(kind, 0) + 1
+        if not valid_uuid4(task_uuid):
+            errors.append(error("invalidTaskUUID", "taskUUID must be a UUID v4", task, "taskUUID"))
             return
-        if kind != "getResponse":
-            with state.lock:
-                state.bodies[task_uuid] = dict(task)
         if kind == "getResponse":
-            self._get_response(state, str(task_uuid), data, errors)
+            self._get_response(state, task_uuid, data, errors)
             return
-        if kind != "promptEnhance":
-            errors.append(
-                _error(
-                    "unsupportedTaskType", f"taskType {kind!r} is not supported", task, "taskType"
-                )
-            )
-            return
-        problem = check_enhance(task)
+        with state.lock:
+            state.bodies[task_uuid] = dict(task)
+        problem = check(task)
         if problem:
             errors.append(problem)
             return
-        texts = enhanced_texts(
-            task["prompt"], task.get("promptVersions", 1), task.get("promptMaxLength")
-        )
-        cost = state.config.cost_per_item
-        items: list[dict[str, Any]] = []
-        for text in texts:
-            item: dict[str, Any] = {"taskType": kind, "taskUUID": task_uuid, "text": text}
-            if task.get("includeCost"):
-                item["cost"] = cost
-            items.append(item)
-        is_async = task.get("deliveryMethod") == "async"
+        host, port = self.server.server_address[:2]
+        accepted = accept(task, state.config, f"http://{host!s}:{port}")
         with state.lock:
             if task_uuid in state.tasks:
-                errors.append(
-                    _error(
-                        "conflictTaskUUID", "this taskUUID was already submitted", task, "taskUUID"
-                    )
+                conflict = error(
+                    "conflictTaskUUID", "this taskUUID was already submitted", task, "taskUUID"
                 )
+                errors.append(conflict)
                 return
-            ready_at = time.monotonic() + (state.config.async_delay_s if is_async else 0.0)
-            state.tasks[task_uuid] = _Stored(kind, items, ready_at)
+            ready_at = time.monotonic() + accepted.ready_in_s
+            state.tasks[task_uuid] = _Stored(kind, accepted.items, ready_at)
             state.accepted[task_uuid] = state.accepted.get(task_uuid, 0) + 1
-            state.billed_micro += round(cost * MICRO) * len(items)
-        if is_async:
+            state.billed_micro += accepted.billed_micro
+        if accepted.is_async:
             data.append({"taskType": kind, "taskUUID": task_uuid})
         else:
-            data.extend(items)
+            data.extend(accepted.items)
         if task.get("webhookURL"):
             threading.Thread(
-                target=_deliver_webhook, args=(task["webhookURL"], items), daemon=True
+                target=_deliver_webhook, args=(task["webhookURL"], accepted.items), daemon=True
             ).start()
 
     @staticmethod
@@ -434,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             stored = state.tasks.get(task_uuid)
         if stored is None:
-            errors.append(_error("taskNotFound", "no task with this taskUUID", None, "taskUUID"))
+            errors.append(error("taskNotFound", "no task with this taskUUID", None, "taskUUID"))
             return
         if time.monotonic() < stored.ready_at:
             data.append(
