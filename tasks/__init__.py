@@ -3,6 +3,7 @@
 Importing this package registers the tasks on the shared Celery app (config.celery.app).
 """
 
+from tasks import redact as _redact  # noqa: F401 - masks secrets in published task headers
 from tasks.enhancement import enhance_prompt
 from tasks.errors import (
     AuthenticationError,

@@ -53,7 +53,9 @@ def redis_server() -> RedisServer:
 
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(config=SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3, video_render_s=1.0)) as server:
+    with Sandbox(
+        config=SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3, video_render_s=1.0)
+    ) as server:
         yield server
 
 

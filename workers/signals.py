@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from celery import signals
 
 from config.settings import get_settings
 from tasks import runware
+from workers import logs
 
 logger = logging.getLogger(__name__)
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
 @signals.setup_logging.connect
 def setup_logging(**_: Any) -> None:
     """Our own logging set-up (Celery's is skipped when this signal has a receiver)."""
-    logging.basicConfig(
-        level=get_settings().log_level, format=LOG_FORMAT, stream=sys.stderr, force=True
-    )
-    # urllib3 logs every connection at DEBUG; nothing secret, but it drowns the job lines.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logs.setup(get_settings())
 
 
 @signals.worker_init.connect

@@ -1,0 +1,52 @@
+"""Keeping secrets out of logs, Flower and task headers.
+
+Secrets here: the Runware API key, a URL's query string (webhook tokens live there) and a
+URL's user:password part (a Redis URL's password). `redact` masks all three in any text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from celery import signals
+
+from config.settings import get_settings
+
+_URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s'\"<>?#]*)\?[^\s'\"<>#]*", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s/'\"<>@]*@", re.IGNORECASE)
+
+
+def _api_key() -> str | None:
+    try:
+        key = get_settings().runware_api_key
+    except ValueError:
+        return None
+    return key.get_secret_value() if key is not None else None
+
+
+def redact(text: str) -> str:
+    """`text` with URL query strings, URL credentials and the API key masked."""
+    text = _URL_QUERY.sub(r"\1?<redacted>", text)
+    text = _URL_USERINFO.sub(r"\1<redacted>@", text)
+    key = _api_key()
+    if key and key in text:
+        text = text.replace(key, "<redacted>")
+    return text
+
+
+def redacted_repr(value: Any) -> str:
+    """A repr of task arguments for logs and Flower, with secrets masked."""
+    return redact(repr(value))
+
+
+@signals.before_task_publish.connect
+def _mask_argument_reprs(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Every job this project publishes (helpers, retries, re-schedules) shows Flower and the
+    worker's logs arguments with webhook tokens masked, never the raw values."""
+    if not headers:
+        return
+    for name in ("argsrepr", "kwargsrepr"):
+        value = headers.get(name)
+        if isinstance(value, str):
+            headers[name] = redact(value)
