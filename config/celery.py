@@ -44,7 +44,18 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
+        # A lost broker connection is retried for ever; jobs running at that moment are
+        # cancelled, since Redis will deliver them again (no duplicate run alongside).
         broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
+        # Soft shutdown (on SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT): running jobs get
+        # this long to finish, then they are requeued; idle workers stop at once.
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
+        worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
         timezone="UTC",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENHANCE_MODEL = "runware:llama-3-1-8b@prompt-enhancer"
@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     )
     runware_cooldown_max_s: PositiveFloat = Field(
         default=30.0, description="longest fleet-wide pause after 429/503, > 0"
+    )
+    runware_retry_after_max_s: PositiveFloat = Field(
+        default=300.0,
+        description="longest Retry-After honoured (a longer one is cut to this), > 0",
     )
     # --- Cost ledger and budgets (tasks/ledger.py) ------------------------------------------
     runware_daily_budget_usd: float | None = Field(
@@ -263,6 +267,30 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @model_validator(mode="after")
+    def _visibility_outlasts_every_wait(self) -> Settings:
+        """A job is unacknowledged while it runs and while its countdown waits in the worker; if
+        either outlasts the visibility timeout, Redis hands the job to a second worker."""
+        longest_run = (
+            self.runware_limit_max_wait_s + self.runware_connect_timeout_s + self.runware_timeout_s
+        )
+        longest_countdown = max(
+            self.runware_retry_backoff_max_s,
+            self.runware_retry_after_max_s,
+            self.runware_poll_max_interval_s,
+            self.runware_cooldown_max_s,
+        )
+        needed = max(longest_run, longest_countdown)
+        if self.celery_visibility_timeout_s <= needed:
+            raise ValueError(
+                f"CELERY_VISIBILITY_TIMEOUT_S={self.celery_visibility_timeout_s} must be longer "
+                f"than the longest wait the worker may use ({needed:g}s: the longest of "
+                "RUNWARE_LIMIT_MAX_WAIT_S + RUNWARE_CONNECT_TIMEOUT_S + RUNWARE_TIMEOUT_S, "
+                "RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S, "
+                "RUNWARE_POLL_MAX_INTERVAL_S, RUNWARE_COOLDOWN_MAX_S)"
+            )
+        return self
+
     @property
     def broker_url(self) -> str:
         """The broker URL: CELERY_BROKER_URL, else REDIS_URL."""
@@ -290,7 +318,10 @@ def _one_line(error: ValidationError) -> str:
     """Render a settings ValidationError as one line per bad variable, never echoing a secret."""
     parts: list[str] = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
+        if not item["loc"]:  # a check across several settings: its message names them
+            parts.append(str(item["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(item["loc"][0])
         info = Settings.model_fields.get(field)
         accepts = info.description if info is not None and info.description else "see README"
         shown: Any = "<hidden>" if "key" in field or "secret" in field else item.get("input")

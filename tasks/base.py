@@ -23,6 +23,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
+from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     ConflictTaskUUID,
     LimiterBusy,
@@ -34,21 +35,21 @@ from tasks.errors import (
 from tasks.ledger import get_ledger
 from tasks.polling import get_pending
 from tasks.runware import TaskOutcome, get_client
+from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A server's Retry-After is honoured in full up to this bound; beyond it we assume a bogus header.
-RETRY_AFTER_CEILING_S = 600.0
 
-
-def backoff_seconds(retries: int, base: float, cap: float, retry_after: float | None) -> float:
+def backoff_seconds(
+    retries: int, base: float, cap: float, retry_after: float | None, retry_after_cap: float
+) -> float:
     """Full-jitter exponential back-off: uniform(0, min(cap, base * 2**retries)), but never
-    sooner than the server's Retry-After (itself bounded by RETRY_AFTER_CEILING_S)."""
+    sooner than the server's Retry-After (itself bounded by `retry_after_cap`)."""
     ceiling = min(cap, base * (2 ** min(retries, 32)))
     delay = random.uniform(0.0, ceiling)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, RETRY_AFTER_CEILING_S))
+        delay = max(delay, min(retry_after, retry_after_cap))
     return delay
 
 
@@ -85,8 +86,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         """Send this job again in `countdown` seconds without touching its retry budget.
 
         The new message keeps the task id, arguments, retry count and chain links; this run ends
-        without a state change.
+        without a state change. The countdown is at most half the visibility timeout, so Redis
+        never hands the waiting job to a second worker.
         """
+        countdown = min(countdown, get_settings().celery_visibility_timeout_s / 2)
         logger.info(
             "Task %s (%s) %s; re-scheduled in %.1fs.", self.request.id, self.name, why, countdown
         )
@@ -94,6 +97,24 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             self.request, countdown=countdown, retries=self.request.retries
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Every job that fails for good is kept with its reason in the dead-letter list."""
+        self.dead_letter(exc, task_id, list(args or []), dict(kwargs or {}))
+
+    def dead_letter(
+        self, exc: BaseException, task_id: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        given = kwargs.get("taskUUID")
+        task_uuid = given if isinstance(given, str) and given else stable_task_uuid(task_id)
+        try:
+            get_dead_letters().record(
+                task_uuid, self.name, f"{type(exc).__name__}: {exc}", task_id, args, kwargs
+            )
+        except redis.RedisError as error:  # the failure itself is still in the result backend
+            logger.error("Could not record job %s as a dead letter: %s", task_id, error)
 
     # --- the call ------------------------------------------------------------------------------
     def call_runware(self, job: RunwareJob) -> TaskOutcome:
@@ -103,6 +124,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         billed; the next run reuses it, and it expires if the job dies); any other failure
         releases it.
         """
+        known = get_pending().finished(job.task_uuid)
+        if known is not None:  # a redelivered job whose call already finished
+            logger.info("taskUUID %s already finished; returning its result.", job.task_uuid)
+            return TaskOutcome(job.task_uuid, known)
         ledger = get_ledger()
         ledger.reserve(job.task_uuid, job.account, job.estimate_usd)
         try:
@@ -113,6 +138,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             ledger.release(job.task_uuid)
             raise
         ledger.commit(job.task_uuid, job.account, outcome.cost)
+        get_pending().finish(job.task_uuid, outcome.items)
         return outcome
 
     def _submit_or_poll(self, job: RunwareJob) -> TaskOutcome:
@@ -135,7 +161,6 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 )
         done, outcome = client.get_response(task_uuid)
         if done:
-            pending.clear(task_uuid)
             return outcome
         elapsed = max(0.0, time.time() - submitted)
         if elapsed > job.timeout_s:
@@ -174,6 +199,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 settings.runware_retry_backoff_s,
                 settings.runware_retry_backoff_max_s,
                 exc.retry_after,
+                settings.runware_retry_after_max_s,
             )
             logger.warning(
                 "Task %s (%s) will retry in %.2fs (retry %d of %d): %s",

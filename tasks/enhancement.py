@@ -69,4 +69,5 @@ def enhance_batch_item(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str
     try:
         return _enhance(self, args, kwargs)
     except WorkerError as exc:
+        self.dead_letter(exc, str(self.request.id), list(args), kwargs)
         return {"prompt": kwargs.get("prompt"), "error": str(exc)}

@@ -74,7 +74,7 @@ return {1, tostring(slot - now)}
 RELEASE = """
 -- KEYS: 1 leases, 2 cooldown, 3 strikes, 4 wake, 5 waiting
 -- ARGV: 1 lease id, 2 outcome (ok|throttled|none), 3 cooldown base s, 4 cooldown max s,
---       5 retry-after s (0: none)
+--       5 retry-after s (0: none), 6 longest retry-after honoured
 redis.call('ZREM', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('LPUSH', KEYS[4], '1')
@@ -91,7 +91,7 @@ elseif ARGV[2] == 'throttled' then
   local maximum = tonumber(ARGV[4])
   local pause = math.min(maximum, tonumber(ARGV[3]) * 2 ^ (strikes - 1))
   local retry_after = tonumber(ARGV[5])
-  if retry_after > pause then pause = math.min(retry_after, 600) end
+  if retry_after > pause then pause = math.min(retry_after, tonumber(ARGV[6])) end
   local until_ = now + pause
   local current = tonumber(redis.call('GET', KEYS[2]) or '0')
   if until_ > current then
@@ -200,6 +200,7 @@ class Limiter:
             settings.runware_cooldown_s,
             settings.runware_cooldown_max_s,
             permit.retry_after or 0,
+            settings.runware_retry_after_max_s,
         ]
         try:
             pause = float(self._release(keys=keys, args=args))

@@ -1,4 +1,7 @@
-"""Which Runware tasks were submitted and are being polled, in Redis.
+"""Which Runware tasks were submitted and are being polled, and which finished, in Redis.
+
+A finished task's items are kept (for CELERY_RESULT_EXPIRES_S), so a job delivered again after
+its worker died returns the known result without calling Runware.
 
 A task delivered asynchronously (video always; anything with deliveryMethod "async"; and a task
 whose answer was lost, 409 conflictTaskUUID) is polled with getResponse by re-scheduling its
@@ -9,8 +12,10 @@ back-off and the deadline); it survives redeliveries because the taskUUID does.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -47,6 +52,27 @@ class PendingCalls:
 
     def clear(self, task_uuid: str) -> None:
         hold_through_outage(lambda: self.redis.delete(f"{self.prefix}:{task_uuid}"), "poller", 30.0)
+
+    def finished(self, task_uuid: str) -> list[dict[str, Any]] | None:
+        """The items of a task that already finished, or None."""
+        raw = hold_through_outage(
+            lambda: self.redis.get(f"{self.prefix}:done:{task_uuid}"), "poller", 30.0
+        )
+        if raw is None:
+            return None
+        items: list[dict[str, Any]] = json.loads(raw)
+        return items
+
+    def finish(self, task_uuid: str, items: list[dict[str, Any]]) -> None:
+        """Keep the finished task's items and drop its submission marker, in one round trip."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(
+            f"{self.prefix}:done:{task_uuid}",
+            json.dumps(items),
+            ex=self.settings.celery_result_expires_s,
+        )
+        pipe.delete(f"{self.prefix}:{task_uuid}")
+        hold_through_outage(pipe.execute, "poller", 30.0)
 
     def next_poll_in(self, elapsed_s: float) -> float:
         """The countdown to the next poll: about the first interval, growing with the time the

@@ -1,4 +1,4 @@
-"""The console command `enhance-worker`: demo, sandbox, enhance, cost, limits."""
+"""The console command `enhance-worker`: demo, sandbox, enhance, cost, failed, limits."""
 
 from __future__ import annotations
 
@@ -108,6 +108,29 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_failed(args: argparse.Namespace) -> int:
+    from tasks.deadletter import get_dead_letters
+
+    dead = get_dead_letters()
+    if args.action == "retry":
+        from config.celery import app
+
+        wanted = args.task_uuids or None
+        requeued = dead.retry(app, wanted)
+        print(f"requeued {len(requeued)} job(s)" + (": " + ", ".join(requeued) if requeued else ""))
+        return 0 if requeued or not wanted else 1
+    entries = dead.entries()
+    if args.json:
+        keys = ("taskUUID", "task", "reason", "failedAt")
+        print(json.dumps([{k: e[k] for k in keys} for e in entries]))
+        return 0
+    if not entries:
+        print("no failed jobs")
+    for entry in entries:
+        print(f"{entry['failedAt']}  {entry['taskUUID']}  {entry['task']}\n    {entry['reason']}")
+    return 0
+
+
 def _day(text: str) -> str:
     from datetime import date
 
@@ -156,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--account", default=None, help="only this account")
     cost.add_argument("--json", action="store_true", help="print JSON")
     cost.set_defaults(func=_cmd_cost)
+
+    failed = sub.add_parser("failed", help="jobs that failed for good, and requeueing them")
+    failed_sub = failed.add_subparsers(dest="action", required=True)
+    failed_list = failed_sub.add_parser("list", help="newest first, with the reason")
+    failed_list.add_argument("--json", action="store_true")
+    failed_retry = failed_sub.add_parser("retry", help="requeue (all, or these taskUUIDs)")
+    failed_retry.add_argument("task_uuids", nargs="*", metavar="TASKUUID")
+    failed.set_defaults(func=_cmd_failed)
 
     limits = sub.add_parser("limits", help="show or change the fleet-wide limits at run time")
     limits_sub = limits.add_subparsers(dest="action", required=True)

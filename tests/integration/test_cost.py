@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tasks.errors import ValidationError
-from tests.conftest import RunningWorker, StartWorker
+from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker
 from workers.sandbox import Sandbox
 
 
@@ -145,7 +145,7 @@ def test_a_redelivered_job_is_counted_once(start_worker: StartWorker, sandbox: S
     """The worker dies while Runware works on the call; the job is delivered again to another
     worker, which gets 409 for its taskUUID, recovers the result, and the ledger counts it once."""
     sandbox.configure(latency_s=1.5)
-    settings = {"CELERY_VISIBILITY_TIMEOUT_S": "4", "RUNWARE_TIMEOUT_S": "3"}
+    settings = {**FAST_REDELIVERY, "RUNWARE_TIMEOUT_S": "3"}
     doomed = start_worker("redeliver", **settings)
     async_result = doomed.send(prompt="redelivered", account="once")
     deadline = time.monotonic() + 20
