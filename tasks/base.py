@@ -74,6 +74,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     # Our own errors are expected outcomes: Celery logs them without a traceback; we log them once.
     throws = (WorkerError,)
     typing = False
+    # Celery's own retry cap (default 3) would cut our policy short: RUNWARE_MAX_RETRIES bounds it.
+    max_retries = None
 
     def keyword_only(self, args: tuple[Any, ...]) -> None:
         """Refuse positional arguments with a message that says how to call the task."""

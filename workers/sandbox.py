@@ -238,25 +238,23 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         fault = state.next_fault()
-        if latency > 0:
-            time.sleep(latency)
-        if fault in FAULT_CODES:
-            headers = {}
-            if fault in ("429", "503") and state.config.retry_after_s is not None:
-                headers["Retry-After"] = f"{state.config.retry_after_s:g}"
-            injected = error(FAULT_CODES[fault], "injected by the sandbox")
-            if fault in ("429", "503"):
-                with state.lock:
-                    state.throttled_at.append(time.time())
-            self._send(int(fault), {"errors": [injected]}, headers)
-            return
-        if fault == "garbage":
-            self._send(200, None, raw=b"<html>502 bad gateway</html>")
+        if fault in FAULT_CODES or fault == "garbage":
+            if latency > 0:
+                time.sleep(latency)
+            self._fault(state, fault)
             return
         data: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
+        # Runware accepts (and bills) a task when it arrives, so a resend of its taskUUID while it
+        # still works gets 409 and getResponse says "processing"; polls read after the latency.
+        polls = [t for t in body if t.get("taskType") == "getResponse"]
         for task in body:
-            self._one(state, task, data, errors)
+            if task.get("taskType") != "getResponse":
+                self._one(state, task, data, errors, latency)
+        if latency > 0:
+            time.sleep(latency)
+        for task in polls:
+            self._one(state, task, data, errors, latency)
         if fault == "hang":
             time.sleep(state.config.hang_s)  # processed and billed, but the answer comes too late
         status = 200 if data or not errors else self._status_for(errors)
@@ -264,6 +262,19 @@ class _Handler(BaseHTTPRequestHandler):
         if errors:
             answer["errors"] = errors
         self._send(status, answer)
+
+    def _fault(self, state: SandboxState, fault: str) -> None:
+        if fault == "garbage":
+            self._send(200, None, raw=b"<html>502 bad gateway</html>")
+            return
+        headers = {}
+        if fault in ("429", "503"):
+            if state.config.retry_after_s is not None:
+                headers["Retry-After"] = f"{state.config.retry_after_s:g}"
+            with state.lock:
+                state.throttled_at.append(time.time())
+        injected = error(FAULT_CODES[fault], "injected by the sandbox")
+        self._send(int(fault), {"errors": [injected]}, headers)
 
     @staticmethod
     def _status_for(errors: list[dict[str, Any]]) -> int:
@@ -275,6 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         task: dict[str, Any],
         data: list[dict[str, Any]],
         errors: list[dict[str, Any]],
+        latency: float = 0.0,
     ) -> None:
         kind = str(task.get("taskType"))
         task_uuid = str(task.get("taskUUID"))
@@ -301,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
                 )
                 errors.append(conflict)
                 return
-            ready_at = time.monotonic() + accepted.ready_in_s
+            ready_at = time.monotonic() + latency + accepted.ready_in_s
             state.tasks[task_uuid] = _Stored(kind, accepted.items, ready_at)
             state.accepted[task_uuid] = state.accepted.get(task_uuid, 0) + 1
             state.billed_micro += accepted.billed_micro

@@ -121,3 +121,11 @@ def test_a_bad_setting_stops_the_worker_with_one_line(variable: str, value: str)
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"enhance-worker: invalid configuration: {variable}=")
     assert "expected" in lines[0]
+
+
+def test_more_retries_than_celerys_default_cap(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """RUNWARE_MAX_RETRIES, not Celery's default max_retries of 3, bounds the retries."""
+    worker = start_worker("manyretries", RUNWARE_MAX_RETRIES="6")
+    sandbox.configure(fail_next=["503"] * 5)
+    assert worker.send(prompt="persistent").get(timeout=60)["text"]
+    assert sandbox.state.requests == 6

@@ -1,0 +1,89 @@
+"""Chaos, kept short: killed workers, a restarted Redis, a faulty API. Nothing is lost, nothing
+is billed twice."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from celery import Celery
+
+from tests.conftest import FAST_REDELIVERY, StartWorker, worker_env
+from workers.sandbox import Sandbox
+from workers.services import RedisServer, WorkerProcess
+
+
+def _ledger_total_micro(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    total = sum(
+        int(client.hget(key, "total") or 0) for key in client.scan_iter("enhance:ledger:day:*")
+    )
+    client.close()
+    return total
+
+
+def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    sandbox.configure(latency_s=1.0)
+    settings = {**FAST_REDELIVERY, "RUNWARE_TIMEOUT_S": "3", "WORKER_CONCURRENCY": "24"}
+    doomed = start_worker("chaos-kill", **settings)
+    pending = [doomed.send(prompt=f"kill {n}") for n in range(30)]
+    deadline = time.monotonic() + 20
+    while sandbox.state.in_flight < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    doomed.process.kill()  # SIGKILL to the worker's whole process group
+    start_worker("chaos-heir", same_db_as=doomed, **settings)
+    results = [p.get(timeout=120) for p in pending]
+    uuids = {r["taskUUID"] for r in results}
+    assert len(uuids) == 30
+    assert set(sandbox.state.accepted) == uuids
+    assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
+    assert _ledger_total_micro(doomed.redis_url) == sandbox.state.billed_micro == 30 * 1300
+
+
+def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
+    sandbox.configure(latency_s=0.2)
+    server = RedisServer(appendonly=True).start()
+    worker = WorkerProcess(
+        worker_env(server.url(0), sandbox, WORKER_CONCURRENCY="4"), name="chaos-redis"
+    ).start()
+    producer = Celery(broker=server.url(0), backend=server.url(0))
+    try:
+        pending = [
+            producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"restart {n}"})
+            for n in range(40)
+        ]
+        deadline = time.monotonic() + 30
+        while len(sandbox.state.accepted) < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        server.stop()  # SIGTERM: Redis writes its append-only file and exits
+        time.sleep(1.0)
+        server.start()
+        results = [p.get(timeout=120) for p in pending]
+        assert len({r["taskUUID"] for r in results}) == 40
+        assert set(sandbox.state.accepted.values()) == {1}
+        assert worker.process is not None
+        assert worker.process.poll() is None  # the same worker, never restarted
+    finally:
+        producer.close()
+        worker.stop()
+        server.cleanup()
+
+
+def test_a_faulty_api(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """10% 429, 5% 503, 5% 500, 2% hangs past the client timeout, 2% garbage, 200 jobs."""
+    sandbox.configure(
+        rate_429=0.10, rate_503=0.05, rate_500=0.05, rate_hang=0.02, rate_garbage=0.02, hang_s=1.5
+    )
+    worker = start_worker("chaos-faults", RUNWARE_MAX_RETRIES="10", WORKER_CONCURRENCY="32")
+    pending = [worker.send(prompt=f"faulty {n}") for n in range(200)]
+    results = [p.get(timeout=180) for p in pending]
+    uuids = {r["taskUUID"] for r in results}
+    assert len(uuids) == 200
+    assert set(sandbox.state.accepted.values()) == {1}
+    statuses = sandbox.state.statuses
+    assert statuses.get("429", 0) + statuses.get("503", 0) + statuses.get("500", 0) > 0
+    retries = worker.process.log().count("will retry")
+    assert 0 < retries <= 200 * 10
+    assert _ledger_total_micro(worker.redis_url) == sandbox.state.billed_micro == 200 * 1300

@@ -1,0 +1,163 @@
+"""Delivery guarantees: known results, soft shutdown, dead letters, JSON only, Redis auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests.conftest import FAST_REDELIVERY, SECRET, RunningWorker, StartWorker, worker_env
+from workers.sandbox import Sandbox
+from workers.services import RedisServer, WorkerProcess
+
+
+def _cli(redis_url: str, *args: str) -> str:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_a_job_whose_result_is_known_does_not_call_again(
+    main_worker: RunningWorker, sandbox: Sandbox
+) -> None:
+    task_uuid = str(uuid.uuid4())
+    first = main_worker.send(prompt="known", taskUUID=task_uuid).get(timeout=30)
+    requests = sandbox.state.requests
+    again = main_worker.send(prompt="known", taskUUID=task_uuid).get(timeout=30)
+    assert again == first
+    assert sandbox.state.requests == requests
+    assert "already finished; returning its result" in main_worker.process.log()
+
+
+def test_soft_shutdown_requeues_running_jobs(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """SIGTERM (remapped to Celery's soft shutdown) gives running jobs 1 s, then requeues them;
+    the next worker finishes them, and Runware bills each taskUUID once."""
+    sandbox.configure(latency_s=3.0)
+    settings = {
+        **FAST_REDELIVERY,
+        "RUNWARE_TIMEOUT_S": "5",
+        "WORKER_SOFT_SHUTDOWN_S": "1",
+        "REMAP_SIGTERM": "SIGQUIT",
+    }
+    first = start_worker("soft", **settings)
+    pending = [first.send(prompt=f"soft {n}") for n in range(3)]
+    deadline = time.monotonic() + 20
+    while sandbox.state.in_flight < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert first.process.process is not None
+    stopped_at = time.monotonic()
+    first.process.process.send_signal(signal.SIGTERM)
+    first.process.process.wait(timeout=30)
+    assert time.monotonic() - stopped_at < 10  # it did not wait for the 3 s calls to end
+    assert "Soft Shutdown" in first.process.log()
+    start_worker("soft-heir", same_db_as=first, **settings)
+    results = [p.get(timeout=60) for p in pending]
+    assert sorted(sandbox.state.accepted) == sorted(r["taskUUID"] for r in results)
+    assert set(sandbox.state.accepted.values()) == {1}
+
+
+def test_failed_jobs_are_listed_with_their_reason_and_can_be_retried(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    worker = start_worker("dead")
+    sandbox.configure(fail_next=["400"])
+    failed = worker.send(prompt="fails once", account="dl")
+    with pytest.raises(Exception, match="HTTP 400"):
+        failed.get(timeout=30)
+    bad = worker.send(prompt="x", promptVersions=9)
+    with pytest.raises(Exception, match="promptVersions"):
+        bad.get(timeout=30)
+    listed = json.loads(_cli(worker.redis_url, "failed", "list", "--json"))
+    assert {e["task"] for e in listed} == {"tasks.enhance_prompt"}
+    assert all(set(e) == {"taskUUID", "task", "reason", "failedAt"} for e in listed)
+    reasons = {e["reason"].split(":")[0] for e in listed}
+    assert reasons == {"PermanentError", "ValidationError"}
+    runware_failure = next(e for e in listed if e["reason"].startswith("PermanentError"))
+    assert "HTTP 400" in runware_failure["reason"]
+    out = _cli(worker.redis_url, "failed", "retry", runware_failure["taskUUID"])
+    assert out.startswith("requeued 1 job(s): ")
+    new_id = out.split(": ")[1].strip()
+    result = worker.app.AsyncResult(new_id).get(timeout=30)
+    assert result["taskUUID"] == runware_failure["taskUUID"]  # the same taskUUID, billed once
+    assert sandbox.state.accepted == {result["taskUUID"]: 1}
+    remaining = json.loads(_cli(worker.redis_url, "failed", "list", "--json"))
+    assert [e["reason"].split(":")[0] for e in remaining] == ["ValidationError"]
+
+
+def test_a_failed_batch_item_is_a_dead_letter_too(
+    main_worker: RunningWorker, sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    from tasks import enhance_batch
+
+    sandbox.configure(fail_next=["402"])
+    result = enhance_batch(["one", "two"]).get(timeout=60)
+    assert result["failed"] == 1
+    listed = json.loads(_cli(main_worker.redis_url, "failed", "list", "--json"))
+    assert any(
+        e["task"] == "tasks.enhance_batch_item" and "HTTP 402" in e["reason"] for e in listed
+    )
+
+
+def test_pickle_is_refused(main_worker: RunningWorker, sandbox: Sandbox) -> None:
+    evil = Celery(broker=main_worker.redis_url, backend=main_worker.redis_url)
+    evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    try:
+        result = evil.send_task("tasks.enhance_prompt", kwargs={"prompt": "pickled"})
+        deadline = time.monotonic() + 10
+        while "ContentDisallowed" not in main_worker.process.log():
+            assert time.monotonic() < deadline, "the worker did not refuse the pickle message"
+            time.sleep(0.05)
+        assert result.state == "PENDING"
+        assert sandbox.state.requests == 0
+    finally:
+        evil.close()
+
+
+def test_a_redis_with_a_password(sandbox: Sandbox) -> None:
+    password = "pw-8c1e5b7d-redis"
+    with RedisServer(password=password) as server:
+        url = server.url(0)
+        assert password in url
+        worker = WorkerProcess(worker_env(url, sandbox), name="auth").start()
+        producer = Celery(broker=url, backend=url)
+        try:
+            result = producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "auth"})
+            assert result.get(timeout=30)["text"]
+        finally:
+            producer.close()
+            worker.stop()
+        log = worker.log()
+        assert password not in log
+        assert SECRET not in log
+        assert "redis://:**@127.0.0.1" in log  # Celery's own banner masks it as well
+
+
+@pytest.mark.parametrize("bad", [{"CELERY_VISIBILITY_TIMEOUT_S": "30"}])
+def test_a_visibility_timeout_shorter_than_a_wait_stops_the_worker(bad: dict[str, Any]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", "worker"],
+        env={**os.environ, **bad},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "CELERY_VISIBILITY_TIMEOUT_S=30 must be longer than" in line
