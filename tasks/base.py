@@ -23,6 +23,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
+from tasks import metrics
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     ConflictTaskUUID,
@@ -92,6 +93,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         never hands the waiting job to a second worker.
         """
         countdown = min(countdown, get_settings().celery_visibility_timeout_s / 2)
+        metrics.RESCHEDULES.labels(self.name).inc()
         logger.info(
             "Task %s (%s) %s; re-scheduled in %.1fs.", self.request.id, self.name, why, countdown
         )
@@ -106,11 +108,20 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         """Every job that fails for good is kept with its reason in the dead-letter list."""
         self.dead_letter(exc, task_id, list(args or []), dict(kwargs or {}))
 
+    def job_uuid(self, task_id: str | None = None, kwargs: dict[str, Any] | None = None) -> str:
+        """The taskUUID a job uses: its `taskUUID` argument, or the one made from its task id."""
+        given = (self.request.kwargs or {} if kwargs is None else kwargs).get("taskUUID")
+        if isinstance(given, str) and given:
+            return given
+        return stable_task_uuid(str(task_id or self.request.id))
+
     def dead_letter(
         self, exc: BaseException, task_id: str, args: list[Any], kwargs: dict[str, Any]
     ) -> None:
-        given = kwargs.get("taskUUID")
-        task_uuid = given if isinstance(given, str) and given else stable_task_uuid(task_id)
+        """Record a job that failed for good, with its reason (and count it)."""
+        task_uuid = self.job_uuid(task_id, kwargs)
+        metrics.JOBS.labels(self.name, "failure").inc()
+        metrics.DEAD_LETTERS.labels(self.name).inc()
         try:
             get_dead_letters().record(
                 task_uuid, self.name, f"{type(exc).__name__}: {exc}", task_id, args, kwargs
@@ -174,47 +185,94 @@ class RunwareTask(Task):  # type: ignore[type-arg]
 
     # --- the retry policy ----------------------------------------------------------------------
     def guarded(self, call: Callable[[], T]) -> T:
-        """Run `call`, turning a TransientError into a retry and any WorkerError into a failure."""
-        task_id = self.request.id
+        """Run `call`, turning a TransientError into a retry and any WorkerError into a failure;
+        log the job's outcome once, with its taskUUID, duration and cost."""
+        started = time.monotonic()
         try:
             try:
-                return call()
+                result = call()
             except redis.RedisError as exc:
                 raise TransientError(
                     f"Redis (limiter or ledger) failed: {type(exc).__name__}: {exc}"
                 ) from None
         except TransientError as exc:
-            settings = get_settings()
-            retries = int(self.request.retries or 0)
-            if retries >= settings.runware_max_retries:
-                logger.error(
-                    "Task %s (%s) gave up after %d retries: %s", task_id, self.name, retries, exc
-                )
-                raise type(exc)(
-                    f"{exc} (gave up after {retries} retries)",
-                    code=exc.code,
-                    status=exc.status,
-                    retry_after=exc.retry_after,
-                ) from None
-            countdown = backoff_seconds(
-                retries,
-                settings.runware_retry_backoff_s,
-                settings.runware_retry_backoff_max_s,
-                exc.retry_after,
-                settings.runware_retry_after_max_s,
-            )
-            logger.warning(
-                "Task %s (%s) will retry in %.2fs (retry %d of %d): %s",
-                task_id,
-                self.name,
-                countdown,
-                retries + 1,
-                settings.runware_max_retries,
-                exc,
-            )
-            raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
+            raise self._retry_or_give_up(exc, started) from None
         except LimiterBusy as exc:
             raise self.reschedule(exc.countdown, f"waits for the fleet's limits ({exc})") from None
         except WorkerError as exc:
-            logger.error("Task %s (%s) failed: %s", task_id, self.name, exc)
+            self._log_outcome(logging.ERROR, "failed", started, reason=str(exc))
             raise
+        if isinstance(result, dict) and "error" not in result:
+            metrics.JOBS.labels(self.name, "success").inc()
+            self._log_outcome(logging.INFO, "succeeded", started, cost=result.get("cost"))
+        return result
+
+    def _retry_or_give_up(self, exc: TransientError, started: float) -> BaseException:
+        settings = get_settings()
+        retries = int(self.request.retries or 0)
+        if retries >= settings.runware_max_retries:
+            reason = f"{exc} (gave up after {retries} retries)"
+            self._log_outcome(logging.ERROR, "gave up", started, reason=reason)
+            return type(exc)(reason, code=exc.code, status=exc.status, retry_after=exc.retry_after)
+        countdown = backoff_seconds(
+            retries,
+            settings.runware_retry_backoff_s,
+            settings.runware_retry_backoff_max_s,
+            exc.retry_after,
+            settings.runware_retry_after_max_s,
+        )
+        metrics.RETRIES.labels(self.name).inc()
+        logger.warning(
+            "Task %s (%s) will retry in %.2fs (retry %d of %d): %s",
+            self.request.id,
+            self.name,
+            countdown,
+            retries + 1,
+            settings.runware_max_retries,
+            exc,
+            extra={"task_id": self.request.id, "taskUUID": self.job_uuid(), "outcome": "retry"},
+        )
+        return self.retry(exc=exc, countdown=countdown, max_retries=None)
+
+    def _log_outcome(
+        self,
+        level: int,
+        outcome: str,
+        started: float,
+        cost: object = None,
+        reason: str | None = None,
+    ) -> None:
+        duration = time.monotonic() - started
+        task_uuid = self.job_uuid()
+        fields: dict[str, object] = {
+            "task_id": self.request.id,
+            "task_name": self.name,
+            "taskUUID": task_uuid,
+            "duration_s": round(duration, 4),
+            "outcome": outcome,
+        }
+        if reason is not None:
+            logger.log(
+                level,
+                "Task %s (%s) %s: taskUUID=%s duration=%.3fs reason=%s",
+                self.request.id,
+                self.name,
+                outcome,
+                task_uuid,
+                duration,
+                reason,
+                extra=fields,
+            )
+            return
+        fields["cost"] = cost
+        logger.log(
+            level,
+            "Task %s (%s) %s: taskUUID=%s duration=%.3fs cost=$%s",
+            self.request.id,
+            self.name,
+            outcome,
+            task_uuid,
+            duration,
+            f"{cost:.6f}" if isinstance(cost, int | float) else "?",
+            extra=fields,
+        )

@@ -68,6 +68,6 @@ def enhance_batch_item(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str
     `{"prompt", "error"}` so that it does not sink the batch's chord."""
     try:
         return _enhance(self, args, kwargs)
-    except WorkerError as exc:
+    except WorkerError as exc:  # already logged by the retry policy; kept as a dead letter
         self.dead_letter(exc, str(self.request.id), list(args), kwargs)
         return {"prompt": kwargs.get("prompt"), "error": str(exc)}

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from config.settings import Settings, get_settings
+from tasks import metrics
 from tasks.errors import BudgetExceeded
 from tasks.state import hold_through_outage, redis_client
 
@@ -211,6 +212,8 @@ class Ledger:
         recorded = hold_through_outage(
             lambda: self._commit(keys=self._keys(task_uuid), args=args), "ledger", self.outage_s
         )
+        if int(recorded):
+            metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
         return bool(int(recorded))
 
     def release(self, task_uuid: str) -> None:

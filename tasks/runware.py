@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -22,6 +23,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from config.settings import Settings, get_settings
+from tasks import metrics
 from tasks.errors import (
     AuthenticationError,
     ConflictTaskUUID,
@@ -152,12 +154,24 @@ class RunwareClient:
             )
         kind = str(task.get("taskType", "?"))
         with self._gate(kind) as permit:
-            response = self._send(task, kind, task_uuid)
+            metrics.LIMIT_WAIT.observe(permit.waited_s)
+            started = time.monotonic()
+            metrics.RUNWARE_IN_FLIGHT.inc()
+            try:
+                response = self._send(task, kind, task_uuid)
+            except TransientError as exc:
+                metrics.RUNWARE_CALLS.labels(kind, exc.code or "error").inc()
+                raise
+            finally:
+                metrics.RUNWARE_IN_FLIGHT.dec()
+                metrics.RUNWARE_LATENCY.labels(kind).observe(time.monotonic() - started)
             if response.status_code in (429, 503):
                 permit.outcome = "throttled"
                 permit.retry_after = _retry_after(response)
             else:
                 permit.outcome = "ok"
+        outcome = "ok" if response.status_code == 200 else f"http_{response.status_code}"
+        metrics.RUNWARE_CALLS.labels(kind, outcome).inc()
         return self._parse(response, kind, task_uuid)
 
     def _send(self, task: dict[str, Any], kind: str, task_uuid: str) -> requests.Response:

@@ -1,4 +1,4 @@
-"""The console command `enhance-worker`: demo, sandbox, enhance, cost, failed, limits."""
+"""The console command `enhance-worker`: demo, sandbox, enhance, batch, cost, failed, limits."""
 
 from __future__ import annotations
 
@@ -89,6 +89,33 @@ def _cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from config.celery import app
+    from tasks import ValidationError
+    from workers import batch
+
+    out = Path(args.out)
+    if args.resume:
+        pending = batch.read_pending(Path(args.resume))
+        total = len(pending)
+    else:
+        if args.file is None:
+            print("enhance-worker: batch needs FILE (or --resume)", file=sys.stderr)
+            return 2
+        try:
+            jobs = batch.read_prompts(Path(args.file), args.versions, args.max_length)
+        except (ValidationError, OSError) as exc:
+            print(f"enhance-worker: {exc}", file=sys.stderr)
+            return 2
+        out.write_text("", encoding="utf-8")
+        pending = batch.enqueue(app, jobs)
+        total = len(jobs)
+        print(f"Enqueued {total} jobs; writing results to {out} as they arrive.", file=sys.stderr)
+    return batch.run_batch(app, pending, total, out)
+
+
 def _cmd_cost(args: argparse.Namespace) -> int:
     from tasks.ledger import get_ledger
 
@@ -173,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--max-length", type=int, default=None)
     enhance.add_argument("--timeout", type=float, default=120.0)
     enhance.set_defaults(func=_cmd_enhance)
+
+    batch = sub.add_parser("batch", help="enhance every line of a file, with progress")
+    batch.add_argument("file", nargs="?", help="one prompt a line, or JSONL with task fields")
+    batch.add_argument("--versions", type=int, default=1)
+    batch.add_argument("--max-length", type=int, default=None)
+    batch.add_argument("--out", default="results.jsonl", help="JSONL results (default %(default)s)")
+    batch.add_argument("--resume", metavar="PENDING", help="collect an interrupted batch's jobs")
+    batch.set_defaults(func=_cmd_batch)
 
     cost = sub.add_parser("cost", help="what a UTC day cost, overall and per account")
     cost.add_argument("--day", type=_day, default=None, help="YYYY-MM-DD (default: today, UTC)")

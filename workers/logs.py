@@ -13,7 +13,7 @@ from tasks.redact import redact
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 # Fields a JSON line carries beyond the message, when a record has them (see tasks/base.py).
-EXTRA_FIELDS = ("task_id", "task_name", "taskUUID", "duration_s", "cost", "outcome", "account")
+EXTRA_FIELDS = ("task_id", "task_name", "taskUUID", "duration_s", "cost", "outcome")
 
 
 class RedactingFilter(logging.Filter):
@@ -63,3 +63,6 @@ def setup(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     # urllib3 logs every connection at DEBUG; nothing secret, but it drowns the job lines.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # tasks/base.py logs one line per job outcome (with taskUUID, duration and cost); Celery's
+    # own INFO lines for the same events would say it again. Its warnings and errors still show.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)

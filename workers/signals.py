@@ -9,7 +9,7 @@ from celery import signals
 
 from config.settings import get_settings
 from tasks import runware
-from workers import logs
+from workers import logs, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ def fresh_http_session(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def announce_ready(sender: Any = None, **_: Any) -> None:
+    """Start the metrics endpoint, then say the worker is ready (tests and tools wait for it)."""
     settings = get_settings()
+    queues = list(sender.app.amqp.queues.keys()) if sender is not None else ["celery"]
+    metrics.serve(settings, queues)
     target = settings.runware_api_url
     logger.info(
         "Worker %s is ready to take jobs (Runware endpoint %s, pool %s).",

@@ -17,7 +17,8 @@ import yaml
 
 from config.settings import Settings
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.33"  # kubernetes-validate ships its schemas offline
 METRICS, FLOWER, REDIS = 9808, 5555, 6379
 SOFT_SHUTDOWN_DEFAULT_S = 30.0
@@ -25,6 +26,10 @@ MARGIN_S = 10.0  # after the soft shutdown: requeue what still runs, close conne
 WORKER = "celery -A workers worker"
 FLOWER_CMD = f"celery -A workers flower --port={FLOWER}"
 PING = "celery -A workers inspect ping -d celery@$HOSTNAME --timeout 10"
+# Not settings of the service: the pod/container name, and billiard's switch that makes SIGTERM
+# start Celery's soft shutdown (as SIGQUIT does) instead of the unbounded warm one.
+NON_SETTINGS = {"HOSTNAME", "REMAP_SIGTERM"}
+REMAP = {"REMAP_SIGTERM": "SIGQUIT"}
 
 Obj = dict[str, Any]
 
@@ -75,6 +80,12 @@ def _unit(path: Path) -> dict[str, dict[str, str]]:
     return sections
 
 
+def _unit_env(unit: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The unit's `Environment=` assignments (space-separated, optionally quoted)."""
+    words = shlex.split(unit["Service"].get("Environment", ""))
+    return dict(word.split("=", 1) for word in words)
+
+
 def _seconds(text: str | int | float) -> float:
     """A compose (`1m30s`) or systemd (`90`, `1min 30s`) duration in seconds."""
     units = {"us": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "": 1}
@@ -89,6 +100,20 @@ def _docker(instruction: str) -> list[str]:
     lines = [line.strip() for line in text.splitlines()]
     pairs = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
     return [value for key, value in pairs if key.upper() == instruction]
+
+
+def _docker_env() -> dict[str, str]:
+    """The Dockerfile's `ENV KEY=value ...` assignments."""
+    words = [word for env in _docker("ENV") for word in shlex.split(env)]
+    assert all("=" in word for word in words), "use the ENV KEY=value form"
+    return dict(word.split("=", 1) for word in words)
+
+
+def _procfile() -> dict[str, str]:
+    """Procfile process types: `name: command` per line."""
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    pairs = [line.split(":", 1) for line in lines if line.strip() and not line.startswith("#")]
+    return {name.strip(): command.strip() for name, command in pairs}
 
 
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
@@ -168,9 +193,11 @@ def test_kubernetes_wiring() -> None:
     for deploy in (WORKER_DEPLOY, FLOWER_DEPLOY):
         container, secret_env = _container(deploy), SECRET_ENV[deploy["metadata"]["name"]]
         assert container["envFrom"] == [{"configMapRef": {"name": "enhance-worker-config"}}]
-        [var] = container["env"]
+        [var] = [v for v in container["env"] if "valueFrom" in v]
         ref = {"name": "enhance-worker-secrets", "key": secret_env}
         assert var == {"name": secret_env, "valueFrom": {"secretKeyRef": ref}}
+        literal = {v["name"]: v["value"] for v in container["env"] if "valueFrom" not in v}
+        assert literal == (REMAP if deploy is WORKER_DEPLOY else {})
         labels = deploy["spec"]["template"]["metadata"]["labels"]
         assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert {"requests", "limits"} <= container["resources"].keys()
@@ -183,7 +210,7 @@ def test_kubernetes_wiring() -> None:
 
 def _is_setting(name: str) -> bool:
     fields = {field.upper() for field in Settings.model_fields}
-    return name in fields or name == "HOSTNAME" or name.startswith(("FLOWER_", "PYTHON"))
+    return name in fields or name in NON_SETTINGS or name.startswith(("FLOWER_", "PYTHON"))
 
 
 def test_every_environment_variable_is_a_setting() -> None:
@@ -194,12 +221,31 @@ def test_every_environment_variable_is_a_setting() -> None:
         "k8s Secret": set(SECRET),
         "k8s env": k8s_env,
         "env.example": set(ENV_EXAMPLE) | ENV_EXAMPLE_COMMENTED,
+        "systemd Environment=": {name for unit in UNITS.values() for name in _unit_env(unit)},
     }
     for source, names in sources.items():
         assert names, source
         assert sorted(name for name in names if not _is_setting(name)) == [], source
     assert {"FLOWER_BASIC_AUTH", "RUNWARE_API_KEY"} <= ENV_EXAMPLE.keys()
     assert not _is_setting("RUNWARE_API_TOKEN")
+    assert "REMAP_SIGTERM" not in ENV_EXAMPLE.keys() | ENV_EXAMPLE_COMMENTED | CONFIGMAP.keys()
+
+
+def test_every_worker_remaps_sigterm_to_the_soft_shutdown() -> None:
+    """SIGTERM from docker, the kubelet or systemd must start Celery's soft shutdown (bounded by
+    WORKER_SOFT_SHUTDOWN_S), not its warm shutdown, which waits for running jobs without limit."""
+    k8s_env = {v["name"]: v.get("value") for v in _container(WORKER_DEPLOY)["env"]}
+    remap = {
+        "Dockerfile ENV": _docker_env().get("REMAP_SIGTERM"),
+        "compose worker": _env(SERVICES["worker"]["environment"]).get("REMAP_SIGTERM"),
+        "k8s worker": k8s_env.get("REMAP_SIGTERM"),
+        "systemd worker": _unit_env(UNITS["enhance-worker"]).get("REMAP_SIGTERM"),
+    }
+    assert remap == dict.fromkeys(remap, "SIGQUIT")
+    worker = _procfile()["worker"]
+    assert "REMAP_SIGTERM=SIGQUIT" in worker
+    assert WORKER in worker
+    assert worker.index("REMAP_SIGTERM=SIGQUIT") < worker.index(WORKER)
 
 
 def test_every_command_is_one_of_the_services() -> None:
