@@ -1,0 +1,240 @@
+"""Operating it: Flower, the metrics endpoint, JSON logs and the CLI, each run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import SECRET, RunningWorker, StartWorker
+from workers.sandbox import Sandbox
+from workers.services import free_port
+
+FLOWER_AUTH = ("ops", "pw-flower-7e2a")
+
+
+@pytest.fixture
+def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
+    worker = start_worker("flowered")
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": worker.redis_url, "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{url}/healthcheck", timeout=1).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert process.poll() is None, "Flower exited at start"
+        assert time.monotonic() < deadline, "Flower did not start"
+        time.sleep(0.1)
+    time.sleep(1.0)  # Flower subscribes to the event stream just after it serves
+    yield worker, url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_flower_shows_each_job_with_its_result(
+    flower: tuple[RunningWorker, str], sandbox: Sandbox
+) -> None:
+    worker, url = flower
+    done = [worker.send(prompt=f"flower {n}", promptVersions=2) for n in range(3)]
+    values = [d.get(timeout=30) for d in done]
+    sandbox.configure(fail_next=["400"])
+    failed = worker.send(prompt="flower fails")
+    with pytest.raises(Exception, match="HTTP 400"):
+        failed.get(timeout=30)
+    assert requests.get(f"{url}/api/tasks", timeout=5).status_code == 401
+    deadline = time.monotonic() + 20
+    while True:
+        tasks = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
+        if all(tasks.get(d.id, {}).get("state") == "SUCCESS" for d in done) and (
+            tasks.get(failed.id, {}).get("state") == "FAILURE"
+        ):
+            break
+        assert time.monotonic() < deadline, f"Flower shows {tasks}"
+        time.sleep(0.2)
+    for job, value in zip(done, values, strict=True):
+        shown = tasks[job.id]
+        assert shown["name"] == "tasks.enhance_prompt"
+        assert value["text"] in shown["result"]
+        assert "'cost': 0.0026" in shown["result"]
+        assert "flower" in shown["kwargs"]
+        assert shown["received"]
+        assert shown["succeeded"]
+    assert "HTTP 400" in tasks[failed.id]["exception"]
+    workers = requests.get(f"{url}/api/workers", auth=FLOWER_AUTH, timeout=10).text
+    assert SECRET not in json.dumps(tasks)
+    assert SECRET not in workers
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    port = free_port()
+    worker = start_worker("metrics", METRICS_PORT=str(port))
+    sandbox.configure(fail_next=["503", "400"], latency_s=0.05)
+    pending = [worker.send(prompt=f"metric {n}", account="ops") for n in range(5)]
+    outcomes = []
+    for async_result in pending:
+        try:
+            async_result.get(timeout=30)
+            outcomes.append("ok")
+        except Exception:
+            outcomes.append("failed")
+    assert outcomes.count("ok") == 4
+    m = _scrape(port)
+    calls = "enhance_runware_calls_total"
+    assert m[(calls, (("outcome", "ok"), ("task_type", "promptEnhance")))] == 4
+    assert m[(calls, (("outcome", "http_503"), ("task_type", "promptEnhance")))] == 1
+    assert m[(calls, (("outcome", "http_400"), ("task_type", "promptEnhance")))] == 1
+    assert m[("enhance_spent_usd_total", (("account", "ops"),))] == pytest.approx(4 * 0.0013)
+    latency = ("enhance_runware_call_duration_seconds_count", (("task_type", "promptEnhance"),))
+    assert m[latency] == 6
+    assert m[("enhance_runware_call_duration_seconds_sum", latency[1])] >= 6 * 0.05
+    assert m[("enhance_rate_limit_wait_seconds_count", ())] == 6
+    jobs = "enhance_jobs_total"
+    assert m[(jobs, (("outcome", "success"), ("task", "tasks.enhance_prompt")))] == 4
+    assert m[(jobs, (("outcome", "failure"), ("task", "tasks.enhance_prompt")))] == 1
+    assert m[("enhance_job_retries_total", (("task", "tasks.enhance_prompt"),))] == 1
+    assert m[("enhance_dead_letters_total", (("task", "tasks.enhance_prompt"),))] == 1
+    assert m[("enhance_queue_depth", (("queue", "celery"),))] == 0
+    assert m[("enhance_fleet_in_flight_calls", ())] == 0
+    assert m[("enhance_dead_letter_jobs", ())] == 1
+    assert m[("enhance_runware_in_flight_calls", ())] == 0
+
+
+def test_json_logs_carry_one_outcome_line_per_job(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    worker = start_worker("jsonlog", LOG_FORMAT="json", LOG_LEVEL="INFO")
+    results = [worker.send(prompt=f"json {n}").get(timeout=30) for n in range(3)]
+    lines = [json.loads(line) for line in worker.process.log().splitlines() if line.startswith("{")]
+    outcomes = [line for line in lines if line.get("outcome") == "succeeded"]
+    assert sorted(o["taskUUID"] for o in outcomes) == sorted(r["taskUUID"] for r in results)
+    for line in outcomes:
+        assert line["level"] == "INFO"
+        assert line["cost"] == 0.0013
+        assert line["duration_s"] >= 0
+        assert line["task_name"] == "tasks.enhance_prompt"
+    assert SECRET not in worker.process.log()
+
+
+def _cli(worker: RunningWorker, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REDIS_URL": worker.redis_url}
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        **kwargs,
+    )
+
+
+def test_the_enhance_command(main_worker: RunningWorker, sandbox: Sandbox) -> None:
+    done = _cli(main_worker, "enhance", "a red fox", "--versions", "2", "--max-length", "50")
+    assert done.returncode == 0, done.stderr
+    value = json.loads(done.stdout)
+    assert len(value["texts"]) == 2
+    refused = _cli(main_worker, "enhance", "a red fox", "--versions", "9")
+    assert refused.returncode == 2
+    assert "promptVersions" in refused.stderr
+
+
+def test_batch_of_200_lines(main_worker: RunningWorker, sandbox: Sandbox, tmp_path: Path) -> None:
+    source = tmp_path / "prompts.txt"
+    lines = [f"batch line {n}" for n in range(199)]
+    lines.append(json.dumps({"prompt": "a jsonl line", "promptVersions": 3}))
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "results.jsonl"
+    done = _cli(main_worker, "batch", str(source), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "200/200" in done.stderr
+    assert "ETA" in done.stderr
+    assert "failed 0" in done.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(results) == 200
+    assert sorted(r["index"] for r in results) == list(range(200))
+    assert all("result" in r for r in results)
+    jsonl = next(r for r in results if r["prompt"] == "a jsonl line")
+    assert len(jsonl["result"]["texts"]) == 3
+    expected = 199 * 0.0013 + 3 * 0.0013
+    assert f"total cost ${expected:.6f}" in done.stderr
+
+
+def test_batch_rejects_a_bad_file_before_enqueueing(
+    main_worker: RunningWorker, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    source = tmp_path / "bad.txt"
+    source.write_text("fine\n" + "x" * 301 + "\n{not json\n", encoding="utf-8")
+    done = _cli(main_worker, "batch", str(source), "--out", str(tmp_path / "o.jsonl"))
+    assert done.returncode == 2
+    assert "line 2: prompt:" in done.stderr
+    assert "line 3: not valid JSON" in done.stderr
+    assert sandbox.state.requests == 0
+
+
+def test_ctrl_c_leaves_the_jobs_and_says_how_to_collect_them(
+    main_worker: RunningWorker, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sandbox.configure(latency_s=0.5)
+    source = tmp_path / "slow.txt"
+    source.write_text("\n".join(f"slow {n}" for n in range(40)) + "\n", encoding="utf-8")
+    out = tmp_path / "slow.jsonl"
+    env = {**os.environ, "REDIS_URL": main_worker.redis_url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "batch", str(source), "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not out.exists() or len(out.read_text().splitlines()) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "still queued and will finish" in stderr
+    pending = out.with_name(out.name + ".pending")
+    assert f"enhance-worker batch --resume {pending} --out {out}" in stderr
+    resumed = _cli(main_worker, "batch", "--resume", str(pending), "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    indexes = sorted(json.loads(line)["index"] for line in out.read_text().splitlines())
+    assert indexes == list(range(40))
