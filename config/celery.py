@@ -43,7 +43,9 @@ def configure(app: Celery, settings: Settings) -> None:
         # Flower shows a job from enqueue to result only when both kinds of event are sent.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_track_started=True,
+        # No STARTED state write: it would cost a result-backend read and write per job, and
+        # Flower learns that a job started from the task-started event anyway.
+        task_track_started=False,
         # A lost broker connection is retried for ever; jobs running at that moment are
         # cancelled, since Redis will deliver them again (no duplicate run alongside).
         broker_connection_retry_on_startup=True,

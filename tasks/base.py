@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -133,31 +134,41 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     def call_runware(self, job: RunwareJob) -> TaskOutcome:
         """Reserve the estimate under the budgets, submit or poll the task, record its cost once.
 
-        A transient failure or a re-schedule keeps the reservation (the call may have been
-        billed; the next run reuses it, and it expires if the job dies); any other failure
-        releases it.
+        One script starts the call (a finished task's items come back at once, without calling
+        Runware; else the reservation and the submission marker) and one ends it (the cost
+        recorded once, the items kept). A transient failure or a re-schedule keeps the
+        reservation (the call may have been billed; the next run reuses it, and it expires if
+        the job dies); any other failure releases it.
         """
-        known = get_pending().finished(job.task_uuid)
-        if known is not None:  # a redelivered job whose call already finished
-            logger.info("taskUUID %s already finished; returning its result.", job.task_uuid)
-            return TaskOutcome(job.task_uuid, known)
-        ledger = get_ledger()
-        ledger.reserve(job.task_uuid, job.account, job.estimate_usd)
+        ledger, pending = get_ledger(), get_pending()
+        task_uuid = job.task_uuid
+        done_key, marker_key = pending.done_key(task_uuid), pending.marker_key(task_uuid)
+        state, value = ledger.begin(task_uuid, job.account, job.estimate_usd, done_key, marker_key)
+        if state == "done":  # a redelivered job whose call already finished
+            logger.info("taskUUID %s already finished; returning its result.", task_uuid)
+            return TaskOutcome(task_uuid, json.loads(value or b"[]"))
+        submitted = float(value) if value else None
         try:
-            outcome = self._submit_or_poll(job)
+            outcome = self._submit_or_poll(job, submitted)
         except (TransientError, LimiterBusy, Ignore, Retry):
             raise
         except BaseException:
-            ledger.release(job.task_uuid)
+            ledger.release(task_uuid)
             raise
-        ledger.commit(job.task_uuid, job.account, outcome.cost)
-        get_pending().finish(job.task_uuid, outcome.items)
+        ledger.end(
+            task_uuid,
+            job.account,
+            outcome.cost,
+            done_key,
+            marker_key,
+            json.dumps(outcome.items),
+            get_settings().celery_result_expires_s,
+        )
         return outcome
 
-    def _submit_or_poll(self, job: RunwareJob) -> TaskOutcome:
+    def _submit_or_poll(self, job: RunwareJob, submitted: float | None) -> TaskOutcome:
         client, pending = get_client(), get_pending()
         task_uuid = job.task_uuid
-        submitted = pending.submitted_at(task_uuid)
         if submitted is None:
             try:
                 outcome = client.run(job.body)

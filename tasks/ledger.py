@@ -53,49 +53,79 @@ end
 
 # ARGV: 1 uuid, 2 account, 3 estimate micro, 4 fleet budget micro (-1: none),
 #       5 account budget micro (-1: none), 6 reservation seconds
-RESERVE = (
-    _PURGE
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {2, 0, 0} end
-local uuid, account, estimate = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('HEXISTS', KEYS[4], uuid) == 1 then
+# Returns {1, 0, 0} reserved, {2, 0, 0} already billed, {0, 1|2, spent} refused by the fleet's
+# or the account's budget.
+_RESERVE_FN = """
+local function reserve()
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {2, 0, 0} end
+  local uuid, account, estimate = ARGV[1], ARGV[2], tonumber(ARGV[3])
+  if redis.call('HEXISTS', KEYS[4], uuid) == 1 then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), uuid)
+    return {1, 0, 0}
+  end
+  local fleet_budget, account_budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+  if fleet_budget >= 0 then
+    local spent = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
+        + tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
+    if spent + estimate > fleet_budget then return {0, 1, spent} end
+  end
+  if account_budget >= 0 then
+    local spent = tonumber(redis.call('HGET', KEYS[2], 'acct:' .. account) or '0')
+        + tonumber(redis.call('HGET', KEYS[5], 'acct:' .. account) or '0')
+    if spent + estimate > account_budget then return {0, 2, spent} end
+  end
+  redis.call('HSET', KEYS[4], uuid, estimate .. '|' .. account)
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), uuid)
+  redis.call('HINCRBY', KEYS[5], 'total', estimate)
+  redis.call('HINCRBY', KEYS[5], 'acct:' .. account, estimate)
   return {1, 0, 0}
 end
-local fleet_budget, account_budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-if fleet_budget >= 0 then
-  local spent = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
-      + tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
-  if spent + estimate > fleet_budget then return {0, 1, spent} end
-end
-if account_budget >= 0 then
-  local spent = tonumber(redis.call('HGET', KEYS[2], 'acct:' .. account) or '0')
-      + tonumber(redis.call('HGET', KEYS[5], 'acct:' .. account) or '0')
-  if spent + estimate > account_budget then return {0, 2, spent} end
-end
-redis.call('HSET', KEYS[4], uuid, estimate .. '|' .. account)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), uuid)
-redis.call('HINCRBY', KEYS[5], 'total', estimate)
-redis.call('HINCRBY', KEYS[5], 'acct:' .. account, estimate)
-return {1, 0, 0}
+"""
+RESERVE = _PURGE + _RESERVE_FN + "return reserve()"
+
+# A call's start in one round trip. KEYS 6: the finished items of the task, 7: its submission
+# marker. Returns {3, items} when the task already finished (nothing reserved); else the
+# reservation's answer, with the submission time (or '') in place of 0 when it went through.
+BEGIN = (
+    _PURGE
+    + _RESERVE_FN
+    + """
+local done = redis.call('GET', KEYS[6])
+if done then return {3, done, 0} end
+local answer = reserve()
+if answer[1] == 0 then return answer end
+return {answer[1], redis.call('GET', KEYS[7]) or '', 0}
 """
 )
 
 # ARGV: 1 uuid, 2 account, 3 cost micro, 4 task ttl, 5 day ttl
-COMMIT = (
-    _PURGE
-    + """
-unreserve(ARGV[1])
-if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', tonumber(ARGV[4])) then
-  local cost, account = tonumber(ARGV[3]), ARGV[2]
-  redis.call('HINCRBY', KEYS[2], 'total', cost)
-  redis.call('HINCRBY', KEYS[2], 'tasks', 1)
-  redis.call('HINCRBY', KEYS[2], 'acct:' .. account, cost)
-  redis.call('HINCRBY', KEYS[2], 'acct_tasks:' .. account, 1)
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-  return 1
+_COMMIT_FN = """
+local function commit()
+  unreserve(ARGV[1])
+  if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', tonumber(ARGV[4])) then
+    local cost, account = tonumber(ARGV[3]), ARGV[2]
+    redis.call('HINCRBY', KEYS[2], 'total', cost)
+    redis.call('HINCRBY', KEYS[2], 'tasks', 1)
+    redis.call('HINCRBY', KEYS[2], 'acct:' .. account, cost)
+    redis.call('HINCRBY', KEYS[2], 'acct_tasks:' .. account, 1)
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+    return 1
+  end
+  return 0
 end
-return 0
+"""
+COMMIT = _PURGE + _COMMIT_FN + "return commit()"
+
+# A call's end in one round trip: commit, keep the items (ARGV 6) for ARGV 7 seconds, drop the
+# submission marker.
+END = (
+    _PURGE
+    + _COMMIT_FN
+    + """
+local recorded = commit()
+redis.call('SET', KEYS[6], ARGV[6], 'EX', tonumber(ARGV[7]))
+redis.call('DEL', KEYS[7])
+return recorded
 """
 )
 
@@ -156,6 +186,8 @@ class Ledger:
         self._reserve = client.register_script(RESERVE)
         self._commit = client.register_script(COMMIT)
         self._release = client.register_script(RELEASE)
+        self._begin = client.register_script(BEGIN)
+        self._end = client.register_script(END)
 
     def _keys(self, task_uuid: str, day: str | None = None) -> list[str]:
         p = self.prefix
@@ -167,13 +199,13 @@ class Ledger:
             f"{p}:resv:sum",
         ]
 
-    def reserve(self, task_uuid: str, account: str, estimate_usd: float) -> bool:
-        """Reserve `estimate_usd` for this task under the budgets; False when the taskUUID is
-        already billed (nothing to reserve). Raises BudgetExceeded naming the budget."""
+    def _reserve_args(
+        self, task_uuid: str, account: str, estimate_usd: float
+    ) -> list[str | int | float]:
         settings = self.settings
         fleet = settings.runware_daily_budget_usd
         per_account = settings.runware_account_daily_budget_usd
-        args: list[str | int | float] = [
+        return [
             task_uuid,
             account,
             to_micro(estimate_usd),
@@ -181,24 +213,85 @@ class Ledger:
             -1 if per_account is None else to_micro(per_account),
             settings.runware_reservation_s,
         ]
+
+    def _refusal(
+        self, which: int, spent: int, task_uuid: str, account: str, estimate_usd: float
+    ) -> BudgetExceeded:
+        settings = self.settings
+        if which == 1:
+            name, limit, scope = (
+                "RUNWARE_DAILY_BUDGET_USD",
+                settings.runware_daily_budget_usd,
+                "the fleet",
+            )
+        else:
+            name, limit, scope = (
+                "RUNWARE_ACCOUNT_DAILY_BUDGET_USD",
+                settings.runware_account_daily_budget_usd,
+                f"account {account!r}",
+            )
+        return BudgetExceeded(
+            f"daily budget {name} of ${limit or 0:.6f} for {scope} would be exceeded: "
+            f"${spent / MICRO:.6f} already spent or reserved today (UTC), and task "
+            f"{task_uuid} needs ${estimate_usd:.6f}; no call was made"
+        )
+
+    def reserve(self, task_uuid: str, account: str, estimate_usd: float) -> bool:
+        """Reserve `estimate_usd` for this task under the budgets; False when the taskUUID is
+        already billed (nothing to reserve). Raises BudgetExceeded naming the budget."""
+        args = self._reserve_args(task_uuid, account, estimate_usd)
         status, which, spent = hold_through_outage(
             lambda: self._reserve(keys=self._keys(task_uuid), args=args), "ledger", self.outage_s
         )
         if int(status) == 0:
-            if int(which) == 1:
-                name, limit, scope = "RUNWARE_DAILY_BUDGET_USD", fleet, "the fleet"
-            else:
-                name, limit, scope = (
-                    "RUNWARE_ACCOUNT_DAILY_BUDGET_USD",
-                    per_account,
-                    f"account {account!r}",
-                )
-            raise BudgetExceeded(
-                f"daily budget {name} of ${limit:.6f} for {scope} would be exceeded: "
-                f"${int(spent) / MICRO:.6f} already spent or reserved today (UTC), and task "
-                f"{task_uuid} needs ${estimate_usd:.6f}; no call was made"
-            )
+            raise self._refusal(int(which), int(spent), task_uuid, account, estimate_usd)
         return int(status) == 1
+
+    def begin(
+        self, task_uuid: str, account: str, estimate_usd: float, done_key: str, marker_key: str
+    ) -> tuple[str, bytes | None]:
+        """A call's start, in one round trip: ("done", items JSON) if the task already
+        finished; else reserve under the budgets (or raise BudgetExceeded) and return
+        ("go", the submission marker or None)."""
+        args = self._reserve_args(task_uuid, account, estimate_usd)
+        keys = [*self._keys(task_uuid), done_key, marker_key]
+        status, value, spent = hold_through_outage(
+            lambda: self._begin(keys=keys, args=args), "ledger", self.outage_s
+        )
+        if int(status) == 3:
+            return "done", value
+        if int(status) == 0:
+            raise self._refusal(int(value), int(spent), task_uuid, account, estimate_usd)
+        return "go", value or None
+
+    def end(
+        self,
+        task_uuid: str,
+        account: str,
+        cost_usd: float,
+        done_key: str,
+        marker_key: str,
+        items_json: str,
+        keep_s: int,
+    ) -> bool:
+        """A call's end, in one round trip: record the cost once, keep the finished items for
+        `keep_s` seconds, drop the submission marker. True if this call recorded the cost."""
+        args: list[str | int | float] = [
+            task_uuid,
+            account,
+            to_micro(cost_usd),
+            TASK_TTL_S,
+            DAY_TTL_S,
+            items_json,
+            keep_s,
+        ]
+        keys = [*self._keys(task_uuid), done_key, marker_key]
+        recorded = hold_through_outage(
+            lambda: self._end(keys=keys, args=args), "ledger", self.outage_s
+        )
+        if int(recorded):
+            metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
+        return bool(int(recorded))
 
     def commit(self, task_uuid: str, account: str, cost_usd: float) -> bool:
         """Record the real cost once; True if this call recorded it, False if it already was."""

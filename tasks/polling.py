@@ -12,10 +12,8 @@ back-off and the deadline); it survives redeliveries because the taskUUID does.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from typing import Any
 
 import redis
 
@@ -31,17 +29,10 @@ class PendingCalls:
         self.settings = settings
         self.prefix = f"{settings.key_prefix}:pending"
 
-    def submitted_at(self, task_uuid: str) -> float | None:
-        """When the task was submitted (epoch seconds), or None if it was not."""
-        raw = hold_through_outage(
-            lambda: self.redis.get(f"{self.prefix}:{task_uuid}"), "poller", 30.0
-        )
-        return None if raw is None else float(raw)
-
     def mark(self, task_uuid: str, ttl_s: float) -> float:
         """Record the submission now (kept if already recorded); return its time."""
         now = time.time()
-        key = f"{self.prefix}:{task_uuid}"
+        key = self.marker_key(task_uuid)
 
         def mark() -> float:
             self.redis.set(key, repr(now), nx=True, ex=max(60, int(ttl_s) + 300))
@@ -51,28 +42,15 @@ class PendingCalls:
         return hold_through_outage(mark, "poller", 30.0)
 
     def clear(self, task_uuid: str) -> None:
-        hold_through_outage(lambda: self.redis.delete(f"{self.prefix}:{task_uuid}"), "poller", 30.0)
+        hold_through_outage(lambda: self.redis.delete(self.marker_key(task_uuid)), "poller", 30.0)
 
-    def finished(self, task_uuid: str) -> list[dict[str, Any]] | None:
-        """The items of a task that already finished, or None."""
-        raw = hold_through_outage(
-            lambda: self.redis.get(f"{self.prefix}:done:{task_uuid}"), "poller", 30.0
-        )
-        if raw is None:
-            return None
-        items: list[dict[str, Any]] = json.loads(raw)
-        return items
+    def done_key(self, task_uuid: str) -> str:
+        """Where a finished task's items are kept (written by Ledger.end)."""
+        return f"{self.prefix}:done:{task_uuid}"
 
-    def finish(self, task_uuid: str, items: list[dict[str, Any]]) -> None:
-        """Keep the finished task's items and drop its submission marker, in one round trip."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(
-            f"{self.prefix}:done:{task_uuid}",
-            json.dumps(items),
-            ex=self.settings.celery_result_expires_s,
-        )
-        pipe.delete(f"{self.prefix}:{task_uuid}")
-        hold_through_outage(pipe.execute, "poller", 30.0)
+    def marker_key(self, task_uuid: str) -> str:
+        """Where a submitted task's submission time is kept."""
+        return f"{self.prefix}:{task_uuid}"
 
     def next_poll_in(self, elapsed_s: float) -> float:
         """The countdown to the next poll: about the first interval, growing with the time the

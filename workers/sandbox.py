@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 import sys
 import threading
 import time
@@ -131,6 +132,12 @@ class SandboxState:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _SandboxServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; without this, Nagle's algorithm and the
+        # client's delayed ACK add about 40 ms to every answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("sandbox: %s", format % args)

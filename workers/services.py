@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,8 @@ from typing import Any
 
 import redis
 
-READY_MARK = "is ready to take jobs"
+# Our worker says "... is ready to take jobs"; any other Celery app says "name@host ready.".
+READY = re.compile(r"is ready to take jobs|@\S+ ready\.")
 
 
 def free_port() -> int:
@@ -174,7 +176,7 @@ class WorkerProcess:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while READY_MARK not in self.log():
+        while not READY.search(self.log()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited at start:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:

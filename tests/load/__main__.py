@@ -10,6 +10,7 @@ import sys
 
 BENCHMARKS = {
     "rate": ("tests.load.bench_rate_limit", "fleet-wide rate limit, in-flight cap, lease recovery"),
+    "throughput": ("tests.load.bench_throughput", "the project's worker against a bare Celery one"),
 }
 
 

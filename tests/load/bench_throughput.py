@@ -1,0 +1,190 @@
+"""Throughput of the project's worker against a minimal Celery worker, in the same run.
+Prints figures; asserts nothing.
+
+  python -m tests.load.bench_throughput [--jobs 3000] [--latency 0.25] [--soak 0]
+
+Starts its own Redis and the sandbox (250 ms latency), then for each of the baseline and the
+project: one worker process, N jobs pushed as fast as the producer can, and a low-load phase of
+sequential jobs. Reports jobs/s, end-to-end latency p50/p99 and the part that is not the API's,
+worker CPU seconds per 1000 jobs and peak RSS, and the ratio project/baseline. With --soak N it
+then runs N more jobs through the project's worker and prints its RSS as it goes (leak check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+
+from tests.load.common import KEY, private_redis
+from workers.services import SandboxProcess, WorkerProcess
+
+
+@dataclass
+class Proc:
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process and its reaped children."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self, peak: bool = False) -> float:
+        key = "VmHWM:" if peak else "VmRSS:"
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def push(producer: Celery, task: str, count: int, make: Any) -> tuple[float, list[float]]:
+    """Send `count` jobs at once; wall time until all are done, and each job's latency."""
+    sent: dict[str, float] = {}
+    started = time.time()
+    for n in range(count):
+        result = producer.send_task(task, **make(n))
+        sent[result.id] = time.time()
+    latencies = []
+    for task_id, meta in producer.backend.get_many(list(sent), interval=0.02):
+        assert meta["status"] == "SUCCESS", meta
+        done = meta["date_done"]
+        if isinstance(done, str):
+            done = datetime.fromisoformat(done)
+        if done.tzinfo is None:
+            done = done.replace(tzinfo=UTC)
+        latencies.append(done.timestamp() - sent[task_id])
+    last = max(s + lat for s, lat in zip(sent.values(), latencies, strict=False))
+    return last - started, latencies
+
+
+def sequential(producer: Celery, task: str, count: int, make: Any) -> list[float]:
+    latencies = []
+    for n in range(count):
+        sent = time.time()
+        producer.send_task(task, **make(n)).get(timeout=30)
+        latencies.append(time.time() - sent)
+    return latencies
+
+
+def measure(
+    name: str, worker: WorkerProcess, url: str, task: str, make: Any, jobs: int, latency: float
+) -> dict[str, float]:
+    producer = Celery(broker=url, backend=url)
+    producer.conf.result_extended = False
+    proc = Proc(worker.pid)
+    sequential(producer, task, 20, make)  # warm up: connections, imports
+    low = sequential(producer, task, 100, make)
+    cpu_before = proc.cpu_seconds()
+    wall, latencies = push(producer, task, jobs, make)
+    cpu = proc.cpu_seconds() - cpu_before
+    producer.close()
+    return {
+        "jobs_per_s": jobs / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "low_load_added_p50_ms": 1000 * (statistics.median(low) - latency),
+        "low_load_added_p99_ms": 1000 * (percentile(low, 0.99) - latency),
+        "cpu_s_per_1000": 1000 * cpu / jobs,
+        "peak_rss_mb": proc.rss_mb(peak=True),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--latency", type=float, default=0.25)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="project worker concurrency (default: its WORKER_CONCURRENCY)",
+    )
+    parser.add_argument("--soak", type=int, default=0, help="jobs for the leak check")
+    parser.add_argument("--only", choices=["baseline", "project"], default=None)
+    args = parser.parse_args()
+    figures: dict[str, dict[str, float]] = {}
+    with private_redis() as server, SandboxProcess("--latency", str(args.latency)) as sandbox:
+        if args.only in (None, "baseline"):
+            env = {"BASELINE_REDIS_URL": server.url(1), "BASELINE_API_URL": sandbox.url}
+            with WorkerProcess(
+                env,
+                name="baseline",
+                app="tests.load.baseline_app",
+                extra_args=["-P", "threads", "-c", "200", "-l", "INFO"],
+            ) as w:
+                figures["baseline"] = measure(
+                    "baseline",
+                    w,
+                    server.url(1),
+                    "baseline.enhance",
+                    lambda n: {"args": [f"baseline prompt {n}"]},
+                    args.jobs,
+                    args.latency,
+                )
+            print_row("baseline (threads, 200, bare requests.post)", figures["baseline"])
+        if args.only in (None, "project"):
+            env = {
+                "REDIS_URL": server.url(2),
+                "RUNWARE_API_URL": sandbox.url,
+                "RUNWARE_API_KEY": KEY,
+                "LOG_LEVEL": "WARNING",
+                # the limiter on, high enough not to bind; the ledger and validation are on
+                "RUNWARE_RATE_LIMIT": "100000/s",
+                "RUNWARE_MAX_IN_FLIGHT": "100000",
+            }
+            if args.concurrency:
+                env["WORKER_CONCURRENCY"] = str(args.concurrency)
+            with WorkerProcess({**env, "LOG_LEVEL": "INFO"}, name="project") as w:
+                figures["project"] = measure(
+                    "project",
+                    w,
+                    server.url(2),
+                    "tasks.enhance_prompt",
+                    lambda n: {"kwargs": {"prompt": f"project prompt {n}"}},
+                    args.jobs,
+                    args.latency,
+                )
+                print_row("project (as documented for production)", figures["project"])
+                if args.soak:
+                    soak(w, server.url(2), args.soak)
+    if len(figures) == 2:
+        ratio = figures["project"]["jobs_per_s"] / figures["baseline"]["jobs_per_s"]
+        print(f"ratio project/baseline jobs per second: {ratio:.2f}")
+
+
+def soak(worker: WorkerProcess, url: str, jobs: int) -> None:
+    producer = Celery(broker=url, backend=url)
+    proc = Proc(worker.pid)
+    chunk = max(1, jobs // 10)
+    for start in range(0, jobs, chunk):
+        push(
+            producer,
+            "tasks.enhance_prompt",
+            min(chunk, jobs - start),
+            lambda n, first=start: {"kwargs": {"prompt": f"soak {first + n}"}},
+        )
+        print(f"soak: {start + chunk} jobs, worker RSS {proc.rss_mb():.1f} MB", flush=True)
+    producer.close()
+
+
+def print_row(title: str, figures: dict[str, float]) -> None:
+    shown = ", ".join(f"{k}={v:.2f}" for k, v in figures.items())
+    print(f"{title}: {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
