@@ -194,7 +194,7 @@ class Settings(BaseSettings):
         default="threads", description="the worker pool: threads, prefork, solo, gevent, eventlet"
     )
     worker_concurrency: int = Field(
-        default=32, ge=1, le=1000, description="tasks run at once by a worker, an integer 1..1000"
+        default=200, ge=1, le=1000, description="tasks run at once by a worker, an integer 1..1000"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"

@@ -38,7 +38,7 @@ from tasks.state import hold_through_outage, redis_client
 logger = logging.getLogger(__name__)
 
 ACQUIRE = """
--- KEYS: 1 tat, 2 cooldown, 3 leases, 4 overrides, 5 waiting
+-- KEYS: 1 tat, 2 cooldown, 3 leases, 4 overrides, 5 waiting, 6 strikes
 -- ARGV: 1 rate per s (0: none), 2 burst, 3 cap (0: none), 4 max wait s, 5 lease s, 6 lease id
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -65,10 +65,15 @@ if rate > 0 then
 elseif slot - now > max_wait then
   return {0, tostring(slot - now)}
 end
-local lease_s = tonumber(ARGV[5])
-redis.call('ZADD', KEYS[3], slot + lease_s, ARGV[6])
-redis.call('PEXPIRE', KEYS[3], math.ceil((slot - now + lease_s + 60) * 1000))
-return {1, tostring(slot - now)}
+-- A lease is kept only under a cap; the caller must release when it holds one, or when
+-- strikes of an earlier 429/503 wait to be cleared by a success (the third value).
+if cap > 0 then
+  local lease_s = tonumber(ARGV[5])
+  redis.call('ZADD', KEYS[3], slot + lease_s, ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], math.ceil((slot - now + lease_s + 60) * 1000))
+  return {1, tostring(slot - now), 1}
+end
+return {1, tostring(slot - now), redis.call('EXISTS', KEYS[6])}
 """
 
 RELEASE = """
@@ -113,6 +118,9 @@ class Permit:
     waited_s: float
     outcome: str = "none"  # ok | throttled | none (no answer: timeout, connection error)
     retry_after: float | None = None
+    # False when giving the slot back has nothing to do (no lease, no strikes to clear): a
+    # round trip saved on every call when only a rate limit is in force.
+    needs_release: bool = True
 
 
 class Limiter:
@@ -154,11 +162,11 @@ class Limiter:
         started = time.monotonic()
         deadline = started + settings.runware_limit_max_wait_s
         while True:
-            granted, wait = self._try_acquire(lease)
+            granted, wait, needs_release = self._try_acquire(lease)
             if granted:
                 if wait > 0:
                     time.sleep(wait)
-                return Permit(lease, time.monotonic() - started)
+                return Permit(lease, time.monotonic() - started, needs_release=needs_release)
             remaining = deadline - time.monotonic()
             if wait >= 0:  # the rate limit or a cool-down: the next slot is `wait` away
                 countdown = max(0.5, wait - settings.runware_limit_max_wait_s / 2)
@@ -168,10 +176,12 @@ class Limiter:
             # Block until a slot is given back (or briefly, to notice expired leases).
             self._blocking_wait(min(remaining, 0.25))
 
-    def _try_acquire(self, lease: str) -> tuple[bool, float]:
-        """One atomic decision; while Redis is unreachable, back off and try again (fail closed)."""
+    def _try_acquire(self, lease: str) -> tuple[bool, float, bool]:
+        """One atomic decision; while Redis is unreachable, back off and try again (fail closed).
+        (granted, seconds to the slot or -1 when the cap is full, whether to release)."""
         settings = self.settings
-        keys = [self.keys[k] for k in ("tat", "cooldown", "leases", "overrides", "waiting")]
+        names = ("tat", "cooldown", "leases", "overrides", "waiting", "strikes")
+        keys = [self.keys[k] for k in names]
         args: list[str | int | float] = [
             settings.runware_rate_limit or 0,
             settings.runware_rate_burst,
@@ -180,10 +190,11 @@ class Limiter:
             settings.lease_s,
             lease,
         ]
-        granted, wait = hold_through_outage(
+        answer = hold_through_outage(
             lambda: self._acquire(keys=keys, args=args), "limiter", self.outage_s
         )
-        return bool(int(granted)), float(wait)
+        needs_release = len(answer) < 3 or bool(int(answer[2]))
+        return bool(int(answer[0])), float(answer[1]), needs_release
 
     def _blocking_wait(self, timeout: float) -> None:
         try:
@@ -192,6 +203,8 @@ class Limiter:
             time.sleep(timeout)
 
     def _give_back(self, permit: Permit) -> None:
+        if not permit.needs_release and permit.outcome != "throttled":
+            return
         settings = self.settings
         keys = [self.keys[k] for k in ("leases", "cooldown", "strikes", "wake", "waiting")]
         args: list[str | int | float] = [

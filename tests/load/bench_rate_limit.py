@@ -97,7 +97,7 @@ def lease_recovery() -> dict[str, float]:
 
         limiter = Limiter(client, load_settings(_env_file=None, runware_max_in_flight=4))
         while True:
-            granted, _ = limiter._try_acquire(f"probe-{time.monotonic_ns()}")
+            granted, _, _ = limiter._try_acquire(f"probe-{time.monotonic_ns()}")
             if granted:
                 break
             time.sleep(0.05)
