@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         le=10_000,
         description="calls that may go at once after a quiet spell, >= 1",
     )
+    runware_account_rate_limit: float | None = Field(
+        default=None,
+        description="default calls per second of each account (N, N/s, N/m or N/h; empty or 0 "
+        "for none); overridden per account with `enhance-worker limits set`",
+    )
     runware_max_in_flight: int | None = Field(
         default=None,
         ge=0,
@@ -232,7 +237,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value
 
-    @field_validator("runware_rate_limit", mode="before")
+    @field_validator("runware_rate_limit", "runware_account_rate_limit", mode="before")
     @classmethod
     def _rate(cls, value: object) -> float | None:
         return parse_rate(value)

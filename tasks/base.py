@@ -61,6 +61,7 @@ class RunwareJob:
 
     body: dict[str, Any]  # the task object sent to Runware (taskType, taskUUID, ...)
     account: str
+    priority: str
     estimate_usd: float
     deliver_async: bool
     timeout_s: float  # deadline of an async task, from its submission
@@ -171,7 +172,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         task_uuid = job.task_uuid
         if submitted is None:
             try:
-                outcome = client.run(job.body)
+                outcome = client.run(job.body, job.account, job.priority)
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it, do not resend.
                 logger.info("taskUUID %s was already accepted by Runware; polling it.", task_uuid)
@@ -183,7 +184,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 raise self.reschedule(
                     pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
                 )
-        done, outcome = client.get_response(task_uuid)
+        done, outcome = client.get_response(task_uuid, job.account, job.priority)
         if done:
             return outcome
         elapsed = max(0.0, time.time() - submitted)

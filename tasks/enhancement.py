@@ -39,6 +39,7 @@ def _enhance(task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         job = RunwareJob(
             body=request.runware_task(task_uuid),
             account=request.account,
+            priority=request.priority,
             estimate_usd=settings.runware_enhance_cost_usd * request.promptVersions,
             deliver_async=request.deliveryMethod == "async",
             timeout_s=settings.runware_poll_timeout_s,

@@ -67,6 +67,7 @@ def generate_image(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
             RunwareJob(
                 body=request.runware_task(task_uuid),
                 account=request.account,
+                priority=request.priority,
                 estimate_usd=settings.runware_image_cost_usd * request.numberResults,
                 deliver_async=request.deliveryMethod == "async",
                 timeout_s=settings.runware_poll_timeout_s,
@@ -108,6 +109,7 @@ def generate_video(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
             RunwareJob(
                 body=request.runware_task(task_uuid),
                 account=request.account,
+                priority=request.priority,
                 estimate_usd=settings.runware_video_cost_usd * request.numberResults,
                 deliver_async=True,
                 timeout_s=settings.runware_video_timeout_s,

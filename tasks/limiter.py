@@ -32,60 +32,21 @@ from typing import Any
 import redis
 
 from config.settings import Settings, get_settings, parse_rate
+from tasks import fairness, metrics
 from tasks.errors import LimiterBusy
 from tasks.state import hold_through_outage, redis_client
 
 logger = logging.getLogger(__name__)
 
-ACQUIRE = """
--- KEYS: 1 tat, 2 cooldown, 3 leases, 4 overrides, 5 waiting, 6 strikes
--- ARGV: 1 rate per s (0: none), 2 burst, 3 cap (0: none), 4 max wait s, 5 lease s, 6 lease id
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local o = redis.call('HMGET', KEYS[4], 'rate', 'burst', 'max_in_flight')
-local rate = tonumber(o[1] or ARGV[1]) or 0
-local burst = math.max(1, tonumber(o[2] or ARGV[2]) or 1)
-local cap = tonumber(o[3] or ARGV[3]) or 0
-local max_wait = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then
-  redis.call('SET', KEYS[5], '1', 'PX', 2000)
-  return {0, '-1'}
-end
-local slot = now
-local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cool > slot then slot = cool end
-if rate > 0 then
-  local interval = 1 / rate
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if tat - (burst - 1) * interval > slot then slot = tat - (burst - 1) * interval end
-  if slot - now > max_wait then return {0, tostring(slot - now)} end
-  local new_tat = math.max(tat, slot) + interval
-  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now + 60) * 1000))
-elseif slot - now > max_wait then
-  return {0, tostring(slot - now)}
-end
--- A lease is kept only under a cap; the caller must release when it holds one, or when
--- strikes of an earlier 429/503 wait to be cleared by a success (the third value).
-if cap > 0 then
-  local lease_s = tonumber(ARGV[5])
-  redis.call('ZADD', KEYS[3], slot + lease_s, ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], math.ceil((slot - now + lease_s + 60) * 1000))
-  return {1, tostring(slot - now), 1}
-end
-return {1, tostring(slot - now), redis.call('EXISTS', KEYS[6])}
-"""
-
 RELEASE = """
--- KEYS: 1 leases, 2 cooldown, 3 strikes, 4 wake, 5 waiting
+-- KEYS: 1 leases, 2 cooldown, 3 strikes, 4 wake
 -- ARGV: 1 lease id, 2 outcome (ok|throttled|none), 3 cooldown base s, 4 cooldown max s,
 --       5 retry-after s (0: none), 6 longest retry-after honoured
 redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[5]) == 1 then
-  redis.call('LPUSH', KEYS[4], '1')
-  redis.call('LTRIM', KEYS[4], 0, 63)
-  redis.call('PEXPIRE', KEYS[4], 5000)
-end
+-- A freed lease may let a queued call go: wake the dispatcher.
+redis.call('LPUSH', KEYS[4], '1')
+redis.call('LTRIM', KEYS[4], 0, 15)
+redis.call('PEXPIRE', KEYS[4], 10000)
 if ARGV[2] == 'ok' then
   redis.call('DEL', KEYS[3])
 elseif ARGV[2] == 'throttled' then
@@ -108,6 +69,8 @@ return '0'
 """
 
 OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
+PRIORITIES = {"interactive": "i", "batch": "b"}
+DISPATCHER_LOCK_MS = 3000
 
 
 @dataclass
@@ -124,7 +87,8 @@ class Permit:
 
 
 class Limiter:
-    """The fleet-wide rate limit, in-flight cap and cool-down, in one namespace of Redis keys."""
+    """The fleet-wide rate limit, in-flight cap, cool-down and fair share, in one namespace of
+    Redis keys. Waiting calls are served by the fleet's dispatcher (tasks/fairness.py)."""
 
     def __init__(
         self,
@@ -137,76 +101,114 @@ class Limiter:
         self.settings = settings
         # How long a call is held while Redis is unreachable before the task retries instead.
         self.outage_s = outage_s
-        base = f"{settings.key_prefix}:limit:{namespace}"
+        self.prefix = f"{settings.key_prefix}:limit:{namespace}"
         self.keys = {
-            name: f"{base}:{name}"
-            for name in ("tat", "cooldown", "leases", "overrides", "waiting", "strikes", "wake")
+            name: f"{self.prefix}:{name}"
+            for name in ("tat", "cooldown", "leases", "overrides", "strikes", "wake", "dispatcher")
         }
-        self._acquire = client.register_script(ACQUIRE)
+        self._enqueue = client.register_script(fairness.ENQUEUE)
+        self._tick = client.register_script(fairness.TICK)
+        self._cancel = client.register_script(fairness.CANCEL)
         self._release = client.register_script(RELEASE)
+        self._dispatcher: Dispatcher | None = None
+
+    def _limit_args(self) -> list[str | int | float]:
+        settings = self.settings
+        return [
+            self.prefix,
+            settings.runware_rate_limit or 0,
+            settings.runware_rate_burst,
+            settings.runware_max_in_flight or 0,
+            settings.runware_account_rate_limit or 0,
+            settings.lease_s,
+            fairness.MAX_STREAK,
+        ]
 
     # --- one call ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def slot(self, task_type: str = "call") -> Iterator[Permit]:
+    def slot(
+        self, task_type: str = "call", account: str = "default", priority: str = "interactive"
+    ) -> Iterator[Permit]:
         """Hold one call slot: wait for it (at most RUNWARE_LIMIT_MAX_WAIT_S, else LimiterBusy),
         yield a Permit for the call, and release it afterwards."""
-        permit = self._wait_for_grant()
+        permit = self._wait_for_grant(account, priority)
+        metrics.LIMIT_WAIT.labels(account, priority).observe(permit.waited_s)
         try:
             yield permit
         finally:
             self._give_back(permit)
 
-    def _wait_for_grant(self) -> Permit:
+    def _wait_for_grant(self, account: str = "default", priority: str = "interactive") -> Permit:
         settings = self.settings
-        lease = uuid.uuid4().hex
+        ticket = uuid.uuid4().hex
+        klass = PRIORITIES.get(priority, "i")
         started = time.monotonic()
-        deadline = started + settings.runware_limit_max_wait_s
-        while True:
-            granted, wait, needs_release = self._try_acquire(lease)
-            if granted:
-                if wait > 0:
-                    time.sleep(wait)
-                return Permit(lease, time.monotonic() - started, needs_release=needs_release)
-            remaining = deadline - time.monotonic()
-            if wait >= 0:  # the rate limit or a cool-down: the next slot is `wait` away
-                countdown = max(0.5, wait - settings.runware_limit_max_wait_s / 2)
-                raise LimiterBusy(f"next Runware call slot is {wait:.1f}s away", countdown)
-            if remaining <= 0:  # the in-flight cap stayed full
-                raise LimiterBusy("all in-flight slots stayed taken", random.uniform(0.5, 2.0))
-            # Block until a slot is given back (or briefly, to notice expired leases).
-            self._blocking_wait(min(remaining, 0.25))
-
-    def _try_acquire(self, lease: str) -> tuple[bool, float, bool]:
-        """One atomic decision; while Redis is unreachable, back off and try again (fail closed).
-        (granted, seconds to the slot or -1 when the cap is full, whether to release)."""
-        settings = self.settings
-        names = ("tat", "cooldown", "leases", "overrides", "waiting", "strikes")
-        keys = [self.keys[k] for k in names]
-        args: list[str | int | float] = [
-            settings.runware_rate_limit or 0,
-            settings.runware_rate_burst,
-            settings.runware_max_in_flight or 0,
-            settings.runware_limit_max_wait_s,
-            settings.lease_s,
-            lease,
-        ]
-        answer = hold_through_outage(
-            lambda: self._acquire(keys=keys, args=args), "limiter", self.outage_s
+        args = [*self._limit_args(), account, klass, ticket]
+        status, needs = hold_through_outage(
+            lambda: self._enqueue(keys=[], args=args), "limiter", self.outage_s
         )
-        needs_release = len(answer) < 3 or bool(int(answer[2]))
-        return bool(int(answer[0])), float(answer[1]), needs_release
+        if int(status) == 1:  # nobody waits and a slot is free: go now
+            return Permit(ticket, 0.0, needs_release=bool(int(needs)))
+        self.ensure_dispatcher()
+        deadline = started + settings.runware_limit_max_wait_s
+        grant_key = f"{self.prefix}:grant:{ticket}"
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                answer = self.redis.blpop([grant_key], timeout=min(remaining, 4.0))
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(min(remaining, 0.5))
+                continue
+            if answer is not None:
+                return Permit(
+                    ticket, time.monotonic() - started, needs_release=bool(int(answer[1]))
+                )
+        cancelled, needs = hold_through_outage(
+            lambda: self._cancel(keys=[], args=[self.prefix, account, klass, ticket]),
+            "limiter",
+            self.outage_s,
+        )
+        if not int(cancelled):  # granted just as we gave up: go ahead
+            return Permit(ticket, time.monotonic() - started, needs_release=bool(int(needs)))
+        countdown = random.uniform(0.5, 1.0) * settings.runware_limit_max_wait_s
+        raise LimiterBusy(
+            f"no call slot for account {account!r} ({priority}) within "
+            f"{settings.runware_limit_max_wait_s:g}s",
+            countdown,
+        )
 
-    def _blocking_wait(self, timeout: float) -> None:
-        try:
-            self.redis.blpop([self.keys["wake"]], timeout=max(0.01, timeout))
-        except (redis.ConnectionError, redis.TimeoutError):
-            time.sleep(timeout)
+    # --- the dispatcher ------------------------------------------------------------------------
+    def ensure_dispatcher(self) -> None:
+        """Run this process's dispatcher candidate (one per process; one active in the fleet)."""
+        if self._dispatcher is None or not self._dispatcher.is_alive():
+            with _lock:
+                if self._dispatcher is None or not self._dispatcher.is_alive():
+                    self._dispatcher = Dispatcher(self)
+                    self._dispatcher.start()
+
+    def stop_dispatcher(self) -> None:
+        """Stop this process's dispatcher candidate and wait for it (at most ~1 s)."""
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
+            self._dispatcher.join(timeout=3.0)
+
+    def tick(self, dispatcher_id: str) -> tuple[float, int]:
+        """Grant what the limits allow now; (seconds to the next possible grant, or -1 nobody
+        waits, -2 cap full, -3 not the dispatcher; how many were granted)."""
+        args = [
+            *self._limit_args(),
+            dispatcher_id,
+            DISPATCHER_LOCK_MS,
+            50,
+            self.settings.runware_limit_max_wait_s + 1.0,
+        ]
+        wait, granted = self._tick(keys=[], args=args)
+        return float(wait), int(granted)
 
     def _give_back(self, permit: Permit) -> None:
         if not permit.needs_release and permit.outcome != "throttled":
             return
         settings = self.settings
-        keys = [self.keys[k] for k in ("leases", "cooldown", "strikes", "wake", "waiting")]
+        keys = [self.keys[k] for k in ("leases", "cooldown", "strikes", "wake")]
         args: list[str | int | float] = [
             permit.lease,
             permit.outcome,
@@ -248,8 +250,54 @@ class Limiter:
         if mapping:
             self.redis.hset(self.keys["overrides"], mapping=mapping)  # type: ignore[arg-type]
 
+    def set_account(
+        self,
+        account: str,
+        rate: str | float | None = None,
+        weight: int | None = None,
+        reset: bool = False,
+    ) -> None:
+        """Per-account overrides, in force at once everywhere: its rate (N, N/s ...; 0 for no
+        limit of its own) and its weight in the fair share (an integer >= 1)."""
+        key = f"{self.prefix}:acct:{account}"
+        if reset:
+            self.redis.delete(key)
+        mapping: dict[str | bytes, str | bytes] = {}
+        if rate is not None:
+            mapping["rate"] = repr(parse_rate(rate) or 0.0)
+        if weight is not None:
+            if int(weight) < 1:
+                raise ValueError("weight must be an integer >= 1")
+            mapping["weight"] = str(int(weight))
+        if mapping:
+            self.redis.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            self.redis.sadd(f"{self.prefix}:accounts", account)
+
+    def accounts(self) -> dict[str, dict[str, Any]]:
+        """Every account with an override or waiting work: its rate, weight and queue depth."""
+        names = {
+            (n.decode() if isinstance(n, bytes) else str(n))
+            for key in ("accounts", "active:i", "active:b")
+            for n in self.redis.smembers(f"{self.prefix}:{key}")
+        }
+        default_rate = self.settings.runware_account_rate_limit
+        result: dict[str, dict[str, Any]] = {}
+        for name in sorted(names):
+            raw = self.redis.hgetall(f"{self.prefix}:acct:{name}")
+            conf = {_text(k): _text(v) for k, v in raw.items()}
+            rate = float(conf["rate"]) if "rate" in conf else default_rate
+            result[name] = {
+                "rate": rate if rate else None,
+                "weight": int(conf.get("weight", 1)),
+                "waiting": {
+                    priority: int(self.redis.llen(f"{self.prefix}:q:{klass}:{name}"))
+                    for priority, klass in PRIORITIES.items()
+                },
+            }
+        return result
+
     def state(self) -> dict[str, Any]:
-        """The configured and overridden limits, and what is in flight now."""
+        """The configured and overridden limits, what is in flight now, and the accounts."""
         settings = self.settings
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys["overrides"])
@@ -266,11 +314,68 @@ class Limiter:
                 "rate": settings.runware_rate_limit,
                 "burst": settings.runware_rate_burst,
                 "max_in_flight": settings.runware_max_in_flight,
+                "account_rate": settings.runware_account_rate_limit,
             },
             "overrides": overrides,
             "in_flight": int(in_flight),
             "cooldown_s": max(0.0, float(cooldown) - now) if cooldown else 0.0,
+            "accounts": self.accounts(),
         }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Dispatcher(threading.Thread):
+    """A candidate for the fleet's one dispatcher: it takes the role when the lock in Redis is
+    free (the active one died or stopped), then hands out slots to waiting tickets as the
+    limits allow, sleeping until the next slot or until a new ticket or a release wakes it."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        super().__init__(name="limit-dispatcher", daemon=True)
+        self.limiter = limiter
+        self.id = uuid.uuid4().hex
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        limiter, holding = self.limiter, False
+        client = limiter.redis
+        while not self._stopped.is_set():
+            try:
+                if not holding:
+                    holding = bool(
+                        client.set(
+                            limiter.keys["dispatcher"], self.id, nx=True, px=DISPATCHER_LOCK_MS
+                        )
+                    )
+                    if not holding:
+                        self._stopped.wait(random.uniform(0.3, 0.7))
+                        continue
+                wait, _ = limiter.tick(self.id)
+                if wait == -3:
+                    holding = False
+                    continue
+                if wait == 0:
+                    continue
+                if 0 < wait <= 0.25:
+                    # The next slot is near: sleep here. Redis checks a blocked command's
+                    # timeout only every 1/hz s (100 ms by default), far too coarse for this.
+                    self._stopped.wait(wait)
+                    continue
+                # Nobody waits, the cap is full, or the next slot is far: block until a ticket
+                # or a release wakes us (or a second, to renew the role).
+                timeout = 1.0 if wait < 0 else min(wait, 1.0)
+                client.blpop([limiter.keys["wake"]], timeout=timeout)
+            except (redis.RedisError, ValueError, OSError) as exc:
+                if self._stopped.is_set():
+                    return
+                logger.warning("The limit dispatcher lost Redis (%s); retrying.", exc)
+                holding = False
+                self._stopped.wait(0.5)
 
 
 # --- one limiter per process ------------------------------------------------------------------

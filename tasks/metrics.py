@@ -27,7 +27,8 @@ RUNWARE_IN_FLIGHT = Gauge(
 )
 LIMIT_WAIT = Histogram(
     "enhance_rate_limit_wait_seconds",
-    "Time a call waited for the fleet-wide rate limit and in-flight cap before it went.",
+    "Time a call waited for the fleet's limits and its fair share, by account and priority.",
+    ["account", "priority"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
 )
 SPENT = Counter(

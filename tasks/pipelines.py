@@ -32,8 +32,11 @@ def _request(
     versions: int,
     task_uuid: str | None = None,
     account: str | None = None,
+    priority: str | None = None,
 ) -> EnhanceRequest:
     arguments: dict[str, object] = {"prompt": prompt, "promptVersions": versions}
+    if priority is not None:
+        arguments["priority"] = priority
     if max_length is not None:
         arguments["promptMaxLength"] = max_length
     if task_uuid is not None:
@@ -49,14 +52,18 @@ def enhance(
     versions: int = 1,
     task_uuid: str | None = None,
     account: str | None = None,
+    priority: str = "interactive",
 ) -> AsyncResult:  # type: ignore[type-arg]
     """Validate and enqueue one `tasks.enhance_prompt` job; return its AsyncResult.
+
+    `account` is the fairness key and cost label; `priority` is "interactive" (default: goes
+    ahead of batch work) or "batch".
 
     Raises `tasks.errors.ValidationError` naming the field and its limit before anything is
     enqueued. `.get()` on the result returns `{"taskType", "taskUUID", "prompt", "text",
     "texts", "cost", "totalCost"}`.
     """
-    request = _request(prompt, max_length, versions, task_uuid, account)
+    request = _request(prompt, max_length, versions, task_uuid, account, priority)
     return enhance_prompt.apply_async(kwargs=request.task_kwargs())
 
 
@@ -65,8 +72,10 @@ def enhance_batch(
     versions: int = 1,
     max_length: int | None = None,
     account: str | None = None,
+    priority: str = "batch",
 ) -> AsyncResult:  # type: ignore[type-arg]
     """Validate every prompt, then enqueue one job per prompt as a chord; return its AsyncResult.
+    Its jobs have `priority` "batch" unless told otherwise.
 
     Its value is `{"results": [one per prompt, in input order], "count": n, "failed": k,
     "cost": <sum, USD>}`; a prompt that failed appears as `{"prompt": ..., "error": ...}`.
@@ -82,7 +91,9 @@ def enhance_batch(
     requests: list[EnhanceRequest] = []
     for index, prompt in enumerate(prompts):
         try:
-            requests.append(_request(prompt, max_length, versions, account=account))
+            requests.append(
+                _request(prompt, max_length, versions, account=account, priority=priority)
+            )
         except ValidationError as exc:
             problems.append(f"prompts[{index}]: {str(exc).split(': ', 1)[1]}")
     if problems:
@@ -113,7 +124,7 @@ GENERATORS: dict[str, Task] = {"image": generate_image, "video": generate_video}
 
 def _enhance_then(kind: str, prompt: str, versions: int, options: dict[str, Any]) -> AsyncResult:  # type: ignore[type-arg]
     account = options.get("account")
-    request = _request(prompt, None, versions, account=account)
+    request = _request(prompt, None, versions, account=account, priority=options.get("priority"))
     model = ImageRequest if kind == "image" else VideoRequest
     # Check the generation arguments now, with a stand-in prompt, so nothing is enqueued for a
     # bad one; the real prompt is the enhanced text.

@@ -59,11 +59,11 @@ class TaskOutcome:
         return total
 
 
-Gate = Callable[[str], AbstractContextManager[Permit]]
+Gate = Callable[[str, str, str], AbstractContextManager[Permit]]
 
 
 @contextlib.contextmanager
-def _open_gate(task_type: str) -> Iterator[Permit]:
+def _open_gate(task_type: str, account: str, priority: str) -> Iterator[Permit]:
     """No limits: every call may go at once (used where no limiter is wired in)."""
     yield Permit(lease="", waited_s=0.0)
 
@@ -128,13 +128,19 @@ class RunwareClient:
         return text
 
     # --- calls ---------------------------------------------------------------------------------
-    def run(self, task: dict[str, Any]) -> TaskOutcome:
-        """Send one task object and return its items (sync delivery) or its acknowledgement."""
-        return self._post(task, task_uuid=str(task["taskUUID"]))
+    def run(
+        self, task: dict[str, Any], account: str = "default", priority: str = "interactive"
+    ) -> TaskOutcome:
+        """Send one task object and return its items (sync delivery) or its acknowledgement.
+        `account` and `priority` decide its place in the fleet's fair share of calls."""
+        return self._post(task, str(task["taskUUID"]), account, priority)
 
-    def get_response(self, task_uuid: str) -> tuple[bool, TaskOutcome]:
+    def get_response(
+        self, task_uuid: str, account: str = "default", priority: str = "interactive"
+    ) -> tuple[bool, TaskOutcome]:
         """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
-        outcome = self._post({"taskType": "getResponse", "taskUUID": task_uuid}, task_uuid)
+        poll = {"taskType": "getResponse", "taskUUID": task_uuid}
+        outcome = self._post(poll, task_uuid, account, priority)
         finished: list[dict[str, Any]] = []
         for item in outcome.items:
             status = str(item.get("status", "success")).lower()
@@ -147,14 +153,15 @@ class RunwareClient:
         return bool(finished), TaskOutcome(task_uuid, finished)
 
     # --- wire ----------------------------------------------------------------------------------
-    def _post(self, task: dict[str, Any], task_uuid: str) -> TaskOutcome:
+    def _post(
+        self, task: dict[str, Any], task_uuid: str, account: str, priority: str
+    ) -> TaskOutcome:
         if self._key is None:
             raise AuthenticationError(
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
             )
         kind = str(task.get("taskType", "?"))
-        with self._gate(kind) as permit:
-            metrics.LIMIT_WAIT.observe(permit.waited_s)
+        with self._gate(kind, account, priority) as permit:
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:

@@ -42,6 +42,7 @@ def _check_http_url(value: str) -> str:
 AccountStr = Annotated[
     StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
 ]
+PriorityStr = Literal["interactive", "batch"]
 UUID4Str = Annotated[StrictStr, pydantic.AfterValidator(_check_uuid4)]
 HttpURLStr = Annotated[StrictStr, Field(max_length=2048), pydantic.AfterValidator(_check_http_url)]
 
@@ -57,8 +58,10 @@ class EnhanceRequest(BaseModel):
     taskUUID: UUID4Str | None = None
     deliveryMethod: Literal["sync", "async"] = "sync"
     webhookURL: HttpURLStr | None = None
-    # Ours, not Runware's: who the cost is attributed to. Never sent to Runware.
+    # Ours, not Runware's (never sent): who the cost is attributed to and whose fair share of
+    # the fleet's calls this job uses, and whether it goes ahead of batch work.
     account: AccountStr = "default"
+    priority: PriorityStr = "interactive"
 
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments to enqueue: only the fields that were set."""
@@ -163,9 +166,10 @@ class _Generation(BaseModel):
     taskUUID: UUID4Str | None = None
     webhookURL: HttpURLStr | None = None
     account: AccountStr = "default"
+    priority: PriorityStr = "interactive"
 
     def _common(self, task_type: str, task_uuid: str) -> dict[str, Any]:
-        body = self.model_dump(exclude_none=True, exclude={"account", "taskUUID"})
+        body = self.model_dump(exclude_none=True, exclude={"account", "priority", "taskUUID"})
         return {"taskType": task_type, "taskUUID": task_uuid, **body, "includeCost": True}
 
 

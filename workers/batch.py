@@ -67,6 +67,7 @@ def read_prompts(path: Path, versions: int, max_length: int | None) -> list[dict
             arguments = {"prompt": line.strip()}
         if isinstance(arguments, dict):
             arguments.setdefault("promptVersions", versions)
+            arguments.setdefault("priority", "batch")
             if max_length is not None:
                 arguments.setdefault("promptMaxLength", max_length)
         try:

@@ -60,6 +60,12 @@ def _cmd_limits(args: argparse.Namespace) -> int:
     from tasks.limiter import get_limiter
 
     limiter = get_limiter()
+    if args.action == "set":
+        try:
+            limiter.set_account(args.account, rate=args.rate, weight=args.weight, reset=args.reset)
+        except ValueError as exc:
+            print(f"enhance-worker: {exc}", file=sys.stderr)
+            return 2
     if args.action == "global":
         changes: dict[str, object] = {}
         if args.reset:
@@ -86,6 +92,10 @@ def _cmd_limits(args: argparse.Namespace) -> int:
             print(f"{name:>14}: {value if value not in (None, 0, 0.0) else 'none'} ({source})")
         print(f"{'in flight':>14}: {state['in_flight']}")
         print(f"{'cool-down':>14}: {state['cooldown_s']:.2f}s")
+        for name, account in state["accounts"].items():
+            rate = account["rate"] or "fleet"
+            waiting = ", ".join(f"{k} {v}" for k, v in account["waiting"].items())
+            print(f"  account {name}: rate {rate}, weight {account['weight']}, waiting {waiting}")
     return 0
 
 
@@ -235,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     glob.add_argument("--max-in-flight", type=int, help="0 for no cap")
     glob.add_argument("--reset", action="store_true", help="remove the overrides first")
     glob.add_argument("--json", action="store_true")
+    per_account = limits_sub.add_parser(
+        "set", help="an account's own rate and its weight in the fair share, at run time"
+    )
+    per_account.add_argument("account")
+    per_account.add_argument("--rate", help="N, N/s, N/m or N/h; 0 for none of its own")
+    per_account.add_argument("--weight", type=int, help="its share when the limit binds, >= 1")
+    per_account.add_argument("--reset", action="store_true", help="remove its overrides first")
+    per_account.add_argument("--json", action="store_true")
     limits.set_defaults(func=_cmd_limits)
     return parser
 

@@ -44,6 +44,11 @@ class RedisStateCollector(Collector):
         dead = GaugeMetricFamily(
             "enhance_dead_letter_jobs", "Jobs in the dead-letter list (enhance-worker failed)."
         )
+        waiting = GaugeMetricFamily(
+            "enhance_account_waiting_calls",
+            "Calls waiting for their fair share, by account and priority.",
+            labels=["account", "priority"],
+        )
         try:
             pipe = self.broker.pipeline(transaction=False)
             for queue in self.queues:
@@ -60,12 +65,19 @@ class RedisStateCollector(Collector):
             leases, dead_count = state.execute()
             in_flight.add_metric([], leases)
             dead.add_metric([], dead_count)
+            for cls, priority in (("i", "interactive"), ("b", "batch")):
+                base = f"{self.prefix}:limit:global"
+                for raw in self.state.smembers(f"{base}:active:{cls}"):
+                    account = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    depth_now = self.state.llen(f"{base}:q:{cls}:{account}")
+                    waiting.add_metric([account, priority], depth_now)
         except redis.RedisError as exc:
             logger.warning("Could not read queue and fleet gauges from Redis: %s", exc)
             return
         yield depth
         yield in_flight
         yield dead
+        yield waiting
 
 
 def serve(settings: Settings, queues: Iterable[str]) -> None:

@@ -1,8 +1,10 @@
-"""The limiter's Lua decisions against a real Redis (no worker): exact slots, leases, cool-down."""
+"""The limiter's scripts and dispatcher against a real Redis (no worker): exact spacing, leases,
+cool-down, fair share by weight and priority."""
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,81 +22,99 @@ _namespaces = itertools.count()
 
 @pytest.fixture
 def make(redis_server: RedisServer) -> Iterator[Any]:
-    clients: list[redis.Redis] = []
+    made: list[Limiter] = []
 
     def build(**settings: Any) -> Limiter:
         client = redis.Redis.from_url(redis_server.url(60))
-        clients.append(client)
         values = {"runware_limit_max_wait_s": 5.0, **settings}
-        return Limiter(
+        limiter = Limiter(
             client, load_settings(_env_file=None, **values), namespace=f"t{next(_namespaces)}"
         )
+        made.append(limiter)
+        return limiter
 
     yield build
-    for client in clients:
-        client.close()
+    for limiter in made:
+        limiter.stop_dispatcher()
+        limiter.redis.close()
 
 
-def _grant(limiter: Limiter) -> tuple[bool, float]:
-    granted, wait, _ = limiter._try_acquire(f"lease-{time.monotonic_ns()}")
-    return granted, wait
+def _grant_times(
+    limiter: Limiter, callers: list[tuple[str, str]], stagger: float = 0.0
+) -> list[tuple[float, str]]:
+    """Each (account, priority) asks for a slot in its own thread; (grant time, account)."""
+    granted: list[tuple[float, str]] = []
+    lock = threading.Lock()
+
+    def ask(account: str, priority: str) -> None:
+        permit = limiter._wait_for_grant(account, priority)
+        with lock:
+            granted.append((time.monotonic(), account))
+        limiter._give_back(permit)
+
+    threads = [threading.Thread(target=ask, args=c) for c in callers]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger)
+    for thread in threads:
+        thread.join(30)
+    return sorted(granted)
 
 
-def test_slots_are_spaced_evenly_first_come_first_served(make: Any) -> None:
+def test_an_idle_fleet_grants_at_once(make: Any) -> None:
     limiter = make(runware_rate_limit="10/s")
-    waits = [_grant(limiter)[1] for _ in range(6)]
-    for index, wait in enumerate(waits):
-        assert wait == pytest.approx(index * 0.1, abs=0.02)
+    started = time.monotonic()
+    permit = limiter._wait_for_grant()
+    assert time.monotonic() - started < 0.05
+    assert permit.needs_release is False  # no cap and no strikes: nothing to give back
+
+
+def test_waiters_are_spaced_evenly(make: Any) -> None:
+    limiter = make(runware_rate_limit="10/s")
+    times = [t for t, _ in _grant_times(limiter, [("a", "batch")] * 8)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap == pytest.approx(0.1, abs=0.03) for gap in gaps), gaps
 
 
 def test_burst_lets_that_many_go_at_once(make: Any) -> None:
-    limiter = make(runware_rate_limit=10, runware_rate_burst=3)
-    waits = [_grant(limiter)[1] for _ in range(5)]
-    assert waits[:3] == pytest.approx([0, 0, 0], abs=0.02)
-    assert waits[3] == pytest.approx(0.1, abs=0.02)
-    assert waits[4] == pytest.approx(0.2, abs=0.02)
-
-
-def test_a_slot_beyond_the_wait_bound_is_not_reserved(make: Any) -> None:
-    limiter = make(runware_rate_limit=1, runware_limit_max_wait_s=2.5)
-    granted = [_grant(limiter) for _ in range(5)]
-    assert [g for g, _ in granted] == [True, True, True, False, False]
-    # The refused ones did not take a slot: both see the same next slot, 3 s away.
-    assert granted[3][1] == pytest.approx(3.0, abs=0.05)
-    assert granted[4][1] == pytest.approx(3.0, abs=0.05)
+    limiter = make(runware_rate_limit=5, runware_rate_burst=3)
+    times = [t for t, _ in _grant_times(limiter, [("a", "batch")] * 5)]
+    assert times[2] - times[0] < 0.05
+    assert times[3] - times[2] == pytest.approx(0.2, abs=0.05)
 
 
 def test_in_flight_cap_and_release(make: Any) -> None:
-    limiter = make(runware_max_in_flight=2)
+    limiter = make(runware_max_in_flight=2, runware_limit_max_wait_s=0.5)
     first = limiter._wait_for_grant()
     second = limiter._wait_for_grant()
-    assert _grant(limiter) == (False, -1.0)
+    assert limiter.state()["in_flight"] == 2
+    with pytest.raises(LimiterBusy, match=r"within 0\.5s"):
+        limiter._wait_for_grant()
     limiter._give_back(first)
     third = limiter._wait_for_grant()
-    assert limiter.state()["in_flight"] == 2
     for permit in (second, third):
         limiter._give_back(permit)
     assert limiter.state()["in_flight"] == 0
+    assert limiter.accounts() == {}  # the cancelled ticket left no trace
 
 
-def test_a_waiter_is_woken_by_a_release_and_a_full_cap_reschedules(make: Any) -> None:
-    limiter = make(runware_max_in_flight=1, runware_limit_max_wait_s=0.6)
+def test_a_release_wakes_a_waiter(make: Any) -> None:
+    limiter = make(runware_max_in_flight=1)
     held = limiter._wait_for_grant()
-    with pytest.raises(LimiterBusy) as busy:
-        limiter._wait_for_grant()
-    assert busy.value.countdown > 0
-    limiter._give_back(held)
+    threading.Timer(0.3, limiter._give_back, args=[held]).start()
+    started = time.monotonic()
     with limiter.slot() as permit:
         assert isinstance(permit, Permit)
+    assert 0.25 < time.monotonic() - started < 1.0
 
 
 def test_leases_of_a_dead_holder_expire(make: Any) -> None:
     limiter = make(runware_max_in_flight=2, runware_lease_s=0.3)
     limiter._wait_for_grant()
     limiter._wait_for_grant()  # never released: the holder "died"
-    assert _grant(limiter) == (False, -1.0)
-    time.sleep(0.35)
-    assert _grant(limiter)[0] is True
+    started = time.monotonic()
+    limiter._give_back(limiter._wait_for_grant())
+    assert 0.2 < time.monotonic() - started < 1.5
 
 
 def test_throttling_pauses_everyone_and_success_clears_the_strikes(make: Any) -> None:
@@ -102,11 +122,14 @@ def test_throttling_pauses_everyone_and_success_clears_the_strikes(make: Any) ->
     permit = limiter._wait_for_grant()
     permit.outcome = "throttled"
     limiter._give_back(permit)
-    assert _grant(limiter)[1] == pytest.approx(0.4, abs=0.05)
-    permit = limiter._wait_for_grant()  # waits out the pause, then is throttled again
+    assert limiter.state()["cooldown_s"] == pytest.approx(0.4, abs=0.05)
+    started = time.monotonic()
+    permit = limiter._wait_for_grant()  # waits out the pause
+    assert time.monotonic() - started == pytest.approx(0.4, abs=0.1)
+    assert permit.needs_release is True  # a strike is waiting to be cleared
     permit.outcome = "throttled"
     limiter._give_back(permit)
-    assert _grant(limiter)[1] == pytest.approx(0.8, abs=0.05)  # doubled
+    assert limiter.state()["cooldown_s"] == pytest.approx(0.8, abs=0.05)  # doubled
     time.sleep(0.85)
     permit = limiter._wait_for_grant()
     permit.outcome = "ok"
@@ -124,13 +147,46 @@ def test_retry_after_lengthens_the_pause(make: Any) -> None:
 
 def test_run_time_overrides_win_over_settings_and_can_be_removed(make: Any) -> None:
     limiter = make(runware_rate_limit=1000)
-    limiter.set_overrides(rate="2/s")
-    waits = [_grant(limiter)[1] for _ in range(3)]
-    assert waits == pytest.approx([0.0, 0.5, 1.0], abs=0.02)
+    limiter.set_overrides(rate="5/s")
+    times = [t for t, _ in _grant_times(limiter, [("a", "batch")] * 3)]
+    assert times[2] - times[0] == pytest.approx(0.4, abs=0.08)
     limiter.set_overrides(rate=None, max_in_flight=1)
     assert limiter.state()["overrides"] == {"max_in_flight": 1.0}
     with pytest.raises(ValueError, match="unknown limit"):
         limiter.set_overrides(speed=3)
+
+
+def test_weights_share_the_slots(make: Any) -> None:
+    limiter = make(runware_rate_limit="40/s")
+    limiter.set_account("a", weight=3)
+    limiter.set_account("b", weight=1)
+    blocker = limiter._wait_for_grant()  # keep the fleet busy so that everyone queues
+    granted = _grant_times(limiter, [("a", "batch")] * 24 + [("b", "batch")] * 24, 0.002)
+    limiter._give_back(blocker)
+    first_32 = [account for _, account in granted[:32]]
+    assert first_32.count("a") == 24
+    assert first_32.count("b") == 8
+    assert limiter.accounts()["a"]["weight"] == 3
+
+
+def test_interactive_goes_first_but_batch_is_not_starved(make: Any) -> None:
+    limiter = make(runware_rate_limit="50/s")
+    callers = [("bulk", "batch")] * 15 + [("user", "interactive")] * 30
+    order = [account for _, account in _grant_times(limiter, callers, 0.002)]
+    # Interactive work overtakes the batch backlog, but at least 1 slot in 10 stays batch.
+    first_20 = order[1:21]
+    assert first_20.count("user") >= 16
+    assert first_20.count("bulk") >= 2
+
+
+def test_an_account_rate_of_its_own(make: Any) -> None:
+    limiter = make(runware_rate_limit="100/s")
+    limiter.set_account("slow", rate="5/s")
+    granted = _grant_times(limiter, [("slow", "batch")] * 4 + [("fast", "batch")] * 10, 0.002)
+    slow = [t for t, a in granted if a == "slow"]
+    assert slow[-1] - slow[0] >= 0.55  # 4 calls at 5/s take at least 0.6 s
+    fast = [t for t, a in granted if a == "fast"]
+    assert fast[-1] - fast[0] < 0.4  # and do not hold back the others
 
 
 def test_an_unreachable_redis_grants_nothing(make: Any) -> None:

@@ -125,7 +125,11 @@ def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> Non
     latency = ("enhance_runware_call_duration_seconds_count", (("task_type", "promptEnhance"),))
     assert m[latency] == 6
     assert m[("enhance_runware_call_duration_seconds_sum", latency[1])] >= 6 * 0.05
-    assert m[("enhance_rate_limit_wait_seconds_count", ())] == 6
+    wait = (
+        "enhance_rate_limit_wait_seconds_count",
+        (("account", "ops"), ("priority", "interactive")),
+    )
+    assert m[wait] == 6
     jobs = "enhance_jobs_total"
     assert m[(jobs, (("outcome", "success"), ("task", "tasks.enhance_prompt")))] == 4
     assert m[(jobs, (("outcome", "failure"), ("task", "tasks.enhance_prompt")))] == 1
