@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "empty or 0 for no cap",
     )
     runware_limit_max_wait_s: PositiveFloat = Field(
-        default=5.0,
+        default=30.0,
         description="longest a task waits in its worker for a call slot before it is "
         "re-scheduled with a countdown, > 0",
     )

@@ -207,13 +207,16 @@ return {tostring(answer or 0), granted}
 """
 )
 
-# KEYS none; ARGV: 1 prefix, 2 account, 3 class, 4 ticket. Returns {1, 0} when the ticket was
-# taken back, {0, needs_release} when it had been granted meanwhile (the caller goes ahead).
+# KEYS none; ARGV: 1 prefix, 2 account, 3 class, 4 ticket. Returns {1, position} when the
+# ticket was taken back (position: how many of its account's tickets were ahead of it), or
+# {0, needs_release} when it had been granted meanwhile (the caller goes ahead).
 CANCEL = """
 local P, acct, class, ticket = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local removed = redis.call('LREM', P .. ':q:' .. class .. ':' .. acct, 1, ticket)
+local q = P .. ':q:' .. class .. ':' .. acct
+local position = redis.call('LPOS', q, ticket)
+local removed = redis.call('LREM', q, 1, ticket)
 redis.call('HDEL', P .. ':tickets', ticket)
-if removed == 1 then return {1, 0} end
+if removed == 1 then return {1, position or 0} end
 local granted = redis.call('LPOP', P .. ':grant:' .. ticket)
 if granted then return {0, tonumber(granted)} end
 return {1, 0}

@@ -162,14 +162,19 @@ class Limiter:
                 return Permit(
                     ticket, time.monotonic() - started, needs_release=bool(int(answer[1]))
                 )
-        cancelled, needs = hold_through_outage(
+        cancelled, value = hold_through_outage(
             lambda: self._cancel(keys=[], args=[self.prefix, account, klass, ticket]),
             "limiter",
             self.outage_s,
         )
         if not int(cancelled):  # granted just as we gave up: go ahead
-            return Permit(ticket, time.monotonic() - started, needs_release=bool(int(needs)))
-        countdown = random.uniform(0.5, 1.0) * settings.runware_limit_max_wait_s
+            return Permit(ticket, time.monotonic() - started, needs_release=bool(int(value)))
+        # Come back about when this job's turn would have come, so that the queue stays fed
+        # and no slot goes unused while the re-scheduled jobs are away.
+        rate = settings.runware_rate_limit or 0.0
+        ahead = int(value)
+        countdown = 0.8 * ahead / rate if rate > 0 else 0.0
+        countdown = max(countdown, random.uniform(0.2, 0.5) * settings.runware_limit_max_wait_s)
         raise LimiterBusy(
             f"no call slot for account {account!r} ({priority}) within "
             f"{settings.runware_limit_max_wait_s:g}s",
@@ -191,7 +196,7 @@ class Limiter:
             self._dispatcher.stop()
             self._dispatcher.join(timeout=3.0)
 
-    def tick(self, dispatcher_id: str) -> tuple[float, int]:
+    def tick(self, dispatcher_id: str, client: redis.Redis | None = None) -> tuple[float, int]:
         """Grant what the limits allow now; (seconds to the next possible grant, or -1 nobody
         waits, -2 cap full, -3 not the dispatcher; how many were granted)."""
         args = [
@@ -201,7 +206,7 @@ class Limiter:
             50,
             self.settings.runware_limit_max_wait_s + 1.0,
         ]
-        wait, granted = self._tick(keys=[], args=args)
+        wait, granted = self._tick(keys=[], args=args, client=client)
         return float(wait), int(granted)
 
     def _give_back(self, permit: Permit) -> None:
@@ -343,7 +348,10 @@ class Dispatcher(threading.Thread):
 
     def run(self) -> None:
         limiter, holding = self.limiter, False
-        client = limiter.redis
+        # A connection of its own: the shared pool may be full of threads blocked on grants.
+        client = redis.Redis(
+            connection_pool=redis.ConnectionPool(**limiter.redis.connection_pool.connection_kwargs)
+        )
         while not self._stopped.is_set():
             try:
                 if not holding:
@@ -355,7 +363,7 @@ class Dispatcher(threading.Thread):
                     if not holding:
                         self._stopped.wait(random.uniform(0.3, 0.7))
                         continue
-                wait, _ = limiter.tick(self.id)
+                wait, _ = limiter.tick(self.id, client)
                 if wait == -3:
                     holding = False
                     continue

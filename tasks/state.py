@@ -24,12 +24,17 @@ OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingErr
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A client for LIMITER_REDIS_URL (default REDIS_URL), with timeouts on every command."""
+    """A client for LIMITER_REDIS_URL (default REDIS_URL), with timeouts on every command.
+
+    Its pool has room for every worker thread to block on its grant at once (BLPOP holds a
+    connection), plus the rest.
+    """
     return redis.Redis.from_url(
         settings.limiter_url,
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         health_check_interval=30,
+        max_connections=2 * settings.worker_concurrency + 50,
     )
 
 

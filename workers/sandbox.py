@@ -93,6 +93,7 @@ class SandboxState:
             self.throttled_at: list[float] = []  # when each 429/503 answer was sent
             self.auth_failures = 0
             self.bodies: dict[str, dict[str, Any]] = {}  # taskUUID -> the last task object sent
+            self.accepted_log: list[tuple[float, str]] = []  # (time, prompt) per accepted task
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -108,6 +109,7 @@ class SandboxState:
                 "call_times": list(self.call_times),
                 "throttled_at": list(self.throttled_at),
                 "auth_failures": self.auth_failures,
+                "accepted_log": list(self.accepted_log),
             }
 
     def next_fault(self) -> str | None:
@@ -323,6 +325,8 @@ class _Handler(BaseHTTPRequestHandler):
             ready_at = time.monotonic() + latency + accepted.ready_in_s
             state.tasks[task_uuid] = _Stored(kind, accepted.items, ready_at)
             state.accepted[task_uuid] = state.accepted.get(task_uuid, 0) + 1
+            label = task.get("prompt") or task.get("positivePrompt") or ""
+            state.accepted_log.append((time.time(), str(label)[:60]))
             state.billed_micro += accepted.billed_micro
         if accepted.is_async:
             data.append({"taskType": kind, "taskUUID": task_uuid})

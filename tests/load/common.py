@@ -25,7 +25,6 @@ def fleet(
         "RUNWARE_API_URL": sandbox.url,
         "RUNWARE_API_KEY": KEY,
         "LOG_LEVEL": "WARNING",
-        "RUNWARE_LIMIT_MAX_WAIT_S": "5",
     }
     workers = [
         WorkerProcess({**base, **env, "LOG_LEVEL": "INFO"}, name=f"bench{n}", app=app)
