@@ -1,0 +1,71 @@
+"""Fair share and priority with real workers, at small scale, counted by the sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from tests.conftest import StartWorker
+from workers.sandbox import Sandbox
+
+
+def _send(worker: object, account: str, count: int, priority: str) -> list[object]:
+    return [
+        worker.app.send_task(  # type: ignore[attr-defined]
+            "tasks.enhance_prompt",
+            kwargs={"prompt": f"{account} job {n}", "account": account, "priority": priority},
+        )
+        for n in range(count)
+    ]
+
+
+def test_a_late_account_is_not_stuck_behind_a_backlog(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    worker = start_worker("fair", RUNWARE_RATE_LIMIT="10/s", WORKER_CONCURRENCY="60")
+    backlog = _send(worker, "A", 40, "batch")
+    time.sleep(1.0)
+    late = _send(worker, "B", 6, "batch")
+    for result in late:
+        result.get(timeout=60)  # type: ignore[attr-defined]
+    log = [p for _, p in sorted(sandbox.state.accepted_log)]
+    last_b = max(i for i, p in enumerate(log) if p.startswith("B "))
+    # B's 6 jobs were served alternately with A's, not after A's 40.
+    assert last_b < 6 * 2 + 12
+    for result in backlog:
+        result.get(timeout=60)  # type: ignore[attr-defined]
+    assert len(sandbox.state.accepted) == 46
+
+
+def test_weights_and_priority_order_the_calls(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    worker = start_worker("weights", RUNWARE_RATE_LIMIT="10/s", WORKER_CONCURRENCY="80")
+    env = {**os.environ, "REDIS_URL": worker.redis_url}
+    subprocess.run(
+        [sys.executable, "-m", "workers.cli", "limits", "set", "A", "--weight", "3"],
+        env=env,
+        check=True,
+        timeout=30,
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "limits", "show", "--json"],
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert '"A": {"rate": null, "weight": 3' in shown
+    jobs = _send(worker, "A", 24, "batch") + _send(worker, "B", 24, "batch")
+    time.sleep(1.5)
+    urgent = _send(worker, "C", 1, "interactive")[0]
+    sent = time.monotonic()
+    urgent.get(timeout=30)  # type: ignore[attr-defined]
+    assert time.monotonic() - sent < 1.0  # ahead of 40-odd queued batch calls at 10/s
+    for result in jobs:
+        result.get(timeout=60)  # type: ignore[attr-defined]
+    log = [p[0] for _, p in sorted(sandbox.state.accepted_log)]
+    both = log[: 2 + 24]  # while both A and B were waiting
+    a, b = both.count("A"), both.count("B")
+    assert 2.2 <= a / b <= 4.0, (a, b, "".join(log))
