@@ -29,6 +29,9 @@ def configure(app: Celery, settings: Settings) -> None:
             # visibility timeout. One sweep is one ZRANGE on a small index.
             "unacked_restore_interval": max(1, min(10, settings.celery_visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
+            # The sweep holds a lock in Redis; if a worker is killed while holding it, no other
+            # worker may sweep until it expires (kombu's default: 300 s).
+            "unacked_mutex_expire": max(5, min(300, settings.celery_visibility_timeout_s // 2)),
         },
         result_backend_transport_options={
             "visibility_timeout": settings.celery_visibility_timeout_s

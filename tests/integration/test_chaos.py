@@ -28,9 +28,13 @@ def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox
     doomed = start_worker("chaos-kill", **settings)
     pending = [doomed.send(prompt=f"kill {n}") for n in range(30)]
     deadline = time.monotonic() + 20
-    while sandbox.state.in_flight < 20:
+    while sandbox.state.in_flight < 24:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    # Kill once the worker holds its full prefetch. A kill in the instant between kombu's BRPOP
+    # and its write to the unacked set loses that one message (celery/kombu#305): a limit of
+    # the Redis transport that the README states, not something this test should race.
+    time.sleep(0.3)
     doomed.process.kill()  # SIGKILL to the worker's whole process group
     start_worker("chaos-heir", same_db_as=doomed, **settings)
     results = [p.get(timeout=120) for p in pending]
