@@ -95,12 +95,12 @@ def lease_recovery() -> dict[str, float]:
         from config.settings import load_settings
         from tasks.limiter import Limiter
 
-        Limiter(client, load_settings(_env_file=None, runware_max_in_flight=4))
-        while True:
-            granted = True
-            if granted:
-                break
-            time.sleep(0.05)
+        limiter = Limiter(
+            client, load_settings(_env_file=None, runware_max_in_flight=4, runware_lease_s=lease)
+        )
+        # Blocks until the dispatcher can grant a slot: once the dead worker's leases expired.
+        limiter._give_back(limiter._wait_for_grant())
+        limiter.stop_dispatcher()
         recovered = time.monotonic() - killed
         producer.close()
         client.close()
