@@ -20,8 +20,27 @@ from tasks.schemas import (
     upstream_prompt,
 )
 
-IMAGE_FIELDS = ("imageUUID", "imageURL", "imageBase64Data", "imageDataURI", "seed", "NSFWContent")
-VIDEO_FIELDS = ("videoUUID", "videoURL", "seed")
+IMAGE_FIELDS: tuple[str, ...] = (
+    "imageUUID",
+    "imageURL",
+    "imageBase64Data",
+    "imageDataURI",
+    "seed",
+    "NSFWContent",
+)
+VIDEO_FIELDS: tuple[str, ...] = ("videoUUID", "videoURL", "seed")
+
+
+def parse_image(arguments: dict[str, Any]) -> ImageRequest:
+    request = parse_generation(ImageRequest, arguments, "generate_image")
+    assert isinstance(request, ImageRequest)
+    return request
+
+
+def parse_video(arguments: dict[str, Any]) -> VideoRequest:
+    request = parse_generation(VideoRequest, arguments, "generate_video")
+    assert isinstance(request, VideoRequest)
+    return request
 
 
 def _generation_arguments(
@@ -45,6 +64,54 @@ def _total(cost: float, upstream_cost: float) -> float:
     return (to_micro(cost) + to_micro(upstream_cost)) / MICRO
 
 
+def _generate(
+    task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str
+) -> dict[str, Any]:
+    """The body shared by generate_image and generate_video: validate, call, build the result."""
+
+    def work() -> dict[str, Any]:
+        arguments, upstream_cost = _generation_arguments(task, args, kwargs)
+        settings = get_settings()
+        request: ImageRequest | VideoRequest
+        result_model: type[ImageResult] | type[VideoResult]
+        if kind == "image":
+            request = parse_image(arguments)
+            unit, timeout_s = settings.runware_image_cost_usd, settings.runware_poll_timeout_s
+            deliver_async = request.deliveryMethod == "async"
+            fields, listed, result_model = IMAGE_FIELDS, "images", ImageResult
+        else:
+            request = parse_video(arguments)
+            unit, timeout_s = settings.runware_video_cost_usd, settings.runware_video_timeout_s
+            deliver_async = True  # video is always asynchronous
+            fields, listed, result_model = VIDEO_FIELDS, "videos", VideoResult
+        task_uuid = request.taskUUID or stable_task_uuid(str(task.request.id))
+        outcome = task.call_runware(
+            RunwareJob(
+                body=request.runware_task(task_uuid),
+                account=request.account,
+                priority=request.priority,
+                estimate_usd=unit * request.numberResults,
+                deliver_async=deliver_async,
+                timeout_s=timeout_s,
+            )
+        )
+        made = [{k: item[k] for k in fields if k in item} for item in outcome.items]
+        if not made:
+            raise TransientError(f"Runware returned no {kind} for task {task_uuid}")
+        result = result_model.model_validate(
+            {
+                "taskUUID": task_uuid,
+                "positivePrompt": request.positivePrompt,
+                listed: made,
+                "cost": outcome.cost,
+                "totalCost": _total(outcome.cost, upstream_cost),
+            }
+        )
+        return result.model_dump()
+
+    return task.guarded(work)
+
+
 @app.task(bind=True, base=RunwareTask, name="tasks.generate_image")
 def generate_image(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Generate images with Runware's imageInference from an enhanced prompt.
@@ -53,38 +120,10 @@ def generate_image(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
     `positivePrompt`) or a prompt string. Keyword arguments are imageInference fields: `model`
     (required, an AIR id such as `runware:101@1`), `width`, `height` (multiples of 64,
     128..2048), `numberResults`, `negativePrompt`, `steps`, `CFGScale`, `seed`, `outputType`,
-    `outputFormat`, `deliveryMethod`, `webhookURL`, `taskUUID`; plus `account`. Returns
-    `{"taskType", "taskUUID", "positivePrompt", "images", "cost", "totalCost"}`.
+    `outputFormat`, `deliveryMethod`, `webhookURL`, `taskUUID`; plus `account` and `priority`.
+    Returns `{"taskType", "taskUUID", "positivePrompt", "images", "cost", "totalCost"}`.
     """
-
-    def work() -> dict[str, Any]:
-        arguments, upstream_cost = _generation_arguments(self, args, kwargs)
-        request = parse_generation(ImageRequest, arguments, "generate_image")
-        assert isinstance(request, ImageRequest)
-        task_uuid = request.taskUUID or stable_task_uuid(str(self.request.id))
-        settings = get_settings()
-        outcome = self.call_runware(
-            RunwareJob(
-                body=request.runware_task(task_uuid),
-                account=request.account,
-                priority=request.priority,
-                estimate_usd=settings.runware_image_cost_usd * request.numberResults,
-                deliver_async=request.deliveryMethod == "async",
-                timeout_s=settings.runware_poll_timeout_s,
-            )
-        )
-        images = [{k: i[k] for k in IMAGE_FIELDS if k in i} for i in outcome.items]
-        if not images:
-            raise TransientError(f"Runware returned no image for task {task_uuid}")
-        return ImageResult(
-            taskUUID=task_uuid,
-            positivePrompt=request.positivePrompt,
-            images=images,
-            cost=outcome.cost,
-            totalCost=_total(outcome.cost, upstream_cost),
-        ).model_dump()
-
-    return self.guarded(work)
+    return _generate(self, args, kwargs, "image")
 
 
 @app.task(bind=True, base=RunwareTask, name="tasks.generate_video")
@@ -93,37 +132,9 @@ def generate_video(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
 
     Like `generate_image`, with videoInference fields: `model` (required), `duration`, `width`,
     `height`, `fps`, `seed`, `numberResults`, `outputFormat` (`MP4`|`WEBM`), `negativePrompt`,
-    `webhookURL`, `taskUUID`, `account`. Video is always submitted asynchronously and polled
-    with getResponse by re-scheduling the job, so no worker slot waits while it renders; it
-    fails with TaskTimeout after RUNWARE_VIDEO_TIMEOUT_S. Returns `{"taskType", "taskUUID",
-    "positivePrompt", "videos", "cost", "totalCost"}`.
+    `webhookURL`, `taskUUID`, `account`, `priority`. Video is always submitted asynchronously
+    and polled with getResponse by re-scheduling the job, so no worker slot waits while it
+    renders; it fails with TaskTimeout after RUNWARE_VIDEO_TIMEOUT_S. Returns `{"taskType",
+    "taskUUID", "positivePrompt", "videos", "cost", "totalCost"}`.
     """
-
-    def work() -> dict[str, Any]:
-        arguments, upstream_cost = _generation_arguments(self, args, kwargs)
-        request = parse_generation(VideoRequest, arguments, "generate_video")
-        assert isinstance(request, VideoRequest)
-        task_uuid = request.taskUUID or stable_task_uuid(str(self.request.id))
-        settings = get_settings()
-        outcome = self.call_runware(
-            RunwareJob(
-                body=request.runware_task(task_uuid),
-                account=request.account,
-                priority=request.priority,
-                estimate_usd=settings.runware_video_cost_usd * request.numberResults,
-                deliver_async=True,
-                timeout_s=settings.runware_video_timeout_s,
-            )
-        )
-        videos = [{k: v[k] for k in VIDEO_FIELDS if k in v} for v in outcome.items]
-        if not videos:
-            raise TransientError(f"Runware returned no video for task {task_uuid}")
-        return VideoResult(
-            taskUUID=task_uuid,
-            positivePrompt=request.positivePrompt,
-            videos=videos,
-            cost=outcome.cost,
-            totalCost=_total(outcome.cost, upstream_cost),
-        ).model_dump()
-
-    return self.guarded(work)
+    return _generate(self, args, kwargs, "video")

@@ -21,6 +21,7 @@ from tasks.schemas import (
     VideoRequest,
     parse_enhance,
     parse_generation,
+    summarize,
 )
 
 MAX_BATCH = 10_000
@@ -97,9 +98,7 @@ def enhance_batch(
         except ValidationError as exc:
             problems.append(f"prompts[{index}]: {str(exc).split(': ', 1)[1]}")
     if problems:
-        shown = "; ".join(problems[:5])
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise ValidationError(f"invalid enhance_batch request: {shown}{more}")
+        raise ValidationError(f"invalid enhance_batch request: {summarize(problems)}")
     header = group(enhance_batch_item.s(**request.task_kwargs()) for request in requests)
     result: AsyncResult = chord(header)(collect_batch.s())  # type: ignore[type-arg]
     return result

@@ -118,6 +118,12 @@ def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationErro
     return ValidationError(f"invalid {what} request: {details}")
 
 
+def summarize(problems: list[str], shown: int = 5) -> str:
+    """The first few problems of a list of inputs, and how many more there are."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
 def parse_enhance(arguments: dict[str, Any]) -> EnhanceRequest:
     """Validate `tasks.enhance_prompt` keyword arguments, raising ValidationError."""
     try:

@@ -14,7 +14,7 @@ from celery import Celery
 
 from tasks.errors import ValidationError
 from tasks.ledger import MICRO, to_micro
-from tasks.schemas import parse_enhance
+from tasks.schemas import parse_enhance, summarize
 
 BAR_WIDTH = 24
 
@@ -75,9 +75,7 @@ def read_prompts(path: Path, versions: int, max_length: int | None) -> list[dict
         except ValidationError as exc:
             problems.append(f"line {number}: {str(exc).split(': ', 1)[1]}")
     if problems:
-        shown = "; ".join(problems[:5])
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise ValidationError(f"{path}: {shown}{more}")
+        raise ValidationError(f"{path}: {summarize(problems)}")
     return jobs
 
 
