@@ -35,11 +35,6 @@ def redact(text: str) -> str:
     return text
 
 
-def redacted_repr(value: Any) -> str:
-    """A repr of task arguments for logs and Flower, with secrets masked."""
-    return redact(repr(value))
-
-
 @signals.before_task_publish.connect
 def _mask_argument_reprs(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """Every job this project publishes (helpers, retries, re-schedules) shows Flower and the

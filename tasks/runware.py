@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -314,8 +313,3 @@ def get_client() -> RunwareClient:
             _client = (pid, RunwareClient(get_settings(), _pool_size, gate=get_limiter().slot))
             logger.debug("Created the Runware HTTP session for process %s.", pid)
         return _client[1]
-
-
-def new_task_uuid() -> str:
-    """A fresh UUID v4 for a Runware task."""
-    return str(uuid.uuid4())

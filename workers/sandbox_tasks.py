@@ -194,37 +194,25 @@ def accept(task: dict[str, Any], prices: Prices, base_url: str) -> Accepted:
             task["prompt"], task.get("promptVersions", 1), task.get("promptMaxLength")
         )
         items = [{"taskType": kind, "taskUUID": task_uuid, "text": text} for text in texts]
-    elif kind == "imageInference":
-        unit = prices.image_cost
-        extension = str(task.get("outputFormat", "JPG")).lower()
-        items = []
-        for index in range(task.get("numberResults", 1)):
-            image_uuid = str(uuid.uuid4())
-            items.append(
-                {
-                    "taskType": kind,
-                    "taskUUID": task_uuid,
-                    "imageUUID": image_uuid,
-                    "imageURL": f"{base_url}/images/{image_uuid}.{extension}",
-                    "seed": task.get("seed", 1000 + index),
-                    "NSFWContent": False,
-                }
-            )
     else:
-        unit = prices.video_cost
-        extension = str(task.get("outputFormat", "MP4")).lower()
+        media, default_format, first_seed = (
+            ("image", "JPG", 1000) if kind == "imageInference" else ("video", "MP4", 2000)
+        )
+        unit = prices.image_cost if media == "image" else prices.video_cost
+        extension = str(task.get("outputFormat", default_format)).lower()
         items = []
         for index in range(task.get("numberResults", 1)):
-            video_uuid = str(uuid.uuid4())
-            items.append(
-                {
-                    "taskType": kind,
-                    "taskUUID": task_uuid,
-                    "videoUUID": video_uuid,
-                    "videoURL": f"{base_url}/videos/{video_uuid}.{extension}",
-                    "seed": task.get("seed", 2000 + index),
-                }
-            )
+            media_uuid = str(uuid.uuid4())
+            item = {
+                "taskType": kind,
+                "taskUUID": task_uuid,
+                f"{media}UUID": media_uuid,
+                f"{media}URL": f"{base_url}/{media}s/{media_uuid}.{extension}",
+                "seed": task.get("seed", first_seed + index),
+            }
+            if media == "image":
+                item["NSFWContent"] = False
+            items.append(item)
     if task.get("includeCost"):
         for item in items:
             item["cost"] = unit

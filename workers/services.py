@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -230,16 +230,6 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def redis_for(url: str) -> Iterator[str]:
-    """Yield a Redis URL that answers: `url` itself, or a private server started for the block."""
-    if redis_answers(url):
-        yield url
-        return
-    with RedisServer() as server:
-        yield server.url()
 
 
 class SandboxProcess:

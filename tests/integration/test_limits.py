@@ -10,19 +10,9 @@ import time
 import redis
 
 from tests.conftest import StartWorker
+from tests.load.common import max_in_window
 from workers.sandbox import Sandbox
 from workers.services import RedisServer
-
-
-def _max_in_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best = 0
-    start = 0
-    for end, moment in enumerate(times):
-        while moment - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def _wait_for(predicate: object, timeout: float = 20.0) -> None:
@@ -39,7 +29,7 @@ def test_one_rate_for_two_workers(start_worker: StartWorker, sandbox: Sandbox) -
     assert all(p.get(timeout=60)["text"] for p in pending)
     times = sorted(sandbox.state.call_times)
     assert len(times) == 30
-    assert _max_in_window(times) <= 10 + 1  # the rate plus the burst of 1
+    assert max_in_window(times) <= 10 + 1  # the rate plus the burst of 1
     observed = (len(times) - 1) / (times[-1] - times[0])
     assert observed <= 10 * 1.03
     assert observed >= 10 * 0.5  # it is a limit, not a stall
@@ -65,7 +55,7 @@ def test_waiting_for_the_limit_uses_no_retries(start_worker: StartWorker, sandbo
     assert len({r["taskUUID"] for r in results}) == 10
     assert set(sandbox.state.accepted.values()) == {1}
     assert "re-scheduled in" in worker.process.log()
-    assert _max_in_window(sandbox.state.call_times) <= 4 + 1
+    assert max_in_window(sandbox.state.call_times) <= 4 + 1
 
 
 def test_a_429_pauses_the_whole_fleet(start_worker: StartWorker, sandbox: Sandbox) -> None:

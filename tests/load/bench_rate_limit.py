@@ -27,9 +27,9 @@ def _print(title: str, figures: dict[str, float]) -> None:
     print(f"{title}: {shown}", flush=True)
 
 
-def global_rate(jobs: int) -> dict[str, float]:
+def _rate_run(jobs: int, app: str = "workers", **env: str) -> dict[str, float]:
     with private_redis() as server, SandboxProcess() as sandbox:
-        with fleet(server.url(), sandbox, 3, RUNWARE_RATE_LIMIT="20", WORKER_CONCURRENCY="32") as p:
+        with fleet(server.url(), sandbox, 3, app=app, WORKER_CONCURRENCY="32", **env) as p:
             started = time.monotonic()
             run_jobs(p, jobs)
             elapsed = time.monotonic() - started
@@ -38,17 +38,12 @@ def global_rate(jobs: int) -> dict[str, float]:
         return figures
 
 
+def global_rate(jobs: int) -> dict[str, float]:
+    return _rate_run(jobs, RUNWARE_RATE_LIMIT="20")
+
+
 def builtin_rate(jobs: int) -> dict[str, float]:
-    with private_redis() as server, SandboxProcess() as sandbox:
-        with fleet(
-            server.url(), sandbox, 3, app="tests.load.builtin_rate", WORKER_CONCURRENCY="32"
-        ) as producer:
-            started = time.monotonic()
-            run_jobs(producer, jobs)
-            elapsed = time.monotonic() - started
-        figures = rate_report(sandbox.stats()["call_times"])
-        figures["wall_s"] = elapsed
-        return figures
+    return _rate_run(jobs, app="tests.load.builtin_rate")
 
 
 def in_flight(jobs: int) -> dict[str, float]:
