@@ -9,11 +9,22 @@ from config.settings import Settings, get_settings
 TASK_MODULES = ["tasks.enhancement", "tasks.generate", "tasks.pipelines"]
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def result_backend_url(url: str) -> str:
+    """A Redis URL as Celery's `module:Class+url` form for config/backend.py's ResultStore (one
+    round trip per state write); any other backend URL as it is."""
+    if url.startswith(REDIS_SCHEMES):
+        return f"config.backend:ResultStore+{url}"
+    return url
+
+
 def configure(app: Celery, settings: Settings) -> None:
     """Apply Settings to a Celery app: JSON only, late acks, events, the worker pool."""
     app.conf.update(
         broker_url=settings.broker_url,
-        result_backend=settings.result_backend,
+        result_backend=result_backend_url(settings.result_backend),
         # JSON only: a pickle message could run code in the worker, and a secret could hide in it.
         task_serializer="json",
         result_serializer="json",

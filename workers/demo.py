@@ -71,13 +71,13 @@ def run_demo(timeout: float = 120.0) -> int:
     except ConfigError as exc:
         print(f"enhance-worker: {exc}")
         return 2
-    from config.celery import app
+    from config.celery import app, result_backend_url
     from tasks.enhancement import enhance_prompt
     from workers.services import WorkerProcess
 
     queue = f"enhance-demo-{uuid.uuid4().hex[:8]}"
     with _redis(settings) as url, _runware_endpoint(settings) as runware_env:
-        app.conf.update(broker_url=url, result_backend=url)
+        app.conf.update(broker_url=url, result_backend=result_backend_url(url))
         env = {
             "REDIS_URL": url,
             "CELERY_BROKER_URL": url,

@@ -1,0 +1,76 @@
+"""What the hot path saves must not cost correctness: shared requests, one-trip result writes."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import redis
+from celery import Celery
+
+from config.backend import ResultStore
+from config.celery import result_backend_url
+from tests.conftest import StartWorker
+from workers.sandbox import Sandbox
+from workers.services import RedisServer
+
+
+def test_a_busy_worker_sends_several_jobs_per_request(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    sandbox.configure(latency_s=0.3)
+    worker = start_worker("batching", WORKER_CONCURRENCY="40", RUNWARE_BATCH_WINDOW_MS="50")
+    prompts = [f"a lighthouse number {n}" for n in range(40)]
+    pending = [worker.send(prompt=prompt) for prompt in prompts]
+    results = [p.get(timeout=60) for p in pending]
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result["prompt"] == prompt
+        assert result["text"].startswith(prompt)  # its own answer, not a neighbour's
+        assert result["cost"] > 0
+    assert len({r["taskUUID"] for r in results}) == 40
+    assert sandbox.state.tasks_received == 40
+    assert sandbox.state.requests < 40
+    assert set(sandbox.state.accepted.values()) == {1}
+
+
+def test_the_app_writes_results_through_the_one_trip_store(redis_server: RedisServer) -> None:
+    url = redis_server.url(9)
+    app = Celery(broker=url, backend=result_backend_url(url))
+    backend = app.backend
+    assert isinstance(backend, ResultStore)
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, {"text": "done"}, "SUCCESS")
+    # A late write from a redelivered copy of the job must not replace the success (Celery's
+    # own rule, here made atomic).
+    backend.store_result(task_id, ValueError("late"), "FAILURE")
+    backend.store_result(task_id, None, "RETRY")
+    meta = backend.get_task_meta(task_id, cache=False)
+    assert meta["status"] == "SUCCESS"
+    assert meta["result"] == {"text": "done"}
+    client = redis.Redis.from_url(url)
+    ttl = client.ttl(f"celery-task-meta-{task_id}")
+    assert 0 < ttl <= int(app.conf.result_expires.total_seconds())
+    # Other states replace each other as in Celery, and the reader sees the last one.
+    other = str(uuid.uuid4())
+    backend.store_result(other, None, "RETRY")
+    backend.store_result(other, ValueError("bad prompt"), "FAILURE")
+    assert backend.get_task_meta(other, cache=False)["status"] == "FAILURE"
+    client.close()
+    app.close()
+
+
+def test_a_result_written_by_the_store_reaches_a_waiting_get(redis_server: RedisServer) -> None:
+    """The store publishes as Celery's does, so AsyncResult.get wakes without polling."""
+    url = redis_server.url(9)
+    writer = Celery(broker=url, backend=result_backend_url(url))
+    reader = Celery(broker=url, backend=url)
+    task_id = str(uuid.uuid4())
+    # Written once the reader already waits: only the published message can wake it.
+    late = threading.Timer(
+        0.5, writer.backend.store_result, (task_id, {"text": "published"}, "SUCCESS")
+    )
+    late.start()
+    assert reader.AsyncResult(task_id).get(timeout=10) == {"text": "published"}
+    late.join()
+    writer.close()
+    reader.close()
