@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     runware_connect_timeout_s: PositiveFloat = Field(
         default=5.0, description="seconds to open a connection to Runware, a number > 0"
     )
+    runware_batch_max: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="most tasks this worker sends in one Runware request, an integer 1..100 "
+        "(1: every task alone)",
+    )
+    runware_batch_window_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="milliseconds a busy worker holds a request open for more tasks, "
+        "a number 0..1000",
+    )
     runware_max_retries: int = Field(
         default=5, ge=0, le=100, description="retries of a transient failure, an integer 0..100"
     )

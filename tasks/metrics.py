@@ -12,7 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 RUNWARE_CALLS = Counter(
     "enhance_runware_calls_total",
-    "HTTP calls made to Runware, by task type and outcome.",
+    "Tasks sent to Runware, by task type and the outcome of the request that carried them.",
     ["task_type", "outcome"],
 )
 RUNWARE_LATENCY = Histogram(
@@ -20,6 +20,11 @@ RUNWARE_LATENCY = Histogram(
     "Duration of one HTTP call to Runware, from request to parsed answer.",
     ["task_type"],
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60),
+)
+RUNWARE_BATCH_SIZE = Histogram(
+    "enhance_runware_request_tasks",
+    "Tasks carried by one HTTP request to Runware (RUNWARE_BATCH_MAX, RUNWARE_BATCH_WINDOW_MS).",
+    buckets=(1, 2, 3, 4, 6, 8, 10, 16, 25, 50, 100),
 )
 RUNWARE_IN_FLIGHT = Gauge(
     "enhance_runware_in_flight_calls",

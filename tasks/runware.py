@@ -23,6 +23,7 @@ from requests.adapters import HTTPAdapter
 
 from config.settings import Settings, get_settings
 from tasks import metrics
+from tasks.batching import Coalescer
 from tasks.errors import (
     AuthenticationError,
     ConflictTaskUUID,
@@ -38,6 +39,9 @@ USER_AGENT = "enhance-worker/0.1 (+celery)"
 # Error codes that name a passing condition even when Runware reports them in a 200 body.
 TRANSIENT_CODES = frozenset({"timeoutProvider", "serverError", "providerError", "timeout"})
 PENDING_STATUSES = frozenset({"processing", "pending", "queued", "scheduled", "waiting"})
+# Task types that share requests (tasks/batching.py): quick ones of even duration. Image and
+# video inference go alone, so that one slow generation never holds up another's answer.
+BATCHED_TASK_TYPES = frozenset({"promptEnhance", "getResponse"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,16 @@ class TaskOutcome:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 total += float(value)
         return total
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What one HTTP request got back, shared by every task it carried."""
+
+    status: int = 0
+    body: Any = None  # the parsed JSON, or None when it was not JSON
+    retry_after: float | None = None
+    failure: tuple[str, str] | None = None  # (code, what happened) when there was no answer
 
 
 Gate = Callable[[str, str, str], AbstractContextManager[Permit]]
@@ -115,6 +129,9 @@ class RunwareClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Content-Type": "application/json", "User-Agent": USER_AGENT})
+        self._batcher: Coalescer[_Answer] = Coalescer(
+            self._send, settings.runware_batch_max, settings.runware_batch_window_ms / 1000
+        )
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -164,56 +181,56 @@ class RunwareClient:
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:
-                response = self._send(task, kind, task_uuid)
-            except TransientError as exc:
-                metrics.RUNWARE_CALLS.labels(kind, exc.code or "error").inc()
-                raise
+                if kind in BATCHED_TASK_TYPES:
+                    answer = self._batcher.call(kind, task)
+                else:
+                    answer = self._send([task])
             finally:
                 metrics.RUNWARE_IN_FLIGHT.dec()
                 metrics.RUNWARE_LATENCY.labels(kind).observe(time.monotonic() - started)
-            if response.status_code in (429, 503):
+            if answer.failure is not None:
+                code, what = answer.failure
+                metrics.RUNWARE_CALLS.labels(kind, code).inc()
+                raise TransientError(f"Runware {kind} {task_uuid}: {what}", code=code)
+            if answer.status in (429, 503):
                 permit.outcome = "throttled"
-                permit.retry_after = _retry_after(response)
+                permit.retry_after = answer.retry_after
             else:
                 permit.outcome = "ok"
-        outcome = "ok" if response.status_code == 200 else f"http_{response.status_code}"
+        outcome = "ok" if answer.status == 200 else f"http_{answer.status}"
         metrics.RUNWARE_CALLS.labels(kind, outcome).inc()
-        return self._parse(response, kind, task_uuid)
+        return self._parse(answer, kind, task_uuid)
 
-    def _send(self, task: dict[str, Any], kind: str, task_uuid: str) -> requests.Response:
+    def _send(self, tasks: list[dict[str, Any]]) -> _Answer:
+        """One HTTP request carrying `tasks`; its answer, or the transport failure."""
+        metrics.RUNWARE_BATCH_SIZE.observe(len(tasks))
         try:
-            return self.session.post(
+            response = self.session.post(
                 self._url,
-                data=json.dumps([task]),
+                data=json.dumps(tasks),
                 headers={"Authorization": f"Bearer {self._key}"},
                 timeout=self._timeout,
             )
         except requests.Timeout as exc:
-            raise TransientError(
-                f"Runware {kind} {task_uuid}: no answer within the timeout ({type(exc).__name__})",
-                code="timeout",
-            ) from None
+            return _Answer(
+                failure=("timeout", f"no answer within the timeout ({type(exc).__name__})")
+            )
         except requests.RequestException as exc:
-            raise TransientError(
-                f"Runware {kind} {task_uuid}: connection failed ({type(exc).__name__})",
-                code="connection",
-            ) from None
-
-    def _parse(self, response: requests.Response, kind: str, task_uuid: str) -> TaskOutcome:
-        status = response.status_code
+            return _Answer(failure=("connection", f"connection failed ({type(exc).__name__})"))
         try:
             body = response.json()
         except ValueError:
             body = None
+        retry_after = (
+            _retry_after(response)
+            if response.status_code in (408, 429) or response.status_code >= 500
+            else None
+        )
+        return _Answer(status=response.status_code, body=body, retry_after=retry_after)
+
+    def _parse(self, answer: _Answer, kind: str, task_uuid: str) -> TaskOutcome:
+        status, body = answer.status, answer.body
         errors = _errors_of(body)
-        if status != 200:
-            raise self._status_error(response, errors, kind, task_uuid)
-        if body is None:
-            raise TransientError(
-                f"Runware {kind} {task_uuid}: answered 200 with a body that is not JSON",
-                code="badResponse",
-                status=status,
-            )
         data = body.get("data") if isinstance(body, dict) else body
         items = [
             item
@@ -221,6 +238,23 @@ class RunwareClient:
             if isinstance(item, dict) and item.get("taskUUID", task_uuid) == task_uuid
         ]
         own_errors = [e for e in errors if e.get("taskUUID", task_uuid) == task_uuid]
+        if status != 200:
+            if items and not own_errors:  # an error of another task in the same request
+                return TaskOutcome(task_uuid, items)
+            if errors and not own_errors:
+                raise TransientError(
+                    f"Runware {kind} {task_uuid}: HTTP {status} for another task of the same "
+                    "request; this one was not run",
+                    code="batchRejected",
+                    status=status,
+                )
+            raise self._status_error(answer, errors, kind, task_uuid)
+        if body is None:
+            raise TransientError(
+                f"Runware {kind} {task_uuid}: answered 200 with a body that is not JSON",
+                code="badResponse",
+                status=status,
+            )
         if own_errors and not items:
             raise self._per_task_error(own_errors, task_uuid)
         if not items and not isinstance(data, list):
@@ -256,12 +290,12 @@ class RunwareClient:
 
     def _status_error(
         self,
-        response: requests.Response,
+        answer: _Answer,
         errors: list[dict[str, Any]],
         kind: str,
         task_uuid: str,
     ) -> Exception:
-        status = response.status_code
+        status = answer.status
         code, text = self._describe(errors)
         message = f"Runware {kind} {task_uuid}: HTTP {status}, {text}"
         if status in (401, 403):
@@ -270,13 +304,9 @@ class RunwareClient:
         if status == 409:
             return ConflictTaskUUID(message)
         if status in (429, 503):
-            return RateLimited(
-                message, code=code, status=status, retry_after=_retry_after(response)
-            )
+            return RateLimited(message, code=code, status=status, retry_after=answer.retry_after)
         if status == 408 or status >= 500:
-            return TransientError(
-                message, code=code, status=status, retry_after=_retry_after(response)
-            )
+            return TransientError(message, code=code, status=status, retry_after=answer.retry_after)
         return PermanentError(message, code=code, status=status)
 
 

@@ -83,6 +83,7 @@ class SandboxState:
             self.generation = getattr(self, "generation", 0) + 1
             self.tasks: dict[str, _Stored] = {}
             self.requests = 0
+            self.tasks_received = 0  # task objects in all API requests, refused ones too
             self.by_type: dict[str, int] = {}
             self.statuses: dict[str, int] = {}
             self.accepted: dict[str, int] = {}  # taskUUID -> times accepted (billed)
@@ -99,6 +100,7 @@ class SandboxState:
         with self.lock:
             return {
                 "requests": self.requests,
+                "tasks_received": self.tasks_received,
                 "by_type": dict(self.by_type),
                 "statuses": dict(self.statuses),
                 "accepted": dict(self.accepted),
@@ -224,6 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, UnicodeDecodeError):
             self._send(400, {"errors": [error("invalidJSON", "the body is not valid JSON")]})
             return
+        if isinstance(body, list):
+            with state.lock:
+                state.tasks_received += len(body)
         auth = self.headers.get("Authorization", "")
         key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
         if not key:

@@ -89,8 +89,8 @@ def test_a_wrong_key_fails_each_job_at_once(start_worker: StartWorker, sandbox: 
     for async_result in pending:
         with pytest.raises(Exception, match=r"HTTP 401, invalidApiKey.*check RUNWARE_API_KEY"):
             async_result.get(timeout=30)
-    assert sandbox.state.requests == 5  # one call per job: no retry storm
-    assert sandbox.state.auth_failures == 5
+    assert sandbox.state.tasks_received == 5  # each job sent once: no retry storm
+    assert sandbox.state.auth_failures == sandbox.state.requests >= 1
 
 
 def test_no_key_fails_without_calling(start_worker: StartWorker, sandbox: Sandbox) -> None:

@@ -61,7 +61,11 @@ def test_waiting_for_the_limit_uses_no_retries(start_worker: StartWorker, sandbo
 def test_a_429_pauses_the_whole_fleet(start_worker: StartWorker, sandbox: Sandbox) -> None:
     sandbox.configure(latency_s=0.1, fail_next=["429"])
     worker = start_worker(
-        "cool", RUNWARE_COOLDOWN_S="1.0", RUNWARE_COOLDOWN_MAX_S="5", WORKER_CONCURRENCY="4"
+        "cool",
+        RUNWARE_COOLDOWN_S="1.0",
+        RUNWARE_COOLDOWN_MAX_S="5",
+        WORKER_CONCURRENCY="4",
+        RUNWARE_BATCH_MAX="1",  # one task per request, so that requests count jobs
     )
     pending = [worker.send(prompt=f"cool {n}") for n in range(12)]
     assert all(p.get(timeout=60)["text"] for p in pending)

@@ -105,7 +105,8 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> None:
     port = free_port()
-    worker = start_worker("metrics", METRICS_PORT=str(port))
+    # One task per request: the injected 400 then belongs to exactly one job.
+    worker = start_worker("metrics", METRICS_PORT=str(port), RUNWARE_BATCH_MAX="1")
     sandbox.configure(fail_next=["503", "400"], latency_s=0.05)
     pending = [worker.send(prompt=f"metric {n}", account="ops") for n in range(5)]
     outcomes = []
@@ -125,6 +126,8 @@ def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> Non
     latency = ("enhance_runware_call_duration_seconds_count", (("task_type", "promptEnhance"),))
     assert m[latency] == 6
     assert m[("enhance_runware_call_duration_seconds_sum", latency[1])] >= 6 * 0.05
+    assert m[("enhance_runware_request_tasks_count", ())] == 6  # six requests, one task each
+    assert m[("enhance_runware_request_tasks_sum", ())] == 6
     wait = (
         "enhance_rate_limit_wait_seconds_count",
         (("account", "ops"), ("priority", "interactive")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ from tasks.errors import (
     RateLimited,
     TransientError,
 )
-from tasks.runware import RunwareClient, _errors_of
+from tasks.runware import RunwareClient, TaskOutcome, _Answer, _errors_of
 from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
 from workers.sandbox import Sandbox
@@ -119,3 +120,49 @@ def test_both_error_shapes_are_read() -> None:
 
 def test_an_echoed_key_is_redacted(client: RunwareClient) -> None:
     assert client.redact(f"bad key {SECRET}!") == "bad key ***!"
+
+
+def test_tasks_sent_together_share_requests_and_keep_their_own_errors(sandbox: Sandbox) -> None:
+    settings = load_settings(
+        _env_file=None,
+        runware_api_url=sandbox.url,
+        runware_api_key=SECRET,
+        runware_batch_window_ms=300,
+    )
+    client = RunwareClient(settings, pool_size=4)
+    tasks = [_task() for _ in range(9)]
+    tasks[4]["promptVersions"] = 9  # Runware refuses this one task, and only it
+    answers: list[object] = [None] * len(tasks)
+    start = threading.Barrier(len(tasks))
+
+    def one(n: int) -> None:
+        start.wait()
+        try:
+            answers[n] = client.run(tasks[n])
+        except Exception as exc:
+            answers[n] = exc
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(tasks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    client.close()
+    assert isinstance(answers[4], PermanentError)
+    assert "promptVersions" in str(answers[4])
+    for n, answer in enumerate(answers):
+        if n != 4:
+            assert isinstance(answer, TaskOutcome), answer
+            assert [item["taskUUID"] for item in answer.items] == [tasks[n]["taskUUID"]]
+    assert sandbox.state.tasks_received == 9
+    assert sandbox.state.requests < 9  # some of them shared a request
+
+
+def test_a_request_refused_for_another_task_is_retried_for_this_one(client: RunwareClient) -> None:
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    answer = _Answer(status=400, body={"errors": [{"code": "invalidPrompt", "taskUUID": other}]})
+    with pytest.raises(TransientError, match="another task of the same request") as caught:
+        client._parse(answer, "promptEnhance", mine)
+    assert caught.value.code == "batchRejected"
+    with pytest.raises(PermanentError, match="invalidPrompt"):
+        client._parse(answer, "promptEnhance", other)

@@ -1,0 +1,100 @@
+"""The coalescer on its own: who goes alone, who shares a request, and what each caller gets."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from tasks.batching import Coalescer
+
+
+class Recorder:
+    """A `send` that records each request's tasks and answers with them."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.requests: list[list[dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.fail = fail
+
+    def __call__(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with self.lock:
+            self.requests.append(list(tasks))
+        if self.fail is not None:
+            raise self.fail
+        return list(tasks)
+
+
+def _call_together(
+    coalescer: Coalescer[Any], count: int, kinds: tuple[str, ...] = ("a",)
+) -> list[Any]:
+    """`count` threads call at the same moment, their task types taken in turn from `kinds`;
+    each one's answer (or exception), in order."""
+    answers: list[Any] = [None] * count
+    start = threading.Barrier(count)
+
+    def one(n: int) -> None:
+        start.wait()
+        try:
+            kind = kinds[n % len(kinds)]
+            answers[n] = coalescer.call(kind, {"n": n, "kind": kind})
+        except BaseException as exc:
+            answers[n] = exc
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    return answers
+
+
+def test_a_lone_call_goes_at_once_even_with_a_long_window() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=60.0)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (coalescer.call("a", {"n": 0}), done.set()))
+    thread.start()
+    thread.join(timeout=10)  # a lingering request would hold it for the 60 s window
+    assert done.is_set()
+    assert send.requests == [[{"n": 0}]]
+
+
+def test_concurrent_calls_share_requests_and_each_gets_the_answer_with_its_task() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=4, window_s=0.5)
+    answers = _call_together(coalescer, 13)
+    sizes = [len(request) for request in send.requests]
+    assert sum(sizes) == 13
+    assert max(sizes) == 4  # full requests leave without waiting for the window
+    assert len(send.requests) < 13
+    for n, answer in enumerate(answers):
+        assert {"n": n, "kind": "a"} in answer  # the request that carried this caller's task
+
+
+def test_task_types_never_share_a_request() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=0.3)
+    _call_together(coalescer, 20, kinds=("promptEnhance", "getResponse"))
+    assert sum(len(r) for r in send.requests) == 20
+    assert any(len(r) > 1 for r in send.requests)
+    for request in send.requests:
+        assert len({task["kind"] for task in request}) == 1
+
+
+def test_a_failed_send_reaches_every_caller_of_its_request() -> None:
+    send = Recorder(fail=RuntimeError("boom"))
+    coalescer = Coalescer(send, max_size=5, window_s=0.2)
+    answers = _call_together(coalescer, 5)
+    assert all(isinstance(a, RuntimeError) and str(a) == "boom" for a in answers)
+    assert sum(len(r) for r in send.requests) == 5
+
+
+@pytest.mark.parametrize("window_s", [0.0, 0.5])
+def test_max_one_sends_every_task_alone(window_s: float) -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=1, window_s=window_s)
+    _call_together(coalescer, 8)
+    assert sorted(len(r) for r in send.requests) == [1] * 8
