@@ -14,6 +14,7 @@ Money is integer micro-dollars (1 USD = 1,000,000), never summed floats.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ import redis
 from config.settings import Settings, get_settings
 from tasks import metrics
 from tasks.errors import BudgetExceeded
-from tasks.state import hold_through_outage, redis_client
+from tasks.state import hold_through_outage, redis_client, run_script
 
 MICRO = 1_000_000
 TASK_TTL_S = 8 * 86_400  # how long "this taskUUID is billed" is remembered
@@ -143,8 +144,18 @@ def to_micro(usd: float) -> int:
     return round(usd * MICRO)
 
 
+_today: tuple[int, str] = (-1, "")
+
+
 def utc_day(moment: datetime | None = None) -> str:
-    return (moment or datetime.now(UTC)).strftime("%Y-%m-%d")
+    """The UTC date as YYYY-MM-DD (of `moment`, default now; today's is formatted once a day)."""
+    global _today
+    if moment is not None:
+        return moment.strftime("%Y-%m-%d")
+    number = int(time.time() // 86400)
+    if _today[0] != number:
+        _today = (number, datetime.fromtimestamp(number * 86400, UTC).strftime("%Y-%m-%d"))
+    return _today[1]
 
 
 @dataclass(frozen=True)
@@ -256,7 +267,7 @@ class Ledger:
         args = self._reserve_args(task_uuid, account, estimate_usd)
         keys = [*self._keys(task_uuid), done_key, marker_key]
         status, value, spent = hold_through_outage(
-            lambda: self._begin(keys=keys, args=args), "ledger", self.outage_s
+            lambda: run_script(self._begin, keys, args), "ledger", self.outage_s
         )
         if int(status) == 3:
             return "done", value
@@ -287,7 +298,7 @@ class Ledger:
         ]
         keys = [*self._keys(task_uuid), done_key, marker_key]
         recorded = hold_through_outage(
-            lambda: self._end(keys=keys, args=args), "ledger", self.outage_s
+            lambda: run_script(self._end, keys, args), "ledger", self.outage_s
         )
         if int(recorded):
             metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)

@@ -34,7 +34,7 @@ import redis
 from config.settings import Settings, get_settings, parse_rate
 from tasks import fairness, metrics
 from tasks.errors import LimiterBusy
-from tasks.state import hold_through_outage, redis_client
+from tasks.state import hold_through_outage, redis_client, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Limiter:
         started = time.monotonic()
         args = [*self._limit_args(), account, klass, ticket]
         status, needs = hold_through_outage(
-            lambda: self._enqueue(keys=[], args=args), "limiter", self.outage_s
+            lambda: run_script(self._enqueue, [], args), "limiter", self.outage_s
         )
         if int(status) == 1:  # nobody waits and a slot is free: go now
             return Permit(ticket, 0.0, needs_release=bool(int(needs)))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
+from redis.commands.core import Script
 
 from config.settings import Settings
 from tasks.errors import TransientError
@@ -36,6 +37,15 @@ def redis_client(settings: Settings) -> redis.Redis:
         health_check_interval=30,
         max_connections=2 * settings.worker_concurrency + 50,
     )
+
+
+def run_script(script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """`script(keys, args)` on its own client, minus redis-py's per-call type checks (a hot path:
+    several scripts run per job); a Redis that lost the script gets it loaded again."""
+    try:
+        return script.registered_client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return script(keys=list(keys), args=list(args))
 
 
 def hold_through_outage(call: Callable[[], T], what: str, outage_s: float) -> T:

@@ -1,13 +1,15 @@
 """Throughput of the project's worker against a minimal Celery worker, in the same run.
 Prints figures; asserts nothing.
 
-  python -m tests.load.bench_throughput [--jobs 3000] [--latency 0.25] [--soak 0]
+  python -m tests.load.bench_throughput [--jobs 3000] [--processes 1,2] [--soak 0]
 
-Starts its own Redis and the sandbox (250 ms latency), then for each of the baseline and the
-project: one worker process, N jobs pushed as fast as the producer can, and a low-load phase of
-sequential jobs. Reports jobs/s, end-to-end latency p50/p99 and the part that is not the API's,
-worker CPU seconds per 1000 jobs and peak RSS, and the ratio project/baseline. With --soak N it
-then runs N more jobs through the project's worker and prints its RSS as it goes (leak check).
+Starts its own Redis and the sandbox (250 ms latency), then measures the baseline (one process)
+and the project's worker, as one process and as one process per core (the README's production
+layout): a low-load phase of sequential jobs, then N jobs pushed as fast as the producer can.
+Reports jobs/s, end-to-end latency p50/p99, the low-load latency that is not the API's, worker
+CPU seconds per 1000 jobs, peak RSS, tasks per Runware request, and each ratio project/baseline.
+With --soak N it then runs N more jobs through the first project worker and prints its RSS as it
+goes (leak check).
 """
 
 from __future__ import annotations
@@ -81,16 +83,25 @@ def sequential(producer: Celery, task: str, count: int, make: Any) -> list[float
 
 
 def measure(
-    workers: list[WorkerProcess], url: str, task: str, make: Any, jobs: int, latency: float
+    workers: list[WorkerProcess],
+    url: str,
+    task: str,
+    make: Any,
+    jobs: int,
+    sandbox: SandboxProcess,
+    latency: float,
 ) -> dict[str, float]:
     producer = Celery(broker=url, backend=url)
     procs = [Proc(worker.pid) for worker in workers]
     sequential(producer, task, 20, make)  # warm up: connections, imports
     low = sequential(producer, task, 100, make)
     cpu_before = sum(proc.cpu_seconds() for proc in procs)
+    api_before = sandbox.stats()
     wall, latencies = push(producer, task, jobs, make)
     cpu = sum(proc.cpu_seconds() for proc in procs) - cpu_before
+    api = sandbox.stats()
     producer.close()
+    requests = api["requests"] - api_before["requests"]
     return {
         "jobs_per_s": jobs / wall,
         "p50_ms": 1000 * statistics.median(latencies),
@@ -99,6 +110,7 @@ def measure(
         "low_load_added_p99_ms": 1000 * (percentile(low, 0.99) - latency),
         "cpu_s_per_1000": 1000 * cpu / jobs,
         "peak_rss_mb": max(proc.rss_mb(peak=True) for proc in procs),
+        "tasks_per_request": (api["tasks_received"] - api_before["tasks_received"]) / requests,
     }
 
 
@@ -114,10 +126,17 @@ def main() -> None:
     )
     parser.add_argument("--soak", type=int, default=0, help="jobs for the leak check")
     parser.add_argument("--cap", action="store_true", help="also set RUNWARE_MAX_IN_FLIGHT")
-    parser.add_argument("--processes", type=int, default=1, help="project worker processes")
+    parser.add_argument(
+        "--processes",
+        default=f"1,{os.cpu_count() or 1}",
+        help="project worker process counts to measure, comma-separated (default: 1 and one "
+        "per core, as the README documents for production)",
+    )
+    parser.add_argument("--batch-max", default=None, help="RUNWARE_BATCH_MAX for the project")
     parser.add_argument("--only", choices=["baseline", "project"], default=None)
     args = parser.parse_args()
-    figures: dict[str, dict[str, float]] = {}
+    counts = sorted({int(n) for n in args.processes.split(",")})
+    baseline: dict[str, float] | None = None
     with private_redis() as server, SandboxProcess("--latency", str(args.latency)) as sandbox:
         if args.only in (None, "baseline"):
             env = {"BASELINE_REDIS_URL": server.url(1), "BASELINE_API_URL": sandbox.url}
@@ -127,51 +146,59 @@ def main() -> None:
                 app="tests.load.baseline_app",
                 extra_args=["-P", "threads", "-c", "200", "-l", "INFO"],
             ) as w:
-                figures["baseline"] = measure(
+                baseline = measure(
                     [w],
                     server.url(1),
                     "baseline.enhance",
                     lambda n: {"args": [f"baseline prompt {n}"]},
                     args.jobs,
+                    sandbox,
                     args.latency,
                 )
-            print_row("baseline (threads, 200, bare requests.post)", figures["baseline"])
+            print_row("baseline (1 process, threads, 200, bare requests.post)", baseline)
         if args.only in (None, "project"):
-            env = {
-                "REDIS_URL": server.url(2),
-                "RUNWARE_API_URL": sandbox.url,
-                "RUNWARE_API_KEY": KEY,
-                "LOG_LEVEL": "WARNING",
-                # the limiter on, high enough not to bind; the ledger and validation are on
-                "RUNWARE_RATE_LIMIT": "100000/s",
-            }
-            if args.cap:  # the in-flight cap too: one more Redis round trip per call
-                env["RUNWARE_MAX_IN_FLIGHT"] = "100000"
-            if args.concurrency:
-                env["WORKER_CONCURRENCY"] = str(args.concurrency)
-            workers = [
-                WorkerProcess({**env, "LOG_LEVEL": "INFO"}, name=f"project{n}").start()
-                for n in range(args.processes)
-            ]
-            try:
-                figures["project"] = measure(
-                    workers,
-                    server.url(2),
-                    "tasks.enhance_prompt",
-                    lambda n: {"kwargs": {"prompt": f"project prompt {n}"}},
-                    args.jobs,
-                    args.latency,
-                )
-                title = f"project ({args.processes} worker process(es) as documented)"
-                print_row(title, figures["project"])
-                if args.soak:
-                    soak(workers[0], server.url(2), args.soak)
-            finally:
-                for worker in workers:
-                    worker.stop()
-    if len(figures) == 2:
-        ratio = figures["project"]["jobs_per_s"] / figures["baseline"]["jobs_per_s"]
-        print(f"ratio project/baseline jobs per second: {ratio:.2f}")
+            for db, processes in enumerate(counts, start=2):
+                project = run_project(server.url(db), sandbox, processes, args)
+                if baseline is not None:
+                    ratio = project["jobs_per_s"] / baseline["jobs_per_s"]
+                    print(f"  ratio project ({processes} process(es)) / baseline: {ratio:.2f}")
+
+
+def run_project(
+    url: str, sandbox: SandboxProcess, processes: int, args: argparse.Namespace
+) -> dict[str, float]:
+    env = {
+        "REDIS_URL": url,
+        "RUNWARE_API_URL": sandbox.url,
+        "RUNWARE_API_KEY": KEY,
+        "LOG_LEVEL": "INFO",  # the production default
+        # the limiter on, high enough not to bind; the ledger and validation are on
+        "RUNWARE_RATE_LIMIT": "100000/s",
+    }
+    if args.cap:  # the in-flight cap too: one more Redis round trip per call
+        env["RUNWARE_MAX_IN_FLIGHT"] = "100000"
+    if args.concurrency:
+        env["WORKER_CONCURRENCY"] = str(args.concurrency)
+    if args.batch_max:
+        env["RUNWARE_BATCH_MAX"] = str(args.batch_max)
+    workers = [WorkerProcess(env, name=f"project{n}").start() for n in range(processes)]
+    try:
+        figures = measure(
+            workers,
+            url,
+            "tasks.enhance_prompt",
+            lambda n: {"kwargs": {"prompt": f"project prompt {n}"}},
+            args.jobs,
+            sandbox,
+            args.latency,
+        )
+        print_row(f"project ({processes} worker process(es), as documented)", figures)
+        if args.soak:
+            soak(workers[0], url, args.soak)
+        return figures
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def soak(worker: WorkerProcess, url: str, jobs: int) -> None:
