@@ -230,6 +230,8 @@ def test_ctrl_c_leaves_the_jobs_and_says_how_to_collect_them(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A suite run in the background (`cmd &`) ignores SIGINT, and a child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 30
     while not out.exists() or len(out.read_text().splitlines()) < 5:
