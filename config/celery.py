@@ -20,10 +20,18 @@ def result_backend_url(url: str) -> str:
     return url
 
 
+def broker_transport(url: str) -> str | None:
+    """config/transport.py's Transport for a redis:// or rediss:// broker; else kombu's choice."""
+    if url.startswith(("redis://", "rediss://")):
+        return "config.transport:Transport"
+    return None
+
+
 def configure(app: Celery, settings: Settings) -> None:
     """Apply Settings to a Celery app: JSON only, late acks, events, the worker pool."""
     app.conf.update(
         broker_url=settings.broker_url,
+        broker_transport=broker_transport(settings.broker_url),
         result_backend=result_backend_url(settings.result_backend),
         # JSON only: a pickle message could run code in the worker, and a secret could hide in it.
         task_serializer="json",

@@ -7,6 +7,7 @@ import uuid
 
 import redis
 from celery import Celery
+from kombu import Connection
 
 from config.backend import ResultStore
 from config.celery import result_backend_url
@@ -74,3 +75,22 @@ def test_a_result_written_by_the_store_reaches_a_waiting_get(redis_server: Redis
     late.join()
     writer.close()
     reader.close()
+
+
+def test_the_broker_channel_shares_one_client_and_still_delivers(
+    redis_server: RedisServer,
+) -> None:
+    from config.celery import app as project_app
+
+    assert project_app.connection_for_write().transport_cls == "config.transport:Transport"
+    with Connection(redis_server.url(9), transport="config.transport:Transport") as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second  # kombu itself would build two clients here
+            assert first.ping()
+        queue = connection.SimpleQueue(f"hot-path-{uuid.uuid4().hex[:8]}")
+        queue.put({"n": 1})
+        message = queue.get(timeout=5)
+        assert message.payload == {"n": 1}
+        message.ack()
+        queue.close()
