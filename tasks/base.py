@@ -25,6 +25,7 @@ from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
 from tasks import metrics
+from tasks.admission import get_call_start
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     ConflictTaskUUID,
@@ -35,6 +36,7 @@ from tasks.errors import (
     WorkerError,
 )
 from tasks.ledger import get_ledger
+from tasks.limiter import Admission
 from tasks.polling import get_pending
 from tasks.runware import TaskOutcome, get_client
 from tasks.schemas import stable_task_uuid
@@ -141,21 +143,25 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         reservation (the call may have been billed; the next run reuses it, and it expires if
         the job dies); any other failure releases it.
         """
-        ledger, pending = get_ledger(), get_pending()
+        ledger, pending, start = get_ledger(), get_pending(), get_call_start()
         task_uuid = job.task_uuid
         done_key, marker_key = pending.done_key(task_uuid), pending.marker_key(task_uuid)
-        state, value = ledger.begin(task_uuid, job.account, job.estimate_usd, done_key, marker_key)
+        state, value, admitted = start.begin(
+            task_uuid, job.account, job.priority, job.estimate_usd, done_key, marker_key
+        )
         if state == "done":  # a redelivered job whose call already finished
             logger.info("taskUUID %s already finished; returning its result.", task_uuid)
             return TaskOutcome(task_uuid, json.loads(value or b"[]"))
         submitted = float(value) if value else None
         try:
-            outcome = self._submit_or_poll(job, submitted)
+            outcome = self._submit_or_poll(job, submitted, admitted)
         except (TransientError, LimiterBusy, Ignore, Retry):
             raise
         except BaseException:
             ledger.release(task_uuid)
             raise
+        finally:
+            start.forfeit(admitted)  # a place in the limits the call never used
         ledger.end(
             task_uuid,
             job.account,
@@ -167,12 +173,14 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         )
         return outcome
 
-    def _submit_or_poll(self, job: RunwareJob, submitted: float | None) -> TaskOutcome:
+    def _submit_or_poll(
+        self, job: RunwareJob, submitted: float | None, admitted: Admission
+    ) -> TaskOutcome:
         client, pending = get_client(), get_pending()
         task_uuid = job.task_uuid
         if submitted is None:
             try:
-                outcome = client.run(job.body, job.account, job.priority)
+                outcome = client.run(job.body, job.account, job.priority, admitted)
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it, do not resend.
                 logger.info("taskUUID %s was already accepted by Runware; polling it.", task_uuid)
@@ -184,7 +192,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 raise self.reschedule(
                     pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
                 )
-        done, outcome = client.get_response(task_uuid, job.account, job.priority)
+        done, outcome = client.get_response(task_uuid, job.account, job.priority, admitted)
         if done:
             return outcome
         elapsed = max(0.0, time.time() - submitted)

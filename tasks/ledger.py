@@ -264,11 +264,24 @@ class Ledger:
         """A call's start, in one round trip: ("done", items JSON) if the task already
         finished; else reserve under the budgets (or raise BudgetExceeded) and return
         ("go", the submission marker or None)."""
-        args = self._reserve_args(task_uuid, account, estimate_usd)
-        keys = [*self._keys(task_uuid), done_key, marker_key]
-        status, value, spent = hold_through_outage(
+        keys, args = self.begin_keys_args(task_uuid, account, estimate_usd, done_key, marker_key)
+        answer = hold_through_outage(
             lambda: run_script(self._begin, keys, args), "ledger", self.outage_s
         )
+        return self.begin_answer(answer, task_uuid, account, estimate_usd)
+
+    def begin_keys_args(
+        self, task_uuid: str, account: str, estimate_usd: float, done_key: str, marker_key: str
+    ) -> tuple[list[str], list[str | int | float]]:
+        """The KEYS and ARGV of the BEGIN script for this call."""
+        keys = [*self._keys(task_uuid), done_key, marker_key]
+        return keys, self._reserve_args(task_uuid, account, estimate_usd)
+
+    def begin_answer(
+        self, answer: list[Any], task_uuid: str, account: str, estimate_usd: float
+    ) -> tuple[str, bytes | None]:
+        """What BEGIN's reply means: ("done", items) or ("go", marker); BudgetExceeded raised."""
+        status, value, spent = answer[0], answer[1], answer[2]
         if int(status) == 3:
             return "done", value
         if int(status) == 0:

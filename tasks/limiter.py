@@ -20,7 +20,9 @@ task waits in its worker for Redis to come back (backing off) and then retries.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -69,6 +71,20 @@ return '0'
 """
 
 OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
+# Tickets name a waiting call fleet-wide: a random prefix per process (new after a fork), then
+# a counter; cheaper than a uuid4 per call.
+_TICKETS = ""
+_ticket_numbers = itertools.count()
+
+
+def _new_ticket_prefix() -> None:
+    global _TICKETS, _ticket_numbers
+    _TICKETS = f"{uuid.uuid4().hex[:16]}:"
+    _ticket_numbers = itertools.count()
+
+
+_new_ticket_prefix()
+os.register_at_fork(after_in_child=_new_ticket_prefix)
 PRIORITIES = {"interactive": "i", "batch": "b"}
 DISPATCHER_LOCK_MS = 3000
 
@@ -84,6 +100,21 @@ class Permit:
     # False when giving the slot back has nothing to do (no lease, no strikes to clear): a
     # round trip saved on every call when only a rate limit is in force.
     needs_release: bool = True
+
+
+@dataclass
+class Admission:
+    """A call's place in the limits, asked for ahead of the call (tasks/admission.py asks in the
+    same round trip as the ledger's begin). `status` 1: granted, 2: queued, 0: not asked."""
+
+    account: str
+    klass: str
+    ticket: str
+    args: list[str | int | float]  # the ENQUEUE script's ARGV
+    started: float
+    status: int = 0
+    needs_release: bool = True
+    used: bool = False
 
 
 class Limiter:
@@ -127,28 +158,65 @@ class Limiter:
     # --- one call ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def slot(
-        self, task_type: str = "call", account: str = "default", priority: str = "interactive"
+        self,
+        task_type: str = "call",
+        account: str = "default",
+        priority: str = "interactive",
+        admitted: Admission | None = None,
     ) -> Iterator[Permit]:
         """Hold one call slot: wait for it (at most RUNWARE_LIMIT_MAX_WAIT_S, else LimiterBusy),
-        yield a Permit for the call, and release it afterwards."""
-        permit = self._wait_for_grant(account, priority)
+        yield a Permit for the call, and release it afterwards. With `admitted` (asked for
+        already, unused), the call takes that place instead of asking again."""
+        permit = self._wait_for_grant(account, priority, admitted)
         metrics.LIMIT_WAIT.labels(account, priority).observe(permit.waited_s)
         try:
             yield permit
         finally:
             self._give_back(permit)
 
-    def _wait_for_grant(self, account: str = "default", priority: str = "interactive") -> Permit:
-        settings = self.settings
-        ticket = uuid.uuid4().hex
+    def admission(self, account: str = "default", priority: str = "interactive") -> Admission:
+        """A new, not yet asked, place in the limits for one call."""
+        ticket = f"{_TICKETS}{next(_ticket_numbers):x}"
         klass = PRIORITIES.get(priority, "i")
-        started = time.monotonic()
         args = [*self._limit_args(), account, klass, ticket]
-        status, needs = hold_through_outage(
-            lambda: run_script(self._enqueue, [], args), "limiter", self.outage_s
+        return Admission(account, klass, ticket, args, time.monotonic())
+
+    def forfeit(self, admitted: Admission) -> None:
+        """Give up an admission the call never used: its grant back, or its ticket withdrawn."""
+        if admitted.used or admitted.status == 0:
+            return
+        admitted.used = True
+        if admitted.status == 1:
+            self._give_back(Permit(admitted.ticket, 0.0, needs_release=admitted.needs_release))
+            return
+        cancelled, value = hold_through_outage(
+            lambda: self._cancel(
+                keys=[], args=[self.prefix, admitted.account, admitted.klass, admitted.ticket]
+            ),
+            "limiter",
+            self.outage_s,
         )
-        if int(status) == 1:  # nobody waits and a slot is free: go now
-            return Permit(ticket, 0.0, needs_release=bool(int(needs)))
+        if not int(cancelled):  # granted meanwhile
+            self._give_back(Permit(admitted.ticket, 0.0, needs_release=bool(int(value))))
+
+    def _wait_for_grant(
+        self,
+        account: str = "default",
+        priority: str = "interactive",
+        admitted: Admission | None = None,
+    ) -> Permit:
+        settings = self.settings
+        if admitted is None or admitted.used or admitted.status == 0:
+            admitted = self.admission(account, priority)
+            args = admitted.args
+            status, needs = hold_through_outage(
+                lambda: run_script(self._enqueue, [], args), "limiter", self.outage_s
+            )
+            admitted.status, admitted.needs_release = int(status), bool(int(needs))
+        admitted.used = True
+        ticket, klass, started = admitted.ticket, admitted.klass, admitted.started
+        if admitted.status == 1:  # nobody waited and a slot was free: go now
+            return Permit(ticket, 0.0, needs_release=admitted.needs_release)
         self.ensure_dispatcher()
         deadline = started + settings.runware_limit_max_wait_s
         grant_key = f"{self.prefix}:grant:{ticket}"

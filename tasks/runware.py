@@ -31,7 +31,7 @@ from tasks.errors import (
     RateLimited,
     TransientError,
 )
-from tasks.limiter import Permit, get_limiter
+from tasks.limiter import Admission, Permit, get_limiter
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,14 @@ class _Answer:
     failure: tuple[str, str] | None = None  # (code, what happened) when there was no answer
 
 
-Gate = Callable[[str, str, str], AbstractContextManager[Permit]]
+# (task type, account, priority, the call's place in the limits if asked for already)
+Gate = Callable[[str, str, str, Admission | None], AbstractContextManager[Permit]]
 
 
 @contextlib.contextmanager
-def _open_gate(task_type: str, account: str, priority: str) -> Iterator[Permit]:
+def _open_gate(
+    task_type: str, account: str, priority: str, admitted: Admission | None = None
+) -> Iterator[Permit]:
     """No limits: every call may go at once (used where no limiter is wired in)."""
     yield Permit(lease="", waited_s=0.0)
 
@@ -145,18 +148,27 @@ class RunwareClient:
 
     # --- calls ---------------------------------------------------------------------------------
     def run(
-        self, task: dict[str, Any], account: str = "default", priority: str = "interactive"
+        self,
+        task: dict[str, Any],
+        account: str = "default",
+        priority: str = "interactive",
+        admitted: Admission | None = None,
     ) -> TaskOutcome:
         """Send one task object and return its items (sync delivery) or its acknowledgement.
-        `account` and `priority` decide its place in the fleet's fair share of calls."""
-        return self._post(task, str(task["taskUUID"]), account, priority)
+        `account` and `priority` decide its place in the fleet's fair share of calls;
+        `admitted` is that place when it was asked for already (tasks/admission.py)."""
+        return self._post(task, str(task["taskUUID"]), account, priority, admitted)
 
     def get_response(
-        self, task_uuid: str, account: str = "default", priority: str = "interactive"
+        self,
+        task_uuid: str,
+        account: str = "default",
+        priority: str = "interactive",
+        admitted: Admission | None = None,
     ) -> tuple[bool, TaskOutcome]:
         """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
         poll = {"taskType": "getResponse", "taskUUID": task_uuid}
-        outcome = self._post(poll, task_uuid, account, priority)
+        outcome = self._post(poll, task_uuid, account, priority, admitted)
         finished: list[dict[str, Any]] = []
         for item in outcome.items:
             status = str(item.get("status", "success")).lower()
@@ -170,14 +182,19 @@ class RunwareClient:
 
     # --- wire ----------------------------------------------------------------------------------
     def _post(
-        self, task: dict[str, Any], task_uuid: str, account: str, priority: str
+        self,
+        task: dict[str, Any],
+        task_uuid: str,
+        account: str,
+        priority: str,
+        admitted: Admission | None = None,
     ) -> TaskOutcome:
         if self._key is None:
             raise AuthenticationError(
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
             )
         kind = str(task.get("taskType", "?"))
-        with self._gate(kind, account, priority) as permit:
+        with self._gate(kind, account, priority, admitted) as permit:
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:

@@ -13,7 +13,9 @@ import pytest
 import redis
 
 from config.settings import load_settings
-from tasks.errors import LimiterBusy
+from tasks.admission import CallStart
+from tasks.errors import BudgetExceeded, LimiterBusy
+from tasks.ledger import Ledger
 from tasks.limiter import Limiter, Permit
 from workers.services import RedisServer
 
@@ -197,3 +199,39 @@ def test_an_unreachable_redis_grants_nothing(make: Any) -> None:
         limiter._wait_for_grant()
     # It held the call for the whole outage bound instead of letting it through.
     assert time.monotonic() - started >= 0.6
+
+
+def test_a_call_start_asks_the_limits_only_when_the_ledger_says_go(make: Any) -> None:
+    """The ledger's begin and the limiter's first ask share one script (tasks/admission.py): a
+    refused budget or a finished task takes no place in the limits, and an unused place is
+    given back."""
+    limiter = make(
+        runware_rate_limit=1.0,
+        runware_rate_burst=1,
+        runware_daily_budget_usd=0.003,
+        key_prefix=f"cs{next(_namespaces)}",
+    )
+    ledger = Ledger(limiter.redis, limiter.settings)
+    start = CallStart(ledger, limiter)
+    tickets = f"{limiter.prefix}:tickets"
+
+    def begin(task_uuid: str, done_key: str = "none") -> tuple[str, Any, Any]:
+        return start.begin(task_uuid, "acme", "interactive", 0.0013, done_key, f"m:{task_uuid}")
+
+    state, _, first = begin("a")
+    assert (state, first.status) == ("go", 1)  # an idle fleet: granted in the same round trip
+    state, _, second = begin("b", done_key="none-b")
+    assert (state, second.status) == ("go", 2)  # the rate's one slot is taken: queued
+    assert limiter.redis.hlen(tickets) == 1
+    with pytest.raises(BudgetExceeded):  # a third 0.0013 would pass 0.003: refused, no ticket
+        begin("c")
+    assert limiter.redis.hlen(tickets) == 1
+    limiter.redis.set("done:d", b"[]")
+    state, value, finished = begin("d", done_key="done:d")
+    assert (state, value, finished.status) == ("done", b"[]", 0)
+    assert limiter.redis.hlen(tickets) == 1
+    start.forfeit(second)  # the queued call never ran: its ticket is withdrawn
+    assert limiter.redis.hlen(tickets) == 0
+    start.forfeit(first)
+    with limiter.slot("promptEnhance", "acme", "interactive", first) as permit:  # used: asks anew
+        assert permit.lease != first.ticket
