@@ -9,7 +9,7 @@ from config.settings import Settings, get_settings
 TASK_MODULES = ["tasks.enhancement", "tasks.generate", "tasks.pipelines"]
 
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://")
 
 
 def result_backend_url(url: str) -> str:
@@ -21,8 +21,9 @@ def result_backend_url(url: str) -> str:
 
 
 def broker_transport(url: str) -> str | None:
-    """config/transport.py's Transport for a redis:// or rediss:// broker; else kombu's choice."""
-    if url.startswith(("redis://", "rediss://")):
+    """config/transport.py's Transport for a redis:// broker; else kombu's choice (for
+    rediss://, kombu sets up TLS only under its own transport name)."""
+    if url.startswith("redis://"):
         return "config.transport:Transport"
     return None
 

@@ -7,8 +7,8 @@ thread-safe (each command borrows a connection from the pool), so this channel k
 connection pool and hands out that one. The connections, the pool, and everything else are
 kombu's own.
 
-Selected in config/celery.py with Celery's `broker_transport` setting for redis:// and
-rediss:// broker URLs.
+Selected in config/celery.py with Celery's `broker_transport` setting for redis:// broker URLs
+(kombu sets up TLS for rediss:// only under its own transport name).
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         if state == "done":  # a redelivered job whose call already finished
             logger.info("taskUUID %s already finished; returning its result.", task_uuid)
             return TaskOutcome(task_uuid, json.loads(value or b"[]"))
-        submitted = float(value) if value else None
         try:
+            submitted = float(value) if value else None
             outcome = self._submit_or_poll(job, submitted, admitted)
         except (TransientError, LimiterBusy, Ignore, Retry):
             raise

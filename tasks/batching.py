@@ -62,15 +62,17 @@ class Coalescer(Generic[R]):
             if batch is None:
                 batch = self._open[kind] = _Batch(now)
             batch.tasks.append(task)
-            if len(batch.tasks) >= self.max_size:
-                self._close(kind, batch)
-            elif leader and busy:
-                # Others are likely on their way: hold the request open for them.
-                deadline = now + self.window_s
-                while not batch.closed and (remaining := deadline - time.monotonic()) > 0:
-                    self._cond.wait(remaining)
-            if leader:
-                self._close(kind, batch)
+            try:
+                if len(batch.tasks) >= self.max_size:
+                    self._close(kind, batch)
+                elif leader and busy:
+                    # Others are likely on their way: hold the request open for them.
+                    deadline = now + self.window_s
+                    while not batch.closed and (remaining := deadline - time.monotonic()) > 0:
+                        self._cond.wait(remaining)
+            finally:  # even when interrupted, the leader closes its batch and then sends it
+                if leader:
+                    self._close(kind, batch)
         if not leader:
             batch.done.wait()
         else:

@@ -70,6 +70,21 @@ class _Answer:
     body: Any = None  # the parsed JSON, or None when it was not JSON
     retry_after: float | None = None
     failure: tuple[str, str] | None = None  # (code, what happened) when there was no answer
+    size: int = 1  # tasks the request carried
+    _strike: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def claim_strike(self) -> bool:
+        """True for the first task that asks: a throttled request counts one strike against
+        the fleet's cool-down, however many tasks it carried."""
+        return self._strike.acquire(blocking=False)
+
+    def unattributed_rejection(self) -> bool:
+        """A 4xx for a request of several tasks whose errors name none of them: whose fault it
+        was cannot be told."""
+        if self.size < 2 or not 400 <= self.status < 500 or self.status in (401, 403, 408, 429):
+            return False
+        errors = _errors_of(self.body)
+        return not any(error.get("taskUUID") for error in errors)
 
 
 # (task type, account, priority, the call's place in the limits if asked for already)
@@ -200,6 +215,9 @@ class RunwareClient:
             try:
                 if kind in BATCHED_TASK_TYPES:
                     answer = self._batcher.call(kind, task)
+                    if answer.unattributed_rejection():
+                        # Find out whether it was this task: it goes again, alone.
+                        answer = self._send([task])
                 else:
                     answer = self._send([task])
             finally:
@@ -210,7 +228,8 @@ class RunwareClient:
                 metrics.RUNWARE_CALLS.labels(kind, code).inc()
                 raise TransientError(f"Runware {kind} {task_uuid}: {what}", code=code)
             if answer.status in (429, 503):
-                permit.outcome = "throttled"
+                # One strike per request; the request's other tasks just give their slots back.
+                permit.outcome = "throttled" if answer.claim_strike() else "none"
                 permit.retry_after = answer.retry_after
             else:
                 permit.outcome = "ok"
@@ -243,7 +262,9 @@ class RunwareClient:
             if response.status_code in (408, 429) or response.status_code >= 500
             else None
         )
-        return _Answer(status=response.status_code, body=body, retry_after=retry_after)
+        return _Answer(
+            status=response.status_code, body=body, retry_after=retry_after, size=len(tasks)
+        )
 
     def _parse(self, answer: _Answer, kind: str, task_uuid: str) -> TaskOutcome:
         status, body = answer.status, answer.body
@@ -274,9 +295,10 @@ class RunwareClient:
             )
         if own_errors and not items:
             raise self._per_task_error(own_errors, task_uuid)
-        if not items and not isinstance(data, list):
+        if not isinstance(data, list) or (not items and kind != "getResponse"):
+            # (An empty answer to a poll means "not yet"; to anything else it is no answer.)
             raise TransientError(
-                f"Runware {kind} {task_uuid}: answered 200 without a data list",
+                f"Runware {kind} {task_uuid}: answered 200 without data for this task",
                 code="badResponse",
                 status=status,
             )

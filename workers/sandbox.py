@@ -26,7 +26,8 @@ from workers.sandbox_tasks import MICRO, accept, check, error, valid_uuid4
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("400", "401", "402", "403", "404", "429", "500", "503", "hang", "garbage")
+# Names for `fail_next`; "none" answers normally (to place a fault later in a sequence).
+FAULTS = ("400", "401", "402", "403", "404", "429", "500", "503", "hang", "garbage", "none")
 FAULT_CODES = {
     "400": "invalidParameter",
     "401": "invalidApiKey",

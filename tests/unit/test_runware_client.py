@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import redis
 
 from config.settings import load_settings
 from tasks.errors import (
@@ -16,10 +18,12 @@ from tasks.errors import (
     RateLimited,
     TransientError,
 )
+from tasks.limiter import Limiter
 from tasks.runware import RunwareClient, TaskOutcome, _Answer, _errors_of
 from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
 from workers.sandbox import Sandbox
+from workers.services import RedisServer
 
 
 @pytest.fixture
@@ -122,16 +126,18 @@ def test_an_echoed_key_is_redacted(client: RunwareClient) -> None:
     assert client.redact(f"bad key {SECRET}!") == "bad key ***!"
 
 
-def test_tasks_sent_together_share_requests_and_keep_their_own_errors(sandbox: Sandbox) -> None:
+def _batching_client(sandbox: Sandbox, gate: Any = None) -> RunwareClient:
     settings = load_settings(
         _env_file=None,
         runware_api_url=sandbox.url,
         runware_api_key=SECRET,
         runware_batch_window_ms=300,
     )
-    client = RunwareClient(settings, pool_size=4)
-    tasks = [_task() for _ in range(9)]
-    tasks[4]["promptVersions"] = 9  # Runware refuses this one task, and only it
+    return RunwareClient(settings, pool_size=4, gate=gate)
+
+
+def _run_together(client: RunwareClient, tasks: list[dict[str, Any]]) -> list[object]:
+    """Each task in its own thread, all at once; each one's outcome or exception, in order."""
     answers: list[object] = [None] * len(tasks)
     start = threading.Barrier(len(tasks))
 
@@ -147,6 +153,14 @@ def test_tasks_sent_together_share_requests_and_keep_their_own_errors(sandbox: S
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    return answers
+
+
+def test_tasks_sent_together_share_requests_and_keep_their_own_errors(sandbox: Sandbox) -> None:
+    client = _batching_client(sandbox)
+    tasks = [_task() for _ in range(9)]
+    tasks[4]["promptVersions"] = 9  # Runware refuses this one task, and only it
+    answers = _run_together(client, tasks)
     client.close()
     assert isinstance(answers[4], PermanentError)
     assert "promptVersions" in str(answers[4])
@@ -156,6 +170,52 @@ def test_tasks_sent_together_share_requests_and_keep_their_own_errors(sandbox: S
             assert [item["taskUUID"] for item in answer.items] == [tasks[n]["taskUUID"]]
     assert sandbox.state.tasks_received == 9
     assert sandbox.state.requests < 9  # some of them shared a request
+
+
+def test_a_refusal_naming_no_task_sends_each_task_again_alone(sandbox: Sandbox) -> None:
+    """A 400 for a shared request that names no task is nobody's fault yet: each task goes
+    again alone, and only a task that is refused alone fails."""
+    client = _batching_client(sandbox)
+    # The first caller goes alone (the worker was idle); the others share the next request,
+    # which is refused without naming a task.
+    sandbox.configure(fail_next=["none", "400"])
+    tasks = [_task() for _ in range(6)]
+    answers = _run_together(client, tasks)
+    client.close()
+    assert all(isinstance(answer, TaskOutcome) for answer in answers), answers
+    assert sandbox.state.statuses.get("400") == 1
+    shared = sandbox.state.tasks_received - 6  # the refused request's tasks, sent twice
+    assert shared >= 2
+    assert sandbox.state.requests == 2 + shared  # each of them again, alone
+
+
+def test_a_throttled_shared_request_counts_one_strike(
+    sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    settings = load_settings(
+        _env_file=None, runware_cooldown_s=0.05, key_prefix=f"strike{uuid.uuid4().hex[:6]}"
+    )
+    limiter = Limiter(redis.Redis.from_url(redis_server.url(61)), settings)
+    client = _batching_client(sandbox, gate=limiter.slot)
+    sandbox.configure(fail_next=["none", "429"])
+    answers = _run_together(client, [_task() for _ in range(6)])
+    client.close()
+    throttled = [a for a in answers if isinstance(a, RateLimited)]
+    assert len(throttled) >= 2  # one request carried them all
+    assert limiter.redis.get(limiter.keys["strikes"]) == b"1"
+    limiter.redis.close()
+
+
+def test_a_task_missing_from_an_answer_is_not_taken_for_an_empty_result(
+    client: RunwareClient,
+) -> None:
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    answer = _Answer(status=200, body={"data": [{"taskUUID": other, "text": "theirs"}]}, size=2)
+    with pytest.raises(TransientError, match="without data for this task") as caught:
+        client._parse(answer, "promptEnhance", mine)
+    assert caught.value.code == "badResponse"
+    # For a poll, no item yet means "still working".
+    assert client._parse(answer, "getResponse", mine).items == []
 
 
 def test_a_request_refused_for_another_task_is_retried_for_this_one(client: RunwareClient) -> None:
