@@ -96,6 +96,8 @@ class SandboxState:
             self.auth_failures = 0
             self.bodies: dict[str, dict[str, Any]] = {}  # taskUUID -> the last task object sent
             self.accepted_log: list[tuple[float, str]] = []  # (time, prompt) per accepted task
+            # (time, injected fault or "", taskUUIDs) per API request, to explain a failed test
+            self.request_log: list[tuple[float, str, list[str]]] = []
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -253,6 +255,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         fault = state.next_fault()
+        with state.lock:
+            uuids = [str(task.get("taskUUID")) for task in body]
+            state.request_log.append((time.time(), fault or "", uuids))
         if fault in FAULT_CODES or fault == "garbage":
             if latency > 0:
                 time.sleep(latency)

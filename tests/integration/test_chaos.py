@@ -3,6 +3,7 @@ is billed twice."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import redis
@@ -20,6 +21,17 @@ def _ledger_total_micro(url: str) -> int:
     )
     client.close()
     return total
+
+
+def _requests_behind(failures: list[str], sandbox: Sandbox) -> str:
+    """The failures, and every request that carried their taskUUIDs (time, fault, size)."""
+    lines = list(failures)
+    for failure in failures:
+        for uuid in re.findall(r"[0-9a-f]{8}-[0-9a-f-]{27}", failure)[:1]:
+            for at, fault, carried in sandbox.state.request_log:
+                if uuid in carried:
+                    lines.append(f"  {uuid}: {at:.3f} fault={fault or '-'} tasks={len(carried)}")
+    return "\n".join(lines)
 
 
 def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox) -> None:
@@ -82,7 +94,13 @@ def test_a_faulty_api(start_worker: StartWorker, sandbox: Sandbox) -> None:
     )
     worker = start_worker("chaos-faults", RUNWARE_MAX_RETRIES="10", WORKER_CONCURRENCY="32")
     pending = [worker.send(prompt=f"faulty {n}") for n in range(200)]
-    results = [p.get(timeout=180) for p in pending]
+    results, failures = [], []
+    for job in pending:
+        try:
+            results.append(job.get(timeout=180))
+        except Exception as exc:
+            failures.append(str(exc))
+    assert not failures, _requests_behind(failures, sandbox)
     uuids = {r["taskUUID"] for r in results}
     assert len(uuids) == 200
     assert set(sandbox.state.accepted.values()) == {1}
