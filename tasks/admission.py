@@ -12,13 +12,12 @@ ends before using it gives it back (Limiter.forfeit).
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from tasks import fairness
 from tasks.ledger import BEGIN, Ledger, get_ledger
 from tasks.limiter import Admission, Limiter, get_limiter
-from tasks.state import hold_through_outage, run_script
+from tasks.state import hold_through_outage, per_process, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +84,4 @@ class CallStart:
             logger.warning("Could not give back an unused call slot: %s", exc)
 
 
-_lock = threading.Lock()
-_call_start: CallStart | None = None
-
-
-def get_call_start() -> CallStart:
-    """This process's CallStart."""
-    global _call_start
-    if _call_start is None:
-        with _lock:
-            if _call_start is None:
-                _call_start = CallStart(get_ledger(), get_limiter())
-    return _call_start
+get_call_start = per_process(lambda: CallStart(get_ledger(), get_limiter()))

@@ -8,7 +8,6 @@ the newest DEAD_LETTER_MAX.
 from __future__ import annotations
 
 import json
-import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +16,7 @@ from celery import Celery
 
 from config.settings import Settings, get_settings
 from tasks.redact import redact
-from tasks.state import redis_client
+from tasks.state import per_process, redis_client
 
 DEAD_LETTER_MAX = 10_000
 # A job that failed inside a batch is requeued on its own, as the task it stands for.
@@ -78,16 +77,9 @@ class DeadLetters:
         return requeued
 
 
-_lock = threading.Lock()
-_dead: DeadLetters | None = None
+def _make_dead_letters() -> DeadLetters:
+    settings = get_settings()
+    return DeadLetters(redis_client(settings), settings)
 
 
-def get_dead_letters() -> DeadLetters:
-    """This process's DeadLetters."""
-    global _dead
-    if _dead is None:
-        with _lock:
-            if _dead is None:
-                settings = get_settings()
-                _dead = DeadLetters(redis_client(settings), settings)
-    return _dead
+get_dead_letters = per_process(_make_dead_letters)  # this process's DeadLetters

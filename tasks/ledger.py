@@ -13,18 +13,18 @@ Money is integer micro-dollars (1 USD = 1,000,000), never summed floats.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from config.settings import Settings, get_settings
 from tasks import metrics
 from tasks.errors import BudgetExceeded
-from tasks.state import hold_through_outage, redis_client, run_script
+from tasks.state import hold_through_outage, per_process, redis_client, run_script
 
 MICRO = 1_000_000
 TASK_TTL_S = 8 * 86_400  # how long "this taskUUID is billed" is remembered
@@ -300,34 +300,31 @@ class Ledger:
     ) -> bool:
         """A call's end, in one round trip: record the cost once, keep the finished items for
         `keep_s` seconds, drop the submission marker. True if this call recorded the cost."""
-        args: list[str | int | float] = [
-            task_uuid,
-            account,
-            to_micro(cost_usd),
-            TASK_TTL_S,
-            DAY_TTL_S,
-            items_json,
-            keep_s,
-        ]
         keys = [*self._keys(task_uuid), done_key, marker_key]
-        recorded = hold_through_outage(
-            lambda: run_script(self._end, keys, args), "ledger", self.outage_s
-        )
-        if int(recorded):
-            metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
-        return bool(int(recorded))
+        args = [*self._commit_args(task_uuid, account, cost_usd), items_json, keep_s]
+        return self._record(self._end, keys, args, account, cost_usd)
 
     def commit(self, task_uuid: str, account: str, cost_usd: float) -> bool:
         """Record the real cost once; True if this call recorded it, False if it already was."""
-        args: list[str | int | float] = [
-            task_uuid,
-            account,
-            to_micro(cost_usd),
-            TASK_TTL_S,
-            DAY_TTL_S,
-        ]
+        args = self._commit_args(task_uuid, account, cost_usd)
+        return self._record(self._commit, self._keys(task_uuid), args, account, cost_usd)
+
+    def _commit_args(
+        self, task_uuid: str, account: str, cost_usd: float
+    ) -> list[str | int | float]:
+        return [task_uuid, account, to_micro(cost_usd), TASK_TTL_S, DAY_TTL_S]
+
+    def _record(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[str | int | float],
+        account: str,
+        cost_usd: float,
+    ) -> bool:
+        """Run a script that records a cost once; count it in the metrics if this one did."""
         recorded = hold_through_outage(
-            lambda: self._commit(keys=self._keys(task_uuid), args=args), "ledger", self.outage_s
+            lambda: run_script(script, keys, args), "ledger", self.outage_s
         )
         if int(recorded):
             metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
@@ -362,16 +359,9 @@ class Ledger:
         )
 
 
-_lock = threading.Lock()
-_ledger: Ledger | None = None
+def _make_ledger() -> Ledger:
+    settings = get_settings()
+    return Ledger(redis_client(settings), settings)
 
 
-def get_ledger() -> Ledger:
-    """This process's Ledger."""
-    global _ledger
-    if _ledger is None:
-        with _lock:
-            if _ledger is None:
-                settings = get_settings()
-                _ledger = Ledger(redis_client(settings), settings)
-    return _ledger
+get_ledger = per_process(_make_ledger)  # this process's Ledger

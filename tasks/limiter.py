@@ -36,7 +36,7 @@ import redis
 from config.settings import Settings, get_settings, parse_rate
 from tasks import fairness, metrics
 from tasks.errors import LimiterBusy
-from tasks.state import hold_through_outage, redis_client, run_script
+from tasks.state import hold_through_outage, per_process, redis_client, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -455,16 +455,12 @@ class Dispatcher(threading.Thread):
 
 
 # --- one limiter per process ------------------------------------------------------------------
-_lock = threading.Lock()
-_limiter: Limiter | None = None
+_lock = threading.Lock()  # one dispatcher candidate per process
 
 
-def get_limiter() -> Limiter:
-    """This process's fleet-wide Limiter."""
-    global _limiter
-    if _limiter is None:
-        with _lock:
-            if _limiter is None:
-                settings = get_settings()
-                _limiter = Limiter(redis_client(settings), settings)
-    return _limiter
+def _make_limiter() -> Limiter:
+    settings = get_settings()
+    return Limiter(redis_client(settings), settings)
+
+
+get_limiter = per_process(_make_limiter)  # this process's fleet-wide Limiter

@@ -12,13 +12,12 @@ back-off and the deadline); it survives redeliveries because the taskUUID does.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import redis
 
 from config.settings import Settings, get_settings
-from tasks.state import hold_through_outage, redis_client
+from tasks.state import hold_through_outage, per_process, redis_client
 
 
 class PendingCalls:
@@ -62,16 +61,9 @@ class PendingCalls:
         )
 
 
-_lock = threading.Lock()
-_pending: PendingCalls | None = None
+def _make_pending() -> PendingCalls:
+    settings = get_settings()
+    return PendingCalls(redis_client(settings), settings)
 
 
-def get_pending() -> PendingCalls:
-    """This process's PendingCalls."""
-    global _pending
-    if _pending is None:
-        with _lock:
-            if _pending is None:
-                settings = get_settings()
-                _pending = PendingCalls(redis_client(settings), settings)
-    return _pending
+get_pending = per_process(_make_pending)  # this process's PendingCalls

@@ -8,6 +8,7 @@ without a budget check), then give up with a TransientError so the task retries 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -22,6 +23,22 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def per_process(make: Callable[[], T]) -> Callable[[], T]:
+    """A getter of one `make()` for the whole process, built by its first caller (the others
+    wait for it rather than building a second)."""
+    lock = threading.Lock()
+    made: list[T] = []
+
+    def get() -> T:
+        if not made:
+            with lock:
+                if not made:
+                    made.append(make())
+        return made[0]
+
+    return get
 
 
 def redis_client(settings: Settings) -> redis.Redis:
