@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -89,6 +92,21 @@ def _clean_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
         retry_after_s=None,
         api_key=SECRET,
         video_render_s=1.0,
+    )
+
+
+def run_cli(
+    redis_url: str, *args: str, timeout: float = 180, check: bool = False, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """`enhance-worker ARGS` as a user runs it, against `redis_url`."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        **kwargs,
     )
 
 

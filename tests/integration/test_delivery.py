@@ -14,22 +14,20 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import FAST_REDELIVERY, SECRET, RunningWorker, StartWorker, worker_env
+from tests.conftest import (
+    FAST_REDELIVERY,
+    SECRET,
+    RunningWorker,
+    StartWorker,
+    run_cli,
+    worker_env,
+)
 from workers.sandbox import Sandbox
 from workers.services import RedisServer, WorkerProcess
 
 
 def _cli(redis_url: str, *args: str) -> str:
-    env = {**os.environ, "REDIS_URL": redis_url}
-    done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return done.stdout
+    return run_cli(redis_url, *args, timeout=60, check=True).stdout
 
 
 def test_a_job_whose_result_is_known_does_not_call_again(

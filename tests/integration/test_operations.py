@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SECRET, RunningWorker, StartWorker
+from tests.conftest import SECRET, RunningWorker, StartWorker, run_cli
 from workers.sandbox import Sandbox
 from workers.services import free_port
 
@@ -161,16 +161,7 @@ def test_json_logs_carry_one_outcome_line_per_job(
 
 
 def _cli(worker: RunningWorker, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REDIS_URL": worker.redis_url}
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        **kwargs,
-    )
+    return run_cli(worker.redis_url, *args, **kwargs)
 
 
 def test_the_enhance_command(main_worker: RunningWorker, sandbox: Sandbox) -> None:
