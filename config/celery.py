@@ -4,36 +4,42 @@ from __future__ import annotations
 
 from celery import Celery
 
+from config import redis as redis_urls
+from config.keys import FairKeys
 from config.settings import Settings, get_settings
 
 TASK_MODULES = ["tasks.enhancement", "tasks.generate", "tasks.pipelines"]
 
 
-REDIS_SCHEMES = ("redis://", "rediss://")
-
-
 def result_backend_url(url: str) -> str:
-    """A Redis URL as Celery's `module:Class+url` form for config/backend.py's ResultStore (one
-    round trip per state write); any other backend URL as it is."""
-    if url.startswith(REDIS_SCHEMES):
-        return f"config.backend:ResultStore+{url}"
+    """A Redis URL (any form config/redis.py takes) as Celery's `module:Class+url` form for
+    config/backend.py's ResultStore (one round trip per state write); any other backend URL as
+    it is."""
+    if redis_urls.is_redis(url):
+        return f"config.backend:ResultStore+{redis_urls.backend_url(url)}"
     return url
 
 
 def broker_transport(url: str) -> str | None:
-    """config/transport.py's Transport for a redis:// broker; else kombu's choice (for
-    rediss://, kombu sets up TLS only under its own transport name)."""
-    if url.startswith("redis://"):
+    """config/transport.py's Transport for a Redis broker (SocketTransport for a unix socket);
+    else kombu's choice."""
+    if url.startswith("unix://"):
+        return "config.transport:SocketTransport"
+    if redis_urls.is_redis(url):
         return "config.transport:Transport"
     return None
 
 
 def configure(app: Celery, settings: Settings) -> None:
     """Apply Settings to a Celery app: JSON only, late acks, events, the worker pool."""
+    broker_url, broker_ssl = redis_urls.broker_options(settings.broker_url)
+    keys = FairKeys(settings.key_prefix)
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=broker_url,
         broker_transport=broker_transport(settings.broker_url),
+        broker_use_ssl=broker_ssl,
         result_backend=result_backend_url(settings.result_backend),
+        redis_backend_use_ssl=redis_urls.ssl_options(settings.result_backend),
         # JSON only: a pickle message could run code in the worker, and a secret could hide in it.
         task_serializer="json",
         result_serializer="json",
@@ -52,6 +58,10 @@ def configure(app: Celery, settings: Settings) -> None:
             # The sweep holds a lock in Redis; if a worker is killed while holding it, no other
             # worker may sweep until it expires (kombu's default: 300 s).
             "unacked_mutex_expire": max(5, min(300, settings.celery_visibility_timeout_s // 2)),
+            # The worker's transport clears the fair dispatcher's record of a granted job in the
+            # transaction that writes kombu's unacknowledged entry (config/transport.py).
+            "fair_transit_key": keys.transit,
+            "fair_transit_at_key": keys.transit_at,
         },
         result_backend_transport_options={
             "visibility_timeout": settings.celery_visibility_timeout_s

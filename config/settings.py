@@ -134,11 +134,6 @@ class Settings(BaseSettings):
         description="most Runware calls open at once across all workers, an integer; "
         "empty or 0 for no cap",
     )
-    runware_limit_max_wait_s: PositiveFloat = Field(
-        default=30.0,
-        description="longest a task waits in its worker for a call slot before it is "
-        "re-scheduled with a countdown, > 0",
-    )
     runware_lease_s: PositiveFloat | None = Field(
         default=None,
         description="seconds an in-flight slot is held at most (a dead worker's slot comes back "
@@ -187,7 +182,8 @@ class Settings(BaseSettings):
     )
     limiter_redis_url: str | None = Field(
         default=None,
-        description="a redis:// URL for the limiter and ledger state; default REDIS_URL",
+        description="a Redis URL for the ledger, poll markers and dead letters; default "
+        "REDIS_URL (the limits and fair queues live in the broker's Redis)",
     )
     key_prefix: str = Field(
         default="enhance",
@@ -225,7 +221,7 @@ class Settings(BaseSettings):
         default=3600,
         ge=1,
         description="seconds before an unacknowledged job of a dead worker is delivered again, "
-        "an integer >= 1, longer than any countdown or deadline the worker uses",
+        "an integer >= 1, longer than one run of a job (the Runware timeouts + 1)",
     )
     worker_soft_shutdown_s: float = Field(
         default=30.0,
@@ -287,26 +283,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _visibility_outlasts_every_wait(self) -> Settings:
-        """A job is unacknowledged while it runs and while its countdown waits in the worker; if
-        either outlasts the visibility timeout, Redis hands the job to a second worker."""
-        longest_run = (
-            self.runware_limit_max_wait_s + self.runware_connect_timeout_s + self.runware_timeout_s
-        )
-        longest_countdown = max(
-            self.runware_retry_backoff_max_s,
-            self.runware_retry_after_max_s,
-            self.runware_poll_max_interval_s,
-            self.runware_cooldown_max_s,
-        )
-        needed = max(longest_run, longest_countdown)
+    def _visibility_outlasts_a_run(self) -> Settings:
+        """A job is unacknowledged while it runs; if a run outlasts the visibility timeout, Redis
+        hands the job to a second worker. A run makes at most one call to Runware; every wait
+        (a countdown, a retry, a poll, a slot) is kept in Redis by the fair intake, not here."""
+        # One call (connect and read timeouts), plus the batching window (at most 1 s).
+        needed = self.runware_connect_timeout_s + self.runware_timeout_s + 1.0
         if self.celery_visibility_timeout_s <= needed:
             raise ValueError(
                 f"CELERY_VISIBILITY_TIMEOUT_S={self.celery_visibility_timeout_s} must be longer "
-                f"than the longest wait the worker may use ({needed:g}s: the longest of "
-                "RUNWARE_LIMIT_MAX_WAIT_S + RUNWARE_CONNECT_TIMEOUT_S + RUNWARE_TIMEOUT_S, "
-                "RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S, "
-                "RUNWARE_POLL_MAX_INTERVAL_S, RUNWARE_COOLDOWN_MAX_S)"
+                f"than the longest run of a job ({needed:g}s: RUNWARE_CONNECT_TIMEOUT_S + "
+                "RUNWARE_TIMEOUT_S + 1)"
             )
         return self
 

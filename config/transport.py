@@ -1,26 +1,63 @@
-"""The broker transport: kombu's Redis transport, minus one redis-py client object per command.
+"""The broker transport: kombu's Redis transport, with two changes.
 
-kombu builds a new `redis.Redis` for every publish, acknowledgement and unacked-index update
-(`Channel.conn_or_acquire`). With redis-py 6 and later each one copies a table of some 250 reply
-callbacks, which the profile showed as 7% of the worker's CPU at full load. A Redis client is
-thread-safe (each command borrows a connection from the pool), so this channel keeps one per
-connection pool and hands out that one. The connections, the pool, and everything else are
-kombu's own.
+1. Custody in one transaction. The fleet's dispatcher (tasks/dispatcher.py) records every job it
+   grants until a worker takes custody of it. kombu takes a message with BRPOP and then writes it
+   to its unacknowledged set; a worker killed between the two lost the message
+   (celery/kombu#305). Here the same MULTI/EXEC that writes kombu's unacknowledged entry also
+   clears the dispatcher's record, so at every instant a granted message is either in the ready
+   queue, or recorded (the dispatcher requeues it if it is in neither), or in kombu's
+   unacknowledged set (kombu redelivers it after the visibility timeout).
+2. One redis-py client per connection pool. kombu builds a new `redis.Redis` for every publish,
+   acknowledgement and unacked-index update; with redis-py 6 and later each one copies a table
+   of some 250 reply callbacks, which the profile showed as 7% of the worker's CPU at full load.
+   A Redis client is thread-safe, so this channel keeps one per pool.
 
-Selected in config/celery.py with Celery's `broker_transport` setting for redis:// broker URLs
-(kombu sets up TLS for rediss:// only under its own transport name).
+Everything else (connections, pools, TLS, acks, the visibility-timeout restore) is kombu's own.
+Selected in config/celery.py with Celery's `broker_transport` setting for every Redis URL;
+`SocketTransport` for unix sockets, whose URL kombu must not parse as host and port.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's QoS, whose unacknowledged-entry write also ends the dispatcher's transit record."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        channel: Any = self.channel
+        info = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(
+                self.unacked_key,
+                delivery_tag,
+                dumps([message._raw, info["exchange"], info["routing_key"]]),
+            )
+            if channel.fair_transit_key:
+                pipe.hdel(channel.fair_transit_key, delivery_tag)
+                pipe.zrem(channel.fair_transit_at_key, delivery_tag)
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
-    """A kombu Redis channel whose plain (not BRPOP) commands share one client per pool."""
+    """A kombu Redis channel with the QoS above and one shared client per pool."""
 
+    QoS = QoS
+    fair_transit_key = ""
+    fair_transit_at_key = ""
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options,
+        "fair_transit_key",
+        "fair_transit_at_key",
+    )
     _shared_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -38,3 +75,10 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above."""
 
     Channel = Channel
+
+
+class SocketTransport(Transport):
+    """The same, for a unix socket URL (`socket:///path?virtual_host=N`), which the channel
+    parses itself."""
+
+    can_parse_url = True

@@ -4,8 +4,10 @@
   ERROR with a message that says what was wrong.
 - TransientError retries with exponential back-off and full jitter, capped, honouring Retry-After,
   at most RUNWARE_MAX_RETRIES times; then the task fails with the last error and the retry count.
-- Waiting (for the fleet's limits, or for Runware to finish an async task) is not failing: the
-  job is re-scheduled with a countdown and its retry budget is untouched.
+- Waiting for Runware to finish an async task is not failing: the job is re-scheduled with a
+  countdown (kept in Redis by the fair intake, not in a worker) and its retry budget is
+  untouched. A job reaches a worker only once the fleet granted it a slot (tasks/dispatcher.py):
+  it makes at most one call to Runware per run and gives the slot back when the run ends.
 - Every call reserves its estimated cost under the budgets first and records its real cost once.
 """
 
@@ -25,18 +27,16 @@ from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
 from tasks import metrics
-from tasks.admission import get_call_start
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     ConflictTaskUUID,
-    LimiterBusy,
     TaskTimeout,
     TransientError,
     ValidationError,
     WorkerError,
 )
 from tasks.ledger import get_ledger
-from tasks.limiter import Admission
+from tasks.limiter import Permit, get_limiter
 from tasks.polling import get_pending
 from tasks.runware import TaskOutcome, get_client
 from tasks.schemas import stable_task_uuid
@@ -82,6 +82,21 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     # Celery's own retry cap (default 3) would cut our policy short: RUNWARE_MAX_RETRIES bounds it.
     max_retries = None
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task holding the slot the dispatcher granted it (named by its task id), and
+        give the slot back when the run ends, whether or not it called Runware."""
+        permit = Permit(str(self.request.id))
+        setattr(self.request, "permit", permit)  # noqa: B010 - Context has no declared slot
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            get_limiter().release(permit)
+
+    def permit(self) -> Permit:
+        """This run's slot."""
+        permit = getattr(self.request, "permit", None)
+        return permit if isinstance(permit, Permit) else Permit(str(self.request.id))
+
     def keyword_only(self, args: tuple[Any, ...]) -> None:
         """Refuse positional arguments with a message that says how to call the task."""
         if args:
@@ -93,10 +108,9 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         """Send this job again in `countdown` seconds without touching its retry budget.
 
         The new message keeps the task id, arguments, retry count and chain links; this run ends
-        without a state change. The countdown is at most half the visibility timeout, so Redis
-        never hands the waiting job to a second worker.
+        without a state change. The fair intake keeps it in Redis until it is due, then it waits
+        for a slot like any other job.
         """
-        countdown = min(countdown, get_settings().celery_visibility_timeout_s / 2)
         metrics.RESCHEDULES.labels(self.name).inc()
         logger.info(
             "Task %s (%s) %s; re-scheduled in %.1fs.", self.request.id, self.name, why, countdown
@@ -143,25 +157,21 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         reservation (the call may have been billed; the next run reuses it, and it expires if
         the job dies); any other failure releases it.
         """
-        ledger, pending, start = get_ledger(), get_pending(), get_call_start()
+        ledger, pending = get_ledger(), get_pending()
         task_uuid = job.task_uuid
         done_key, marker_key = pending.done_key(task_uuid), pending.marker_key(task_uuid)
-        state, value, admitted = start.begin(
-            task_uuid, job.account, job.priority, job.estimate_usd, done_key, marker_key
-        )
+        state, value = ledger.begin(task_uuid, job.account, job.estimate_usd, done_key, marker_key)
         if state == "done":  # a redelivered job whose call already finished
             logger.info("taskUUID %s already finished; returning its result.", task_uuid)
             return TaskOutcome(task_uuid, json.loads(value or b"[]"))
         try:
             submitted = float(value) if value else None
-            outcome = self._submit_or_poll(job, submitted, admitted)
-        except (TransientError, LimiterBusy, Ignore, Retry):
+            outcome = self._submit_or_poll(job, submitted)
+        except (TransientError, Ignore, Retry):
             raise
         except BaseException:
             ledger.release(task_uuid)
             raise
-        finally:
-            start.forfeit(admitted)  # a place in the limits the call never used
         ledger.end(
             task_uuid,
             job.account,
@@ -173,26 +183,27 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         )
         return outcome
 
-    def _submit_or_poll(
-        self, job: RunwareJob, submitted: float | None, admitted: Admission
-    ) -> TaskOutcome:
+    def _submit_or_poll(self, job: RunwareJob, submitted: float | None) -> TaskOutcome:
+        """One call to Runware (a run holds one slot): submit the task, or poll it."""
         client, pending = get_client(), get_pending()
         task_uuid = job.task_uuid
         if submitted is None:
             try:
-                outcome = client.run(job.body, job.account, job.priority, admitted)
+                outcome = client.run(job.body, self.permit())
             except ConflictTaskUUID:
-                # An earlier attempt was accepted and its answer lost: fetch it, do not resend.
-                logger.info("taskUUID %s was already accepted by Runware; polling it.", task_uuid)
-                submitted = pending.mark(task_uuid, job.timeout_s)
-            else:
-                if not job.deliver_async:
-                    return outcome
+                # An earlier attempt was accepted and its answer lost: fetch it with a poll, in
+                # a run of its own (with a slot of its own), never by sending it again.
                 pending.mark(task_uuid, job.timeout_s)
                 raise self.reschedule(
-                    pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
-                )
-        done, outcome = client.get_response(task_uuid, job.account, job.priority, admitted)
+                    0.0, f"taskUUID {task_uuid} was already accepted by Runware; polling it"
+                ) from None
+            if not job.deliver_async:
+                return outcome
+            pending.mark(task_uuid, job.timeout_s)
+            raise self.reschedule(
+                pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
+            )
+        done, outcome = client.get_response(task_uuid, self.permit())
         if done:
             return outcome
         elapsed = max(0.0, time.time() - submitted)
@@ -213,12 +224,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 result = call()
             except redis.RedisError as exc:
                 raise TransientError(
-                    f"Redis (limiter or ledger) failed: {type(exc).__name__}: {exc}"
+                    f"Redis (limits or ledger) failed: {type(exc).__name__}: {exc}"
                 ) from None
         except TransientError as exc:
             raise self._retry_or_give_up(exc, started) from None
-        except LimiterBusy as exc:
-            raise self.reschedule(exc.countdown, f"waits for the fleet's limits ({exc})") from None
         except WorkerError as exc:
             self._log_outcome(logging.ERROR, "failed", started, reason=str(exc))
             raise

@@ -1,5 +1,5 @@
 """Several tasks in one Runware request: the calls that this process's threads make at about the
-same time share one HTTP round trip (Runware's body is an array of tasks, RUNWARE_API.md).
+same time share one HTTP round trip (Runware's body is an array of tasks).
 
 A request leaves when it holds RUNWARE_BATCH_MAX tasks, or RUNWARE_BATCH_WINDOW_MS after its
 first task arrived; but when this process is not busy (fewer than one other call expected within

@@ -56,13 +56,5 @@ class TaskTimeout(WorkerError):
     """An asynchronous Runware task did not finish before its deadline."""
 
 
-class LimiterBusy(WorkerError):
-    """No call slot within RUNWARE_LIMIT_MAX_WAIT_S: the task is re-scheduled, not failed."""
-
-    def __init__(self, message: str, countdown: float = 1.0) -> None:
-        super().__init__(message)
-        self.countdown = countdown
-
-
 class BudgetExceeded(WorkerError):
     """The task's estimated cost would pass a daily budget; it fails without calling Runware."""

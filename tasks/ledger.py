@@ -24,7 +24,8 @@ from redis.commands.core import Script
 from config.settings import Settings, get_settings
 from tasks import metrics
 from tasks.errors import BudgetExceeded
-from tasks.state import hold_through_outage, per_process, redis_client, run_script
+from tasks.scripts import run as run_script
+from tasks.state import hold_through_outage, per_process, redis_client
 
 MICRO = 1_000_000
 TASK_TTL_S = 8 * 86_400  # how long "this taskUUID is billed" is remembered

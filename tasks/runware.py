@@ -1,7 +1,7 @@
 """The Runware REST client: one requests.Session per process, a timeout on every call, and the
 mapping from HTTP status and body to results, TransientError or PermanentError.
 
-It knows the wire protocol only (RUNWARE_API.md); retries, limits and costs live elsewhere.
+It knows the wire protocol only; retries, limits and costs live elsewhere.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tasks.errors import (
     RateLimited,
     TransientError,
 )
-from tasks.limiter import Admission, Permit, get_limiter
+from tasks.limiter import Permit, get_limiter
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +87,14 @@ class _Answer:
         return not any(error.get("taskUUID") for error in errors)
 
 
-# (task type, account, priority, the call's place in the limits if asked for already)
-Gate = Callable[[str, str, str, Admission | None], AbstractContextManager[Permit]]
+# Holds a call's slot for the call, and gives it back with the call's outcome afterwards.
+Gate = Callable[[Permit], AbstractContextManager[Permit]]
 
 
 @contextlib.contextmanager
-def _open_gate(
-    task_type: str, account: str, priority: str, admitted: Admission | None = None
-) -> Iterator[Permit]:
-    """No limits: every call may go at once (used where no limiter is wired in)."""
-    yield Permit(lease="", waited_s=0.0)
+def _no_limits(permit: Permit) -> Iterator[Permit]:
+    """No limits: nothing to give back (used where no limiter is wired in)."""
+    yield permit
 
 
 def _retry_after(response: requests.Response) -> float | None:
@@ -137,7 +135,7 @@ class RunwareClient:
 
     def __init__(self, settings: Settings, pool_size: int = 10, gate: Gate | None = None) -> None:
         self._settings = settings
-        self._gate: Gate = gate or _open_gate
+        self._gate: Gate = gate or _no_limits
         self._url = settings.runware_api_url
         self._timeout = (settings.runware_connect_timeout_s, settings.runware_timeout_s)
         key = settings.runware_api_key
@@ -162,28 +160,17 @@ class RunwareClient:
         return text
 
     # --- calls ---------------------------------------------------------------------------------
-    def run(
-        self,
-        task: dict[str, Any],
-        account: str = "default",
-        priority: str = "interactive",
-        admitted: Admission | None = None,
-    ) -> TaskOutcome:
+    def run(self, task: dict[str, Any], permit: Permit | None = None) -> TaskOutcome:
         """Send one task object and return its items (sync delivery) or its acknowledgement.
-        `account` and `priority` decide its place in the fleet's fair share of calls;
-        `admitted` is that place when it was asked for already (tasks/admission.py)."""
-        return self._post(task, str(task["taskUUID"]), account, priority, admitted)
+        `permit` is the slot the fleet granted the job; it is given back after the call."""
+        return self._post(task, str(task["taskUUID"]), permit or Permit(""))
 
     def get_response(
-        self,
-        task_uuid: str,
-        account: str = "default",
-        priority: str = "interactive",
-        admitted: Admission | None = None,
+        self, task_uuid: str, permit: Permit | None = None
     ) -> tuple[bool, TaskOutcome]:
         """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
         poll = {"taskType": "getResponse", "taskUUID": task_uuid}
-        outcome = self._post(poll, task_uuid, account, priority, admitted)
+        outcome = self._post(poll, task_uuid, permit or Permit(""))
         finished: list[dict[str, Any]] = []
         for item in outcome.items:
             status = str(item.get("status", "success")).lower()
@@ -196,20 +183,13 @@ class RunwareClient:
         return bool(finished), TaskOutcome(task_uuid, finished)
 
     # --- wire ----------------------------------------------------------------------------------
-    def _post(
-        self,
-        task: dict[str, Any],
-        task_uuid: str,
-        account: str,
-        priority: str,
-        admitted: Admission | None = None,
-    ) -> TaskOutcome:
+    def _post(self, task: dict[str, Any], task_uuid: str, permit: Permit) -> TaskOutcome:
         if self._key is None:
             raise AuthenticationError(
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
             )
         kind = str(task.get("taskType", "?"))
-        with self._gate(kind, account, priority, admitted) as permit:
+        with self._gate(permit):
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:
@@ -379,6 +359,6 @@ def get_client() -> RunwareClient:
         return current[1]
     with _lock:
         if _client is None or _client[0] != pid:
-            _client = (pid, RunwareClient(get_settings(), _pool_size, gate=get_limiter().slot))
+            _client = (pid, RunwareClient(get_settings(), _pool_size, gate=get_limiter().use))
             logger.debug("Created the Runware HTTP session for process %s.", pid)
         return _client[1]

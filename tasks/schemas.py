@@ -7,6 +7,7 @@ The same models validate on the producer side (before anything is enqueued) and 
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -39,9 +40,28 @@ def _check_http_url(value: str) -> str:
     return value
 
 
+# The same rule is applied by the fair intake (tasks/lua/pump.lua): never a `/`, which the Redis
+# key layout reserves (config/keys.py).
+ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
+ACCOUNT_MAX = 64
 AccountStr = Annotated[
-    StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    StrictStr, Field(min_length=1, max_length=ACCOUNT_MAX, pattern=ACCOUNT_PATTERN)
 ]
+
+
+def check_account(label: object) -> str:
+    """`label` if it is a valid account label, else ValueError naming the rule."""
+    if (
+        not isinstance(label, str)
+        or not 1 <= len(label) <= ACCOUNT_MAX
+        or not re.match(ACCOUNT_PATTERN, label)
+    ):
+        raise ValueError(
+            f"account {label!r} is not a label of 1..{ACCOUNT_MAX} letters, digits or _.:@-"
+        )
+    return label
+
+
 PriorityStr = Literal["interactive", "batch"]
 UUID4Str = Annotated[StrictStr, pydantic.AfterValidator(_check_uuid4)]
 HttpURLStr = Annotated[StrictStr, Field(max_length=2048), pydantic.AfterValidator(_check_http_url)]

@@ -1,4 +1,5 @@
-"""The Redis that holds the fleet's shared state (limits, ledger), and how outages are met.
+"""The Redis that holds the fleet's state (the ledger, poll markers, dead letters), and how
+outages are met.
 
 Every command has a timeout. While that Redis cannot be reached, callers hold their work and try
 again with back-off for a bounded time (fail closed: no Runware call without a grant, no call
@@ -10,12 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
-from redis.commands.core import Script
 
+from config import redis as redis_urls
 from config.settings import Settings
 from tasks.errors import TransientError
 
@@ -42,27 +43,10 @@ def per_process(make: Callable[[], T]) -> Callable[[], T]:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A client for LIMITER_REDIS_URL (default REDIS_URL), with timeouts on every command.
-
-    Its pool has room for every worker thread to block on its grant at once (BLPOP holds a
-    connection), plus the rest.
-    """
-    return redis.Redis.from_url(
-        settings.limiter_url,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        health_check_interval=30,
-        max_connections=2 * settings.worker_concurrency + 50,
-    )
-
-
-def run_script(script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-    """`script(keys, args)` on its own client, minus redis-py's per-call type checks (a hot path:
-    several scripts run per job); a Redis that lost the script gets it loaded again."""
-    try:
-        return script.registered_client.evalsha(script.sha, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        return script(keys=list(keys), args=list(args))
+    """A client of the state Redis (LIMITER_REDIS_URL, default REDIS_URL: the ledger, poll
+    markers and dead letters), with timeouts on every command and a pool sized for the
+    worker's real concurrency (config/redis.py)."""
+    return redis_urls.client(settings.limiter_url)
 
 
 def hold_through_outage(call: Callable[[], T], what: str, outage_s: float) -> T:

@@ -24,13 +24,10 @@ from workers.services import RedisServer, WorkerProcess
 SECRET = "rw-test-9f3c7e1d4b2a-do-not-leak"
 
 # Settings under which a dead worker's jobs are delivered again after about 12 s (the visibility
-# timeout must outlast every wait the worker may use, so those are shortened too).
+# timeout must outlast one run of a job: the Runware timeouts, so the connect timeout is short).
 FAST_REDELIVERY = {
     "CELERY_VISIBILITY_TIMEOUT_S": "10",
     "RUNWARE_CONNECT_TIMEOUT_S": "1",
-    "RUNWARE_LIMIT_MAX_WAIT_S": "2",
-    "RUNWARE_RETRY_AFTER_MAX_S": "2",
-    "RUNWARE_POLL_MAX_INTERVAL_S": "2",
 }
 
 _redis: RedisServer | None = None

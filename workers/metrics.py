@@ -1,5 +1,6 @@
 """The worker's Prometheus endpoint: the metrics of tasks/metrics.py, plus gauges read from
-Redis at scrape time (queue depth, fleet-wide in-flight calls, dead letters)."""
+Redis at scrape time (queue depth including the fair queues, waiting jobs and the oldest one's
+age per account and priority, delayed jobs, fleet-wide in-flight calls, dead letters)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from config.keys import FairKeys
 from config.settings import Settings
+from tasks import scripts
+from tasks.dispatcher import PRIORITY_NAMES
+from tasks.limiter import broker_redis
 from tasks.state import redis_client
 
 logger = logging.getLogger(__name__)
@@ -24,60 +29,81 @@ PRIORITY_STEPS = (3, 6, 9)
 
 
 class RedisStateCollector(Collector):
-    """Gauges that live in Redis, so they describe the whole fleet, read when scraped."""
+    """Gauges that live in Redis, so they describe the whole fleet, read when scraped (one
+    script in the broker's Redis, one pipeline in the state Redis)."""
 
     def __init__(self, settings: Settings, queues: Iterable[str]) -> None:
         self.queues = sorted(set(queues))
-        self.broker = redis.Redis.from_url(
-            settings.broker_url, socket_connect_timeout=2, socket_timeout=2
-        )
+        self.keys = FairKeys(settings.key_prefix)
+        self.broker = broker_redis(settings)
         self.state = redis_client(settings)
-        self.prefix = settings.key_prefix
+        self.dead_key = f"{settings.key_prefix}:dead"
+        self._gauges = scripts.register(self.broker, "gauges")
+        keys = self.keys
+        self._script_keys = [
+            keys.intake,
+            keys.delayed,
+            keys.ready,
+            keys.leases,
+            keys.active("i"),
+            keys.queue_prefix("i"),
+            keys.active("b"),
+            keys.queue_prefix("b"),
+            *(
+                name if step == 0 else f"{name}{PRIORITY_SEPARATOR}{step}"
+                for name in self.queues
+                for step in PRIORITY_STEPS
+            ),
+        ]
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
-            "enhance_queue_depth", "Jobs waiting in each broker queue.", labels=["queue"]
+            "enhance_queue_depth",
+            "Jobs waiting to run: in the broker queue, the fair queues and the ready queue.",
+            labels=["queue"],
+        )
+        delayed = GaugeMetricFamily(
+            "enhance_delayed_jobs",
+            "Jobs waiting for their countdown (retries, polls, ETAs), kept in Redis.",
         )
         in_flight = GaugeMetricFamily(
-            "enhance_fleet_in_flight_calls", "Calls to Runware open across the whole fleet."
+            "enhance_fleet_in_flight_calls",
+            "Jobs granted a slot and not finished, across the whole fleet.",
         )
         dead = GaugeMetricFamily(
             "enhance_dead_letter_jobs", "Jobs in the dead-letter list (enhance-worker failed)."
         )
         waiting = GaugeMetricFamily(
             "enhance_account_waiting_calls",
-            "Calls waiting for their fair share, by account and priority.",
+            "Jobs waiting for their fair share, by account and priority.",
+            labels=["account", "priority"],
+        )
+        oldest = GaugeMetricFamily(
+            "enhance_account_oldest_wait_seconds",
+            "How long the oldest waiting job of each account and priority has waited.",
             labels=["account", "priority"],
         )
         try:
-            pipe = self.broker.pipeline(transaction=False)
-            for queue in self.queues:
-                pipe.llen(queue)
-                for step in PRIORITY_STEPS:
-                    pipe.llen(f"{queue}{PRIORITY_SEPARATOR}{step}")
-            lengths = pipe.execute()
-            per_queue = len(PRIORITY_STEPS) + 1
-            for index, queue in enumerate(self.queues):
-                depth.add_metric([queue], sum(lengths[index * per_queue : (index + 1) * per_queue]))
-            state = self.state.pipeline(transaction=False)
-            state.zcard(f"{self.prefix}:limit:global:leases")
-            state.llen(f"{self.prefix}:dead")
-            leases, dead_count = state.execute()
-            in_flight.add_metric([], leases)
-            dead.add_metric([], dead_count)
-            for cls, priority in (("i", "interactive"), ("b", "batch")):
-                base = f"{self.prefix}:limit:global"
-                for raw in self.state.smembers(f"{base}:active:{cls}"):
-                    account = raw.decode() if isinstance(raw, bytes) else str(raw)
-                    depth_now = self.state.llen(f"{base}:q:{cls}:{account}")
-                    waiting.add_metric([account, priority], depth_now)
+            reply = scripts.run(self._gauges, self._script_keys, [])
+            dead_count = self.state.llen(self.dead_key)
         except redis.RedisError as exc:
             logger.warning("Could not read queue and fleet gauges from Redis: %s", exc)
             return
-        yield depth
-        yield in_flight
-        yield dead
-        yield waiting
+        incoming, delayed_count, ready, leases = (int(v) for v in reply[:4])
+        fair = 0
+        for index in range(4, len(reply), 4):
+            account, klass, count, age = reply[index : index + 4]
+            labels = [account.decode(), PRIORITY_NAMES[klass.decode()]]
+            waiting.add_metric(labels, int(count))
+            oldest.add_metric(labels, float(age))
+            fair += int(count)
+        # One queue in practice (`celery`); the fair and ready jobs are counted under the first.
+        for position, queue in enumerate(self.queues):
+            depth.add_metric([queue], (incoming + fair + ready) if position == 0 else 0)
+        delayed.add_metric([], delayed_count)
+        in_flight.add_metric([], leases)
+        dead.add_metric([], dead_count)
+        yield from (depth, delayed, in_flight, dead, waiting, oldest)
 
 
 def serve(settings: Settings, queues: Iterable[str]) -> None:

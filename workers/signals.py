@@ -1,4 +1,5 @@
-"""Worker process life cycle: logging, the HTTP session after fork, and the ready line."""
+"""Worker process life cycle: logging, pools sized to the real concurrency, the fair intake (the
+worker consumes granted jobs only, and runs a dispatcher candidate), and the ready line."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ from typing import Any
 
 from celery import signals
 
+from config import redis as redis_urls
+from config.keys import FairKeys
 from config.settings import get_settings
 from tasks import runware
+from tasks.base import RunwareTask
+from tasks.dispatcher import Dispatcher, Intake
+from tasks.limiter import broker_redis
 from workers import logs, metrics
 
 logger = logging.getLogger(__name__)
+
+# The queues this worker would have consumed (the default `celery`, or -Q): the dispatcher takes
+# jobs from them into the fair queues; the worker threads consume the ready queue.
+_intake_queues: list[str] = ["celery"]
+_dispatcher: list[Dispatcher] = []
 
 
 @signals.setup_logging.connect
@@ -20,11 +31,32 @@ def setup_logging(**_: Any) -> None:
     logs.setup(get_settings())
 
 
+def _concurrency(sender: Any) -> int:
+    """The worker's concurrency (-c, else WORKER_CONCURRENCY), from the WorkController or the
+    Consumer a signal comes from."""
+    controller = getattr(sender, "controller", None) or sender
+    return int(getattr(controller, "concurrency", None) or get_settings().worker_concurrency)
+
+
 @signals.worker_init.connect
-def size_http_pool(sender: Any = None, **_: Any) -> None:
-    """Size the Runware connection pool to the worker's concurrency (threads share one)."""
-    concurrency = getattr(sender, "concurrency", None) or get_settings().worker_concurrency
-    runware.configure_pool(int(concurrency))
+def size_pools(sender: Any = None, **_: Any) -> None:
+    """Size the Runware and Redis connection pools to the concurrency the worker really runs
+    with (-c overrides WORKER_CONCURRENCY)."""
+    concurrency = _concurrency(sender)
+    runware.configure_pool(concurrency)
+    redis_urls.configure_concurrency(concurrency)
+
+
+@signals.celeryd_after_setup.connect
+def consume_granted_jobs(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Worker threads take jobs from the ready queue only (jobs the dispatcher granted); the
+    queues they would have consumed become the dispatcher's intake."""
+    global _intake_queues
+    queues = instance.app.amqp.queues
+    _intake_queues = sorted(queues.consume_from)
+    ready = FairKeys(get_settings().key_prefix).ready
+    queues.add(ready)
+    queues.select([ready])
 
 
 @signals.worker_process_init.connect
@@ -35,14 +67,31 @@ def fresh_http_session(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def announce_ready(sender: Any = None, **_: Any) -> None:
-    """Start the metrics endpoint, then say the worker is ready (tests and tools wait for it)."""
+    """Join the fleet (dispatcher candidate and thread count), start the metrics endpoint, then
+    say the worker is ready (tests and tools wait for it)."""
     settings = get_settings()
-    queues = list(sender.app.amqp.queues.keys()) if sender is not None else ["celery"]
-    metrics.serve(settings, queues)
-    target = settings.runware_api_url
-    logger.info(
-        "Worker %s is ready to take jobs (Runware endpoint %s, pool %s).",
-        getattr(sender, "hostname", "?"),
-        target,
-        settings.worker_pool,
+    app = sender.app
+    intake = Intake(
+        queues=tuple(_intake_queues),
+        runware_tasks=frozenset(n for n, t in app.tasks.items() if isinstance(t, RunwareTask)),
+        known_tasks=frozenset(app.tasks),
     )
+    dispatcher = Dispatcher(broker_redis(settings), settings, intake, _concurrency(sender))
+    dispatcher.start()
+    _dispatcher.append(dispatcher)
+    metrics.serve(settings, _intake_queues)
+    logger.info(
+        "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads).",
+        getattr(sender, "hostname", "?"),
+        settings.runware_api_url,
+        settings.worker_pool,
+        _concurrency(sender),
+    )
+
+
+@signals.worker_shutting_down.connect
+def leave_the_fleet(**_: Any) -> None:
+    """Stop granting jobs to this worker: it leaves the fleet's thread count at once."""
+    for dispatcher in _dispatcher:
+        dispatcher.stop()
+        dispatcher.join(timeout=3.0)

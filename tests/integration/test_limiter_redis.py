@@ -1,237 +1,335 @@
-"""The limiter's scripts and dispatcher against a real Redis (no worker): exact spacing, leases,
-cool-down, fair share by weight and priority."""
+"""The fair intake and the limits against a real Redis, with real Celery messages but no worker:
+a real dispatcher (tasks/dispatcher.py) pumps, and a stand-in for the worker threads takes each
+granted job from the ready queue the way the worker's transport does (custody clears the grant's
+transit record), holds it for a while, and gives its slot back (Limiter.release)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
-from config.settings import load_settings
-from tasks.admission import CallStart
-from tasks.errors import BudgetExceeded, LimiterBusy
-from tasks.ledger import Ledger
+from config.keys import FairKeys
+from config.settings import Settings, load_settings
+from tasks import dispatcher as dispatcher_module
+from tasks.dispatcher import Dispatcher, Intake
 from tasks.limiter import Limiter, Permit
 from workers.services import RedisServer
 
-_namespaces = itertools.count()
+_prefixes = itertools.count()
+RUNWARE = frozenset({"tasks.enhance_prompt"})
+KNOWN = frozenset({"tasks.enhance_prompt", "tasks.collect_batch"})
+
+
+@dataclass
+class Taken:
+    at: float
+    task: str
+    account: str
+    priority: str
+
+
+@dataclass
+class Fleet:
+    """A dispatcher, a producer and `threads` stand-in worker threads on one Redis database."""
+
+    client: redis.Redis
+    settings: Settings
+    producer: Celery
+    threads: int
+    hold_s: float = 0.0
+    keys: FairKeys = field(init=False)
+    limiter: Limiter = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
+    taken: list[Taken] = field(default_factory=list)
+    custody: bool = True  # False: a worker that dies between its fetch and its custody write
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keys = FairKeys(self.settings.key_prefix)
+        self.limiter = Limiter(self.client, self.settings)
+        intake = Intake(("celery",), RUNWARE, KNOWN)
+        self.dispatcher = Dispatcher(self.client, self.settings, intake, self.threads)
+
+    def start(self, workers: bool = True) -> Fleet:
+        self.dispatcher.start()
+        for _ in range(self.threads if workers else 0):
+            thread = threading.Thread(target=self._work, daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        return self
+
+    def _work(self) -> None:
+        own = redis.Redis(connection_pool=self.client.connection_pool)
+        while not self._stop.is_set():
+            item = own.brpop([self.keys.ready], timeout=0.2)
+            if item is None:
+                continue
+            message = json.loads(item[1])
+            tag = message["properties"]["delivery_tag"]
+            if self.custody:
+                own.hdel(self.keys.transit, tag)
+                own.zrem(self.keys.transit_at, tag)
+            body = json.loads(__import__("base64").b64decode(message["body"]))
+            kwargs = body[1]
+            self.taken.append(
+                Taken(
+                    time.monotonic(),
+                    message["headers"]["task"],
+                    kwargs.get("account", "default"),
+                    kwargs.get("priority", "interactive"),
+                )
+            )
+            time.sleep(self.hold_s)
+            self.limiter.release(Permit(message["headers"]["id"], outcome="ok"))
+
+    def send(self, account: str, count: int, priority: str = "batch", **options: Any) -> None:
+        for n in range(count):
+            self.producer.send_task(
+                "tasks.enhance_prompt",
+                kwargs={"prompt": f"{account} {n}", "account": account, "priority": priority},
+                **options,
+            )
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Taken]:
+        deadline = time.monotonic() + timeout
+        while len(self.taken) < count:
+            assert time.monotonic() < deadline, f"{len(self.taken)} of {count} taken"
+            time.sleep(0.01)
+        return list(self.taken)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.dispatcher.stop()
+        self.dispatcher.join(timeout=3)
+        for thread in self._workers:
+            thread.join(timeout=2)
+        self.producer.close()
 
 
 @pytest.fixture
-def make(redis_server: RedisServer) -> Iterator[Any]:
-    made: list[Limiter] = []
+def fleet(redis_server: RedisServer) -> Iterator[Any]:
+    made: list[Fleet] = []
+    db = 59 - len(made)
 
-    def build(**settings: Any) -> Limiter:
-        client = redis.Redis.from_url(redis_server.url(60))
-        values = {"runware_limit_max_wait_s": 5.0, **settings}
-        limiter = Limiter(
-            client, load_settings(_env_file=None, **values), namespace=f"t{next(_namespaces)}"
+    def build(threads: int = 4, hold_s: float = 0.0, **settings: Any) -> Fleet:
+        url = redis_server.url(db)
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        values = {"key_prefix": f"t{next(_prefixes)}", **settings}
+        made.append(
+            Fleet(
+                client,
+                load_settings(_env_file=None, **values),
+                Celery(broker=url),
+                threads,
+                hold_s,
+            )
         )
-        made.append(limiter)
-        return limiter
+        return made[-1]
 
     yield build
-    for limiter in made:
-        limiter.stop_dispatcher()
-        limiter.redis.close()
+    for built in made:
+        built.stop()
+        built.client.close()
 
 
-def _grant_times(
-    limiter: Limiter, callers: list[tuple[str, str]], stagger: float = 0.0
-) -> list[tuple[float, str]]:
-    """Each (account, priority) asks for a slot in its own thread; (grant time, account)."""
-    granted: list[tuple[float, str]] = []
-    lock = threading.Lock()
-
-    def ask(account: str, priority: str) -> None:
-        permit = limiter._wait_for_grant(account, priority)
-        with lock:
-            granted.append((time.monotonic(), account))
-        limiter._give_back(permit)
-
-    threads = [threading.Thread(target=ask, args=c) for c in callers]
-    for thread in threads:
-        thread.start()
-        time.sleep(stagger)
-    for thread in threads:
-        thread.join(30)
-    return sorted(granted)
-
-
-def test_an_idle_fleet_grants_at_once(make: Any) -> None:
-    limiter = make(runware_rate_limit="10/s")
-    started = time.monotonic()
-    permit = limiter._wait_for_grant()
-    assert time.monotonic() - started < 0.05
-    assert permit.needs_release is False  # no cap and no strikes: nothing to give back
-
-
-def test_waiters_are_spaced_evenly(make: Any) -> None:
-    limiter = make(runware_rate_limit="10/s")
-    times = [t for t, _ in _grant_times(limiter, [("a", "batch")] * 8)]
+def test_a_rate_spaces_grants_evenly(fleet: Any) -> None:
+    f = fleet(runware_rate_limit="10/s").start()
+    f.send("a", 8)
+    times = [t.at for t in f.wait_for(8)]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(gap == pytest.approx(0.1, abs=0.03) for gap in gaps), gaps
+    assert min(gaps) >= 0.085, gaps  # 10/s: one every 100 ms (a little scheduling jitter)
+    assert times[-1] - times[0] == pytest.approx(0.7, abs=0.1)
 
 
-def test_burst_lets_that_many_go_at_once(make: Any) -> None:
-    limiter = make(runware_rate_limit=5, runware_rate_burst=3)
-    times = [t for t, _ in _grant_times(limiter, [("a", "batch")] * 5)]
-    assert times[2] - times[0] < 0.05
-    assert times[3] - times[2] == pytest.approx(0.2, abs=0.05)
+def test_grants_never_outrun_the_worker_threads(fleet: Any) -> None:
+    """Two threads, no rate limit: never more than two jobs granted and unfinished at once, so
+    granted jobs cannot pile up in the ready queue and leave in a burst."""
+    f = fleet(threads=2, hold_s=0.1).start()
+    f.send("a", 10)
+    peak = 0
+    deadline = time.monotonic() + 10
+    while len(f.taken) < 10 and time.monotonic() < deadline:
+        peak = max(peak, int(f.client.zcard(f.keys.leases)))
+        assert f.client.llen(f.keys.ready) <= 2
+        time.sleep(0.005)
+    f.wait_for(10)
+    assert peak == 2
 
 
-def test_in_flight_cap_and_release(make: Any) -> None:
-    limiter = make(runware_max_in_flight=2, runware_limit_max_wait_s=0.5)
-    first = limiter._wait_for_grant()
-    second = limiter._wait_for_grant()
-    assert limiter.state()["in_flight"] == 2
-    with pytest.raises(LimiterBusy, match=r"within 0\.5s"):
-        limiter._wait_for_grant()
-    limiter._give_back(first)
-    third = limiter._wait_for_grant()
-    for permit in (second, third):
-        limiter._give_back(permit)
-    assert limiter.state()["in_flight"] == 0
-    assert limiter.accounts() == {}  # the cancelled ticket left no trace
+def test_the_in_flight_cap_holds_below_the_threads(fleet: Any) -> None:
+    f = fleet(threads=6, hold_s=0.1, runware_max_in_flight=3).start()
+    f.send("a", 12)
+    peak = 0
+    while len(f.taken) < 12:
+        peak = max(peak, int(f.client.zcard(f.keys.leases)))
+        time.sleep(0.005)
+    assert peak == 3
 
 
-def test_a_release_wakes_a_waiter(make: Any) -> None:
-    limiter = make(runware_max_in_flight=1)
-    held = limiter._wait_for_grant()
-    threading.Timer(0.3, limiter._give_back, args=[held]).start()
+def test_a_dead_holders_slot_returns_after_its_lease(fleet: Any) -> None:
+    f = fleet(threads=0, runware_max_in_flight=1, runware_lease_s=0.5)
+    f.dispatcher.threads = 4
+    f.start(workers=False)
+    f.send("a", 2)
+    deadline = time.monotonic() + 5
+    while f.client.llen(f.keys.ready) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    f.client.rpop(f.keys.ready)  # taken and never released: the holder "died"
+    time.sleep(0.2)
+    assert f.client.llen(f.keys.ready) == 0  # the cap of 1 is held by the dead job's lease
+    while f.client.llen(f.keys.ready) < 1:  # the lease expires after 0.5 s
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_throttled_call_pauses_every_grant(fleet: Any) -> None:
+    f = fleet(threads=2, runware_cooldown_s=0.5, runware_cooldown_max_s=1.0)
+    f.limiter.release(Permit("someone", outcome="throttled"))
+    assert f.limiter.state()["cooldown_s"] == pytest.approx(0.5, abs=0.05)
+    f.limiter.release(Permit("another", outcome="throttled"))
+    assert f.limiter.state()["cooldown_s"] == pytest.approx(1.0, abs=0.05)  # doubled
     started = time.monotonic()
-    with limiter.slot() as permit:
-        assert isinstance(permit, Permit)
-    assert 0.25 < time.monotonic() - started < 1.0
+    f.start()
+    f.send("a", 1)
+    (taken,) = f.wait_for(1)
+    assert taken.at - started >= 0.9
+    assert f.client.get(f.keys.strikes) is None  # its success cleared the strikes
 
 
-def test_leases_of_a_dead_holder_expire(make: Any) -> None:
-    limiter = make(runware_max_in_flight=2, runware_lease_s=0.3)
-    limiter._wait_for_grant()
-    limiter._wait_for_grant()  # never released: the holder "died"
-    started = time.monotonic()
-    limiter._give_back(limiter._wait_for_grant())
-    assert 0.2 < time.monotonic() - started < 1.5
-
-
-def test_throttling_pauses_everyone_and_success_clears_the_strikes(make: Any) -> None:
-    limiter = make(runware_cooldown_s=0.4, runware_cooldown_max_s=1.0)
-    permit = limiter._wait_for_grant()
-    permit.outcome = "throttled"
-    limiter._give_back(permit)
-    assert limiter.state()["cooldown_s"] == pytest.approx(0.4, abs=0.05)
-    started = time.monotonic()
-    permit = limiter._wait_for_grant()  # waits out the pause
-    assert time.monotonic() - started == pytest.approx(0.4, abs=0.1)
-    assert permit.needs_release is True  # a strike is waiting to be cleared
-    permit.outcome = "throttled"
-    limiter._give_back(permit)
-    assert limiter.state()["cooldown_s"] == pytest.approx(0.8, abs=0.05)  # doubled
-    time.sleep(0.85)
-    permit = limiter._wait_for_grant()
-    permit.outcome = "ok"
-    limiter._give_back(permit)
-    assert limiter.redis.get(limiter.keys["strikes"]) is None
-
-
-def test_retry_after_lengthens_the_pause(make: Any) -> None:
-    limiter = make(runware_cooldown_s=0.1)
-    permit = limiter._wait_for_grant()
-    permit.outcome, permit.retry_after = "throttled", 2.0
-    limiter._give_back(permit)
-    assert limiter.state()["cooldown_s"] == pytest.approx(2.0, abs=0.05)
-
-
-def test_run_time_overrides_win_over_settings_and_can_be_removed(make: Any) -> None:
-    limiter = make(runware_rate_limit=1000)
-    limiter.set_overrides(rate="5/s")
-    times = [t for t, _ in _grant_times(limiter, [("a", "batch")] * 3)]
-    assert times[2] - times[0] == pytest.approx(0.4, abs=0.08)
-    limiter.set_overrides(rate=None, max_in_flight=1)
-    assert limiter.state()["overrides"] == {"max_in_flight": 1.0}
+def test_run_time_overrides_apply_to_the_next_grant(fleet: Any) -> None:
+    f = fleet(runware_rate_limit=1000)
+    f.limiter.set_overrides(rate="5/s")
+    f.start()
+    f.send("a", 3)
+    times = [t.at for t in f.wait_for(3)]
+    assert times[-1] - times[0] >= 0.35  # 5/s
+    f.limiter.set_overrides(rate=None, max_in_flight=1)
+    assert f.limiter.state()["overrides"] == {"max_in_flight": 1.0}
     with pytest.raises(ValueError, match="unknown limit"):
-        limiter.set_overrides(speed=3)
+        f.limiter.set_overrides(speed=3)
 
 
-def test_weights_share_the_slots(make: Any) -> None:
-    limiter = make(runware_rate_limit="40/s")
-    limiter.set_account("a", weight=3)
-    limiter.set_account("b", weight=1)
-    blocker = limiter._wait_for_grant()  # keep the fleet busy so that everyone queues
-    granted = _grant_times(limiter, [("a", "batch")] * 24 + [("b", "batch")] * 24, 0.002)
-    limiter._give_back(blocker)
-    first_32 = [account for _, account in granted[:32]]
-    assert first_32.count("a") == 24
-    assert first_32.count("b") == 8
-    assert limiter.accounts()["a"]["weight"] == 3
+def test_weights_share_the_rate(fleet: Any) -> None:
+    f = fleet(threads=4, runware_rate_limit="100/s")
+    f.limiter.set_account("a", weight=3)
+    f.limiter.set_account("b", weight=1)
+    f.send("a", 24)
+    f.send("b", 24)
+    f.start()
+    order = "".join(t.account for t in f.wait_for(48))
+    both = order[:24]  # while both were waiting
+    assert both.count("a") == 18, order  # exactly 3 of every 4
+    assert f.limiter.accounts()["a"]["weight"] == 3
 
 
-def test_interactive_goes_first_but_batch_is_not_starved(make: Any) -> None:
-    limiter = make(runware_rate_limit="50/s")
-    callers = [("bulk", "batch")] * 15 + [("user", "interactive")] * 30
-    order = [account for _, account in _grant_times(limiter, callers, 0.002)]
-    # Interactive work overtakes the batch backlog, but at least 1 slot in 10 stays batch.
-    first_20 = order[1:21]
-    assert first_20.count("user") >= 16
-    assert first_20.count("bulk") >= 2
+def test_interactive_goes_first_but_batch_keeps_one_slot_in_ten(fleet: Any) -> None:
+    f = fleet(threads=4, runware_rate_limit="200/s")
+    f.send("bulk", 20, "batch")
+    f.send("user", 30, "interactive")
+    f.start()
+    order = [t.priority[0] for t in f.wait_for(50)]
+    text = "".join(order)
+    assert text.startswith("i" * 9 + "b"), text
+    assert "i" * 10 not in text[: text.rindex("b")], text  # at most 9 interactive in a row
 
 
-def test_an_account_rate_of_its_own(make: Any) -> None:
-    limiter = make(runware_rate_limit="100/s")
-    limiter.set_account("slow", rate="5/s")
-    granted = _grant_times(limiter, [("slow", "batch")] * 4 + [("fast", "batch")] * 10, 0.002)
-    slow = [t for t, a in granted if a == "slow"]
+def test_a_per_account_rate_slows_that_account_only(fleet: Any) -> None:
+    f = fleet(threads=4, runware_rate_limit="100/s")
+    f.limiter.set_account("slow", rate="5/s")
+    f.send("slow", 4)
+    f.send("fast", 10)
+    f.start()
+    taken = f.wait_for(14)
+    slow = [t.at for t in taken if t.account == "slow"]
+    fast = [t.at for t in taken if t.account == "fast"]
     assert slow[-1] - slow[0] >= 0.55  # 4 calls at 5/s take at least 0.6 s
-    fast = [t for t, a in granted if a == "fast"]
     assert fast[-1] - fast[0] < 0.4  # and do not hold back the others
 
 
-def test_an_unreachable_redis_grants_nothing(make: Any) -> None:
-    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.1)
-    limiter = Limiter(unreachable, load_settings(_env_file=None), namespace="down", outage_s=0.6)
-    started = time.monotonic()
-    with pytest.raises(Exception, match="limiter's Redis is unreachable"):
-        limiter._wait_for_grant()
-    # It held the call for the whole outage bound instead of letting it through.
-    assert time.monotonic() - started >= 0.6
+def test_no_account_label_reaches_another_key(fleet: Any) -> None:
+    """Labels shaped like the service's own key names (a label may contain ':') are kept
+    apart: each account's rate and queue stay its own, and the dispatcher never halts."""
+    f = fleet(threads=4, runware_rate_limit="100/s")
+    f.limiter.set_account("team-b", rate="2/s")
+    f.limiter.set_account("tat:team-b", weight=2)
+    tricky = ["tat:team-b", "acct:rate", "rate", "weight", "q:b", "active:b", "tat", "team-b"]
+    for label in tricky:
+        f.send(label, 1)
+    f.start()
+    taken = f.wait_for(len(tricky))
+    assert sorted(t.account for t in taken) == sorted(tricky)
+    assert f.limiter.accounts()["team-b"]["rate"] == 2.0
+    assert f.limiter.accounts()["tat:team-b"]["rate"] is None
+    with pytest.raises(ValueError, match="not a label"):
+        f.limiter.set_account("a/b", rate="1/s")
 
 
-def test_a_call_start_asks_the_limits_only_when_the_ledger_says_go(make: Any) -> None:
-    """The ledger's begin and the limiter's first ask share one script (tasks/admission.py): a
-    refused budget or a finished task takes no place in the limits, and an unused place is
-    given back."""
-    limiter = make(
-        runware_rate_limit=1.0,
-        runware_rate_burst=1,
-        runware_daily_budget_usd=0.003,
-        key_prefix=f"cs{next(_namespaces)}",
-    )
-    ledger = Ledger(limiter.redis, limiter.settings)
-    start = CallStart(ledger, limiter)
-    tickets = f"{limiter.prefix}:tickets"
+def test_a_countdown_waits_in_redis_not_in_a_worker(fleet: Any) -> None:
+    f = fleet(threads=2).start()
+    sent = time.monotonic()
+    f.send("a", 1, countdown=1.0)
+    time.sleep(0.3)
+    assert f.taken == []
+    assert f.client.zcard(f.keys.delayed) == 1
+    (taken,) = f.wait_for(1)
+    assert 0.9 <= taken.at - sent <= 1.6
 
-    def begin(task_uuid: str, done_key: str = "none") -> tuple[str, Any, Any]:
-        return start.begin(task_uuid, "acme", "interactive", 0.0013, done_key, f"m:{task_uuid}")
 
-    state, _, first = begin("a")
-    assert (state, first.status) == ("go", 1)  # an idle fleet: granted in the same round trip
-    state, _, second = begin("b", done_key="none-b")
-    assert (state, second.status) == ("go", 2)  # the rate's one slot is taken: queued
-    assert limiter.redis.hlen(tickets) == 1
-    with pytest.raises(BudgetExceeded):  # a third 0.0013 would pass 0.003: refused, no ticket
-        begin("c")
-    assert limiter.redis.hlen(tickets) == 1
-    limiter.redis.set("done:d", b"[]")
-    state, value, finished = begin("d", done_key="done:d")
-    assert (state, value, finished.status) == ("done", b"[]", 0)
-    assert limiter.redis.hlen(tickets) == 1
-    start.forfeit(second)  # the queued call never ran: its ticket is withdrawn
-    assert limiter.redis.hlen(tickets) == 0
-    start.forfeit(first)
-    with limiter.slot("promptEnhance", "acme", "interactive", first) as permit:  # used: asks anew
-        assert permit.lease != first.ticket
+def test_other_tasks_pass_without_a_grant(fleet: Any) -> None:
+    """A task that does not call Runware, or one the workers do not know, is not held by the
+    limits (a rate of 1/s would take seconds for these)."""
+    f = fleet(threads=2, runware_rate_limit="1/s").start()
+    for n in range(3):
+        f.producer.send_task("tasks.collect_batch", args=[[n]])
+        f.producer.send_task("another.app.task", args=[n])
+    taken = f.wait_for(6, timeout=3)
+    assert {t.task for t in taken} == {"tasks.collect_batch", "another.app.task"}
+    assert f.client.zcard(f.keys.leases) == 0
+
+
+def test_a_job_lost_between_the_ready_queue_and_a_worker_comes_back(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed after its fetch but before its custody write: the dispatcher finds the
+    grant in neither the ready queue nor a worker's custody, and queues the job again."""
+    monkeypatch.setattr(dispatcher_module, "TRANSIT_CHECK_S", 0.5)
+    f = fleet(threads=1)
+    f.custody = False
+    f.start()
+    f.send("a", 1)
+    f.wait_for(1)
+    assert f.client.hlen(f.keys.transit) == 1  # granted, fetched, never taken into custody
+    f.custody = True
+    taken = f.wait_for(2, timeout=5)
+    assert taken[0].account == taken[1].account == "a"
+    assert f.client.hlen(f.keys.transit) == 0
+
+
+def test_a_waiting_dispatcher_hands_over_when_its_process_dies(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    f = fleet(threads=2).start()
+    f.send("a", 1)
+    f.wait_for(1)
+    f.dispatcher.stop()  # the holder stops without releasing the lock: it expires
+    f.dispatcher.join(timeout=3)
+    heir = Dispatcher(f.client, f.settings, f.dispatcher.intake, 2)
+    heir.start()
+    try:
+        f.send("a", 1)
+        f.wait_for(2, timeout=10)
+    finally:
+        heir.stop()
+        heir.join(timeout=3)

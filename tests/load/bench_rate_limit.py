@@ -80,22 +80,18 @@ def lease_recovery() -> dict[str, float]:
         for n in range(4):
             producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"held {n}"})
         client = redis.Redis.from_url(server.url())
-        leases = "enhance:limit:global:leases"
+        leases = "enhance:fair:leases"
         while client.zcard(leases) < 4:
             time.sleep(0.02)
         worker.kill()
         killed = time.monotonic()
         held_after_kill = client.zcard(leases)
-        # What the limiter sees: expired leases are purged by the next decision.
-        from config.settings import load_settings
-        from tasks.limiter import Limiter
-
-        limiter = Limiter(
-            client, load_settings(_env_file=None, runware_max_in_flight=4, runware_lease_s=lease)
-        )
-        # Blocks until the dispatcher can grant a slot: once the dead worker's leases expired.
-        limiter._give_back(limiter._wait_for_grant())
-        limiter.stop_dispatcher()
+        # A new worker's first job can start only once the dead worker's leases expired (the
+        # cap of 4 is full until then).
+        sandbox.configure(latency_s=0.0)
+        heir = WorkerProcess(env, name="heir").start()
+        producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "after"}).get(timeout=120)
+        heir.stop()
         recovered = time.monotonic() - killed
         producer.close()
         client.close()

@@ -18,7 +18,7 @@ from tasks.errors import (
     RateLimited,
     TransientError,
 )
-from tasks.limiter import Limiter
+from tasks.limiter import Limiter, Permit
 from tasks.runware import RunwareClient, TaskOutcome, _Answer, _errors_of
 from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
@@ -144,7 +144,7 @@ def _run_together(client: RunwareClient, tasks: list[dict[str, Any]]) -> list[ob
     def one(n: int) -> None:
         start.wait()
         try:
-            answers[n] = client.run(tasks[n])
+            answers[n] = client.run(tasks[n], Permit(f"job-{n}"))
         except Exception as exc:
             answers[n] = exc
 
@@ -196,13 +196,13 @@ def test_a_throttled_shared_request_counts_one_strike(
         _env_file=None, runware_cooldown_s=0.05, key_prefix=f"strike{uuid.uuid4().hex[:6]}"
     )
     limiter = Limiter(redis.Redis.from_url(redis_server.url(61)), settings)
-    client = _batching_client(sandbox, gate=limiter.slot)
+    client = _batching_client(sandbox, gate=limiter.use)
     sandbox.configure(fail_next=["none", "429"])
     answers = _run_together(client, [_task() for _ in range(6)])
     client.close()
     throttled = [a for a in answers if isinstance(a, RateLimited)]
     assert len(throttled) >= 2  # one request carried them all
-    assert limiter.redis.get(limiter.keys["strikes"]) == b"1"
+    assert limiter.redis.get(limiter.keys.strikes) == b"1"
     limiter.redis.close()
 
 

@@ -1,0 +1,165 @@
+"""The Redis key layout of the service, written once: Python, the Lua scripts (which get every
+key through KEYS) and the metrics all take their names from here.
+
+Two rules make every key safe from every account label that passes validation:
+- a key built from an account label puts the label last, after a `/`;
+- labels may not contain `/` (letters, digits and `_.:@-` only), and no fixed part does.
+So two keys are equal only when their kind and their label are, and no label can reach another
+account's key or one of the service's own.
+
+The fair queues and the limits live in the broker's Redis (they move broker messages atomically);
+the ledger, the poll markers and the dead letters in the state Redis (LIMITER_REDIS_URL, default
+REDIS_URL). In the default set-up both are the same database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIORITY_CLASSES = {"interactive": "i", "batch": "b"}
+
+
+@dataclass(frozen=True)
+class FairKeys:
+    """The keys of the fair intake and the fleet-wide limits, under `<prefix>:fair`."""
+
+    prefix: str
+
+    def _k(self, name: str) -> str:
+        return f"{self.prefix}:fair:{name}"
+
+    # --- the jobs ---
+    @property
+    def intake(self) -> str:
+        """Messages taken from the Celery queue by the dispatcher's blocking wait, to be read."""
+        return self._k("intake")
+
+    @property
+    def delayed(self) -> str:
+        """Messages with a countdown or ETA, scored by their due time (epoch seconds)."""
+        return self._k("delayed")
+
+    def queue_prefix(self, klass: str) -> str:
+        """The per-account lists of one priority class: this prefix plus the account label."""
+        return self._k(f"q:{klass}/")
+
+    def queue(self, klass: str, account: str) -> str:
+        return self.queue_prefix(klass) + account
+
+    def active(self, klass: str) -> str:
+        """The accounts that have jobs waiting in a class (a set)."""
+        return self._k(f"active:{klass}")
+
+    def ring(self, klass: str) -> str:
+        """The round-robin order of those accounts (a list)."""
+        return self._k(f"ring:{klass}")
+
+    def credit(self, klass: str) -> str:
+        """Deficit round-robin credit left per account (a hash)."""
+        return self._k(f"credit:{klass}")
+
+    @property
+    def streak(self) -> str:
+        """Interactive grants in a row."""
+        return self._k("streak")
+
+    @property
+    def ready(self) -> str:
+        """The Celery queue the worker threads consume: granted jobs only."""
+        return f"{self.prefix}.ready"
+
+    @property
+    def transit(self) -> str:
+        """Granted messages a worker has not taken custody of yet (delivery tag -> message)."""
+        return self._k("transit")
+
+    @property
+    def transit_at(self) -> str:
+        """When each of those was granted (delivery tag -> epoch seconds)."""
+        return self._k("transit:at")
+
+    # --- the limits ---
+    @property
+    def tat(self) -> str:
+        """The fleet's GCRA timeline (theoretical arrival time of the next call)."""
+        return self._k("tat")
+
+    @property
+    def cooldown(self) -> str:
+        return self._k("cooldown")
+
+    @property
+    def strikes(self) -> str:
+        return self._k("strikes")
+
+    @property
+    def overrides(self) -> str:
+        """Run-time overrides of the fleet's limits (a hash: rate, burst, max_in_flight)."""
+        return self._k("overrides")
+
+    @property
+    def leases(self) -> str:
+        """Granted calls not yet finished, by task id, scored by expiry."""
+        return self._k("leases")
+
+    @property
+    def account_rate(self) -> str:
+        """Per-account rate overrides (a hash: account -> calls per second)."""
+        return self._k("acct:rate")
+
+    @property
+    def account_weight(self) -> str:
+        """Per-account weights (a hash: account -> integer >= 1)."""
+        return self._k("acct:weight")
+
+    @property
+    def account_tat(self) -> str:
+        """Per-account GCRA timelines (a hash: account -> epoch seconds)."""
+        return self._k("acct:tat")
+
+    @property
+    def accounts(self) -> str:
+        """Accounts with an override (a set), for `enhance-worker limits show`."""
+        return self._k("accounts")
+
+    # --- the fleet ---
+    @property
+    def workers(self) -> str:
+        """Live worker processes and their threads (a hash: worker id -> threads)."""
+        return self._k("workers")
+
+    @property
+    def workers_seen(self) -> str:
+        """When each worker's registration expires (worker id -> epoch seconds)."""
+        return self._k("workers:seen")
+
+    @property
+    def wake(self) -> str:
+        """Pushed when a slot frees, so that a waiting dispatcher looks again at once."""
+        return self._k("wake")
+
+    @property
+    def dispatcher(self) -> str:
+        """The lock naming the fleet's one dispatcher."""
+        return self._k("dispatcher")
+
+
+@dataclass(frozen=True)
+class StateKeys:
+    """Keys in the state Redis (LIMITER_REDIS_URL): the ledger, poll markers, dead letters."""
+
+    prefix: str
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def pending(self, task_uuid: str) -> str:
+        return f"{self.prefix}:pending:{task_uuid}"
+
+    def done(self, task_uuid: str) -> str:
+        return f"{self.prefix}:pending:done:{task_uuid}"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.prefix}:ledger"

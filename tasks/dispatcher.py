@@ -1,0 +1,234 @@
+"""The fair intake: how a job gets from the Celery queue to a worker thread, fairly and within
+the fleet's limits, whatever the size of the backlog in front of it.
+
+    producers ─▶ Celery queue `celery` (kombu's Redis list, FIFO; producers unchanged)
+                    │ the dispatcher reads every message as it arrives (pump.lua, atomic)
+                    ├──▶ delayed (sorted set by due time): countdowns, retries, polls
+                    ▼
+      q:i/<account>, q:b/<account>   waiting jobs, one list per account and priority class
+                    │ grants, as the limits allow: rate, in-flight cap, free worker threads,
+                    │ cool-down, per-account rate; interactive first (batch >= 1 in 10);
+                    │ weighted deficit round-robin between accounts
+                    ▼
+      <prefix>.ready   the Celery queue every worker thread consumes: granted jobs only
+                    │ the worker's transport takes custody (kombu's unacked entry) and clears
+                    ▼ the grant's transit record in the same transaction
+      worker thread: one call to Runware, then the slot goes back (tasks/limiter.py)
+
+One dispatcher serves the fleet: every worker process runs a candidate thread, and the one that
+holds a lock in Redis pumps; if its process dies the lock expires and another takes over. Each
+step is one Lua script (tasks/lua/pump.lua), so a kill at any instant loses no message; the
+message is never changed, so results, chains, chords, Flower and AsyncResult work as before.
+
+Waiting never holds a worker thread, and no job waits in a worker's memory: a job is granted
+only when a thread is free to start it (leases < the fleet's registered threads), so granted
+jobs never pile up and then burst out faster than the rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from config.keys import FairKeys
+from config.settings import Settings
+from tasks import metrics, scripts
+from tasks.scripts import Pump, Wait
+
+logger = logging.getLogger(__name__)
+
+MAX_STREAK = 9  # interactive grants in a row while batch waits: batch keeps >= 1 slot in 10
+LOCK_MS = 3000
+HEARTBEAT_S = 2.0
+REGISTRATION_S = 10  # a worker that stops heartbeating leaves the fleet's thread count after it
+MAX_READ = 200  # messages read per step: a step holds Redis for a few ms at most
+MAX_GRANTS = 100
+TRANSIT_CHECK_S = 15.0  # a grant no worker took custody of within this is checked
+PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What the dispatcher reads and grants: the Celery queues (kombu's list names, in
+    consumption order), the tasks that call Runware, and every task the workers know."""
+
+    queues: tuple[str, ...]
+    runware_tasks: frozenset[str]
+    known_tasks: frozenset[str]
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Dispatcher(threading.Thread):
+    """This process's candidate for the fleet's dispatcher, and its heartbeat: it registers the
+    process's worker threads, takes the dispatcher role when the lock is free, and pumps."""
+
+    def __init__(
+        self, client: redis.Redis, settings: Settings, intake: Intake, threads: int
+    ) -> None:
+        super().__init__(name="fair-dispatcher", daemon=True)
+        self.redis = client
+        self.settings = settings
+        self.intake = intake
+        self.threads = threads
+        self.keys = FairKeys(settings.key_prefix)
+        self.id = worker_id()
+        self._stopped = threading.Event()
+        self._pump = scripts.register(client, "pump")
+        self._heartbeat = scripts.register(client, "heartbeat")
+        self._last_beat = 0.0
+        self._source_keys = [
+            name if step == 0 else f"{name}\x06\x16{step}"
+            for name in intake.queues
+            for step in (0, 3, 6, 9)
+        ]
+
+    # --- life cycle ---
+    def stop(self) -> None:
+        """Stop pumping and leave the fleet's thread count (at once, not after expiry)."""
+        self._stopped.set()
+
+    def leave(self) -> None:
+        try:
+            self._beat(0)
+            if self.redis.get(self.keys.dispatcher) == self.id.encode():
+                self.redis.delete(self.keys.dispatcher)
+        except redis.RedisError as exc:
+            logger.warning("Could not leave the fleet cleanly (%s); it expires.", exc)
+
+    def _beat(self, threads: int) -> None:
+        self._heartbeat(
+            keys=[self.keys.workers, self.keys.workers_seen],
+            args=[self.id, threads, REGISTRATION_S],
+        )
+
+    def run(self) -> None:
+        holding = False
+        while not self._stopped.is_set():
+            try:
+                if time.monotonic() - self._last_beat >= HEARTBEAT_S:
+                    self._beat(self.threads)
+                    self._last_beat = time.monotonic()
+                if not holding:
+                    holding = bool(
+                        self.redis.set(self.keys.dispatcher, self.id, nx=True, px=LOCK_MS)
+                    )
+                    if not holding:
+                        self._stopped.wait(random.uniform(0.3, 0.7))
+                        continue
+                holding = self._step()
+            except (redis.RedisError, OSError) as exc:
+                if self._stopped.is_set():
+                    break
+                logger.warning("The fair dispatcher lost Redis (%s); retrying.", exc)
+                holding = False
+                self._stopped.wait(0.5)
+        self.leave()
+
+    # --- one step ---
+    def pump(self) -> tuple[int, float, int, float]:
+        """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
+        keys, settings, intake = self.keys, self.settings, self.intake
+        script_keys = [
+            keys.intake,
+            keys.delayed,
+            keys.ready,
+            keys.leases,
+            keys.transit,
+            keys.transit_at,
+            keys.workers,
+            keys.workers_seen,
+            keys.dispatcher,
+            keys.overrides,
+            keys.tat,
+            keys.cooldown,
+            keys.account_rate,
+            keys.account_weight,
+            keys.account_tat,
+            keys.streak,
+            keys.wake,
+            *(
+                key
+                for klass in ("i", "b")
+                for key in (
+                    keys.active(klass),
+                    keys.ring(klass),
+                    keys.credit(klass),
+                    keys.queue_prefix(klass),
+                )
+            ),
+            *self._source_keys,
+        ]
+        args = [
+            self.id,
+            LOCK_MS,
+            settings.runware_rate_limit or 0,
+            settings.runware_rate_burst,
+            settings.runware_max_in_flight or 0,
+            settings.runware_account_rate_limit or 0,
+            settings.lease_s,
+            MAX_STREAK,
+            MAX_READ,
+            MAX_GRANTS,
+            TRANSIT_CHECK_S,
+            f" {' '.join(sorted(intake.runware_tasks))} ",
+            f" {' '.join(sorted(intake.known_tasks))} ",
+        ]
+        reply = scripts.run(self._pump, script_keys, args)
+        code, wait, granted, _read, recovered, due_in = reply[:6]
+        for index in range(6, len(reply), 3):
+            account, klass, waited = reply[index : index + 3]
+            metrics.LIMIT_WAIT.labels(account.decode(), PRIORITY_NAMES[klass.decode()]).observe(
+                float(waited)
+            )
+        if int(recovered):
+            logger.warning(
+                "%d granted job(s) were lost between the ready queue and a worker; "
+                "they are queued again.",
+                int(recovered),
+            )
+        return int(code), float(wait), int(granted), float(due_in)
+
+    def _step(self) -> bool:
+        """Pump once and wait as long as nothing can change; False if the role was lost."""
+        code, wait, _, due_in = self.pump()
+        if code == Pump.NOT_DISPATCHER:
+            return False
+        if wait == Wait.NOW:
+            return True
+        timeout = 1.0 if wait < 0 else min(wait, 1.0)  # renew the lock at least each second
+        if due_in >= 0:
+            timeout = min(timeout, due_in)
+        if wait == Wait.NOBODY_WAITS:
+            # Nothing waits: block until a job arrives in the Celery queue (it is moved, not
+            # popped, so a kill here loses nothing: the next step reads the intake list).
+            if timeout > 0.1:
+                # (Redis takes a fractional timeout; redis-py's annotation says int.)
+                self.redis.blmove(
+                    self._source_keys[0],
+                    self.keys.intake,
+                    timeout,  # type: ignore[arg-type]
+                    "RIGHT",
+                    "LEFT",
+                )
+            else:
+                self._stopped.wait(timeout)
+        elif timeout <= 0.25:
+            # The next slot is near. Redis checks a blocked command's timeout only every
+            # 1/hz s (100 ms by default): far too coarse for this, so sleep here.
+            self._stopped.wait(timeout)
+        else:
+            # Waiting for a slot to free (a release wakes us) or for the next slot; look at
+            # new arrivals at least every quarter second.
+            self.redis.blpop([self.keys.wake], timeout=min(timeout, 0.25))
+        return True

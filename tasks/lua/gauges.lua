@@ -1,0 +1,31 @@
+-- gauges.lua: the fleet-wide figures of the fair intake for one metrics scrape, in one trip
+-- (workers/metrics.py).
+--
+-- KEYS  1 intake list   2 delayed zset   3 ready queue   4 leases zset
+--       5 interactive active set   6 interactive queue key prefix
+--       7 batch active set         8 batch queue key prefix
+--       9.. the Celery queues jobs are taken from (kombu's lists)
+-- Returns {waiting in the Celery queues and intake, delayed, ready, leases,
+--          account1, class1, depth1, oldest age1 (s), ...}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local incoming = redis.call('LLEN', KEYS[1])
+for i = 9, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
+local reply = {incoming, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4])}
+for _, pair in ipairs({{'i', KEYS[5], KEYS[6]}, {'b', KEYS[7], KEYS[8]}}) do
+  for _, acct in ipairs(redis.call('SMEMBERS', pair[2])) do
+    local q = pair[3] .. acct
+    local depth = redis.call('LLEN', q)
+    local head = redis.call('LINDEX', q, 0)
+    local age = 0
+    if head then
+      local since = tonumber(string.sub(head, 1, string.find(head, '|', 1, true) - 1))
+      age = math.max(0, now - since)
+    end
+    reply[#reply + 1] = acct
+    reply[#reply + 1] = pair[1]
+    reply[#reply + 1] = depth
+    reply[#reply + 1] = tostring(age)
+  end
+end
+return reply
