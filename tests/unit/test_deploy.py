@@ -3,6 +3,7 @@ agrees with the service and with itself. No Docker, network or Redis."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -30,6 +31,10 @@ PING = "celery -A workers inspect ping -d celery@$HOSTNAME --timeout 10"
 # start Celery's soft shutdown (as SIGQUIT does) instead of the unbounded warm one.
 NON_SETTINGS = {"HOSTNAME", "REMAP_SIGTERM"}
 REMAP = {"REMAP_SIGTERM": "SIGQUIT"}
+# Where the worker's Prometheus metrics are declared (its /metrics on METRICS_PORT).
+METRICS_MODULES = (ROOT / "workers" / "metrics.py", ROOT / "tasks" / "metrics.py")
+# The dispatcher empties `celery` into the fair queues at once: its length is no backlog.
+BACKLOG_METRIC = "enhance_queue_depth"
 
 Obj = dict[str, Any]
 
@@ -172,7 +177,49 @@ def test_kubernetes_object_is_valid(obj: Obj) -> None:
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
-def test_keda_scales_the_worker_on_the_celery_list() -> None:
+def _exported_metrics() -> set[str]:
+    """Every metric name the worker can serve: the first argument of each Counter, Gauge,
+    Histogram, Summary or *MetricFamily built in METRICS_MODULES (plus the series a histogram
+    or summary adds)."""
+    names: set[str] = set()
+    for path in METRICS_MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            func = node.func
+            kind = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            first = node.args[0]
+            if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+                continue
+            if kind in ("Counter", "Gauge", "Histogram", "Summary") or kind.endswith("Family"):
+                names.add(first.value)
+                if kind.startswith(("Histogram", "Summary")):
+                    names.update(f"{first.value}{end}" for end in ("_bucket", "_sum", "_count"))
+    return names
+
+
+def _promql_metrics(query: str) -> set[str]:
+    """The metric names a PromQL query reads: identifiers that are not a function, an aggregation
+    modifier or a label (label matchers, `by (...)` lists and strings are dropped first)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", query)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors: [5m]
+    words = re.findall(r"(?<![\w:.])[A-Za-z_:][A-Za-z0-9_:]*(?![A-Za-z0-9_:]*\s*\()", text)
+    keywords = {"bool", "offset", "and", "or", "unless", "inf", "nan"}
+    return {word for word in words if word.lower() not in keywords}
+
+
+def test_promql_metrics_are_read_from_a_query() -> None:
+    query = 'max by (queue) (rate(a_total{queue="x(y)"}[5m])) / ignoring(queue) b + 2e3 > bool c'
+    assert _promql_metrics(query) == {"a_total", "b", "c"}
+    assert _promql_metrics("max(enhance_queue_depth)") == {BACKLOG_METRIC}
+    assert BACKLOG_METRIC in _exported_metrics()
+    assert "enhance_runware_call_duration_seconds_bucket" in _exported_metrics()
+    assert "enhance_queue_length" not in _exported_metrics()
+
+
+def test_keda_scales_the_worker_on_the_fleet_backlog() -> None:
     [scaled] = [o for o in K8S if o["kind"] == "ScaledObject"]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
@@ -180,11 +227,29 @@ def test_keda_scales_the_worker_on_the_celery_list() -> None:
     assert _k8s(target.get("kind", "Deployment"), target["name"]) is WORKER_DEPLOY
     assert 0 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
     assert spec["cooldownPeriod"] > 0
-    [trigger] = spec["triggers"]
-    meta = trigger["metadata"]
-    assert (trigger["type"], meta["listName"]) == ("redis", "celery")
-    assert int(meta["listLength"]) > 0
-    assert f"redis://{meta['address']}/{meta.get('databaseIndex', '0')}" == CONFIGMAP["REDIS_URL"]
+    triggers = spec["triggers"]
+    for trigger in triggers:  # KEDA's CRD: trigger metadata is a map of strings
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["type"]
+    [prometheus] = [t for t in triggers if t["type"] == "prometheus"]
+    meta = prometheus["metadata"]
+    assert re.fullmatch(r"https?://[\w.-]+(:\d+)?(/\S*)?", meta["serverAddress"])
+    assert float(meta["threshold"]) > 0
+    # Every worker reports the same fleet-wide figure: one series per replica, so max, not sum.
+    query = meta["query"]
+    assert re.fullmatch(r"max\s*\(.*\)", query.strip()), query
+    assert BACKLOG_METRIC in _promql_metrics(query)
+    missing = _promql_metrics(query) - _exported_metrics()
+    assert missing == set(), f"not declared in workers/metrics.py or tasks/metrics.py: {missing}"
+    # A `redis` list trigger, if any, reads the broker's `celery` list. It is the only way to wake
+    # a fleet scaled to zero (no worker then exports the metric or drains `celery`).
+    redis = [t for t in triggers if t["type"] == "redis"]
+    assert len(triggers) == 1 + len(redis)
+    for trigger in redis:
+        meta = trigger["metadata"]
+        assert meta["listName"] == "celery"
+        address = f"redis://{meta['address']}/{meta.get('databaseIndex', '0')}"
+        assert address == CONFIGMAP["REDIS_URL"]
+    assert spec["minReplicaCount"] >= 1 or redis
 
 
 def test_kubernetes_wiring() -> None:
@@ -229,6 +294,24 @@ def test_every_environment_variable_is_a_setting() -> None:
     assert {"FLOWER_BASIC_AUTH", "RUNWARE_API_KEY"} <= ENV_EXAMPLE.keys()
     assert not _is_setting("RUNWARE_API_TOKEN")
     assert "REMAP_SIGTERM" not in ENV_EXAMPLE.keys() | ENV_EXAMPLE_COMMENTED | CONFIGMAP.keys()
+
+
+def test_every_variable_named_anywhere_in_deploy_is_a_setting() -> None:
+    """Also the names in comments and prose (README, YAML comments, commented-out examples): a
+    setting that was removed from the service (RUNWARE_LIMIT_MAX_WAIT_S) must not be documented
+    or set in deploy/. A name counts when it starts like a setting (RUNWARE_, CELERY_, ...)."""
+    prefixes = sorted({field.split("_")[0].upper() for field in Settings.model_fields})
+    pattern = re.compile(rf"(?<![A-Z0-9_])(?:{'|'.join(prefixes)})_[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_])")
+    found = {
+        f"{path.relative_to(DEPLOY)}: {name}"
+        for path in DEPLOY.rglob("*")
+        if path.is_file() and path.name != ".env"
+        for name in pattern.findall(path.read_text())
+        if not _is_setting(name)
+    }
+    assert sorted(found) == []
+    assert pattern.fullmatch("RUNWARE_LIMIT_MAX_WAIT_S")
+    assert not _is_setting("RUNWARE_LIMIT_MAX_WAIT_S")
 
 
 def test_every_worker_remaps_sigterm_to_the_soft_shutdown() -> None:
