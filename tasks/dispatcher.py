@@ -48,10 +48,11 @@ logger = logging.getLogger(__name__)
 MAX_STREAK = 9  # interactive grants in a row while batch waits: batch keeps >= 1 slot in 10
 LOCK_MS = 3000
 HEARTBEAT_S = 2.0
-REGISTRATION_S = 10  # a worker that stops heartbeating leaves the fleet's thread count after it
+REGISTRATION_S = 6  # a worker that stops heartbeating leaves the fleet's thread count after it
 MAX_READ = 200  # messages read per step: a step holds Redis for a few ms at most
 MAX_GRANTS = 100
 TRANSIT_CHECK_S = 15.0  # a grant no worker took custody of within this is checked
+COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
 
 
@@ -136,8 +137,7 @@ class Dispatcher(threading.Thread):
         self.leave()
 
     # --- one step ---
-    def pump(self) -> tuple[int, float, int, float]:
-        """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
+    def _pump_keys_args(self) -> tuple[list[str], list[str | int | float]]:
         keys, settings, intake = self.keys, self.settings, self.intake
         script_keys = [
             keys.intake,
@@ -169,7 +169,7 @@ class Dispatcher(threading.Thread):
             ),
             *self._source_keys,
         ]
-        args = [
+        args: list[str | int | float] = [
             self.id,
             LOCK_MS,
             settings.runware_rate_limit or 0,
@@ -184,6 +184,11 @@ class Dispatcher(threading.Thread):
             f" {' '.join(sorted(intake.runware_tasks))} ",
             f" {' '.join(sorted(intake.known_tasks))} ",
         ]
+        return script_keys, args
+
+    def pump(self) -> tuple[int, float, int, float]:
+        """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
+        script_keys, args = self._pump_keys_args()
         reply = scripts.run(self._pump, script_keys, args)
         code, wait, granted, _read, recovered, due_in = reply[:6]
         for index in range(6, len(reply), 3):
@@ -228,7 +233,11 @@ class Dispatcher(threading.Thread):
             # 1/hz s (100 ms by default): far too coarse for this, so sleep here.
             self._stopped.wait(timeout)
         else:
-            # Waiting for a slot to free (a release wakes us) or for the next slot; look at
-            # new arrivals at least every quarter second.
-            self.redis.blpop([self.keys.wake], timeout=min(timeout, 0.25))
+            # Wait for a slot given back (a release wakes us) or the next slot, looking at new
+            # arrivals at least every quarter second. When every slot is taken, releases come
+            # in bursts (one per task of a shared request): let a few arrive, so that one step
+            # grants them all.
+            woken = self.redis.blpop([self.keys.wake], timeout=min(timeout, 0.25))
+            if woken is not None and wait == Wait.NO_FREE_SLOT:
+                self._stopped.wait(COALESCE_S)
         return True

@@ -144,6 +144,34 @@ def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> Non
     assert m[("enhance_runware_in_flight_calls", ())] == 0
 
 
+def test_waiting_jobs_show_in_the_gauges_while_they_wait(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Jobs that wait for their fair share sit in Redis, not in the Celery list: the queue
+    depth (what KEDA scales on) and the per-account gauges must count them."""
+    port = free_port()
+    worker = start_worker(
+        "gauges", METRICS_PORT=str(port), RUNWARE_RATE_LIMIT="5/s", WORKER_CONCURRENCY="2"
+    )
+    bulk = [worker.send(prompt=f"bulk {n}", account="bulk", priority="batch") for n in range(20)]
+    later = worker.app.send_task(
+        "tasks.enhance_prompt", kwargs={"prompt": "later", "account": "bulk"}, countdown=30
+    )
+    time.sleep(1.2)
+    m = _scrape(port)
+    waiting = m[("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch")))]
+    assert 10 <= waiting <= 17  # 20, less the 3 to 7 granted in 1.2 s at 5/s
+    assert m[("enhance_queue_depth", (("queue", "celery"),))] >= waiting
+    oldest = ("enhance_account_oldest_wait_seconds", (("account", "bulk"), ("priority", "batch")))
+    assert m[oldest] >= 0.8
+    assert m[("enhance_delayed_jobs", ())] == 1  # the countdown waits in Redis
+    assert all(r.get(timeout=30)["text"] for r in bulk)
+    later.revoke()
+    m = _scrape(port)
+    assert m[("enhance_queue_depth", (("queue", "celery"),))] == 0
+    assert ("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch"))) not in m
+
+
 def test_json_logs_carry_one_outcome_line_per_job(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:

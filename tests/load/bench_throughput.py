@@ -126,6 +126,7 @@ def main() -> None:
     )
     parser.add_argument("--soak", type=int, default=0, help="jobs for the leak check")
     parser.add_argument("--cap", action="store_true", help="also set RUNWARE_MAX_IN_FLIGHT")
+    parser.add_argument("--rate", default="", help="RUNWARE_RATE_LIMIT (default: none)")
     parser.add_argument(
         "--processes",
         default=f"1,{os.cpu_count() or 1}",
@@ -172,8 +173,9 @@ def run_project(
         "RUNWARE_API_URL": sandbox.url,
         "RUNWARE_API_KEY": KEY,
         "LOG_LEVEL": "INFO",  # the production default
-        # the limiter on, high enough not to bind; the ledger and validation are on
-        "RUNWARE_RATE_LIMIT": "100000/s",
+        # No limit set (the fair intake and the free-thread count still decide every grant);
+        # the ledger and validation are on.
+        "RUNWARE_RATE_LIMIT": args.rate,
     }
     if args.cap:  # the in-flight cap too: one more Redis round trip per call
         env["RUNWARE_MAX_IN_FLIGHT"] = "100000"
