@@ -81,11 +81,13 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     _dispatcher.append(dispatcher)
     metrics.serve(settings, _intake_queues)
     logger.info(
-        "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads).",
+        "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads, Redis "
+        "pools of %d connections).",
         getattr(sender, "hostname", "?"),
         settings.runware_api_url,
         settings.worker_pool,
         _concurrency(sender),
+        redis_urls.pool_size(),
     )
 
 

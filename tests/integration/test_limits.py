@@ -8,11 +8,12 @@ import sys
 import time
 
 import redis
+from celery import Celery
 
-from tests.conftest import StartWorker
+from tests.conftest import StartWorker, worker_env
 from tests.load.common import max_in_window
 from workers.sandbox import Sandbox
-from workers.services import RedisServer
+from workers.services import RedisServer, WorkerProcess
 
 
 def _wait_for(predicate: object, timeout: float = 20.0) -> None:
@@ -133,3 +134,29 @@ def test_no_flood_while_the_limiter_redis_is_down(
         assert "s Redis is unreachable (ConnectionError); holding calls" in worker.process.log()
     finally:
         limiter_redis.cleanup()
+
+
+def test_pools_follow_the_concurrency_the_worker_runs_with(
+    redis_server: RedisServer, sandbox: Sandbox
+) -> None:
+    """`-c 80` overrides WORKER_CONCURRENCY=2: the Redis pools must have room for 80 threads
+    at once (sized from 2 they ran out: spurious transient errors and retries)."""
+    sandbox.configure(latency_s=0.5)
+    url = redis_server.url(57)
+    env = worker_env(url, sandbox, WORKER_CONCURRENCY="2", RUNWARE_BATCH_MAX="1")
+    worker = WorkerProcess(env, name="wide", extra_args=["-c", "80"]).start()
+    producer = Celery(broker=url, backend=url)
+    try:
+        pending = [
+            producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"wide {n}"})
+            for n in range(80)
+        ]
+        assert all(p.get(timeout=60)["text"] for p in pending)
+        assert sandbox.state.max_in_flight >= 40  # the 80 threads really ran at once
+        assert sandbox.state.requests == 80  # not one retry
+        assert "80 threads, Redis pools of 100 connections" in worker.log()
+        assert "Too many connections" not in worker.log()
+        assert "will retry" not in worker.log()
+    finally:
+        producer.close()
+        worker.stop()
