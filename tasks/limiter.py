@@ -188,6 +188,29 @@ class Limiter:
         }
 
 
+def carry_over_old_overrides(client: redis.Redis, settings: Settings) -> int:
+    """Copy run-time overrides set under the layout before the fair intake
+    (`<prefix>:limit:global:overrides`, `<prefix>:limit:global:acct:<account>`) into the
+    current keys, once, so that an upgrade keeps them; returns how many were carried over."""
+    keys = FairKeys(settings.key_prefix)
+    old = f"{settings.key_prefix}:limit:global"
+    carried = 0
+    overrides = client.hgetall(f"{old}:overrides")
+    if overrides and not client.exists(keys.overrides):
+        client.hset(keys.overrides, mapping=overrides)  # type: ignore[arg-type]
+        carried += len(overrides)
+    for raw in client.smembers(f"{old}:accounts"):
+        account = _text(raw)
+        conf = {_text(k): v for k, v in client.hgetall(f"{old}:acct:{account}").items()}
+        for field, target in (("rate", keys.account_rate), ("weight", keys.account_weight)):
+            if field in conf and client.hsetnx(target, account, conf[field]):
+                client.sadd(keys.accounts, account)
+                carried += 1
+    if carried:
+        client.delete(f"{old}:overrides", f"{old}:accounts")
+    return carried
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

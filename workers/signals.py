@@ -14,7 +14,7 @@ from config.settings import get_settings
 from tasks import runware
 from tasks.base import RunwareTask
 from tasks.dispatcher import Dispatcher, Intake
-from tasks.limiter import broker_redis
+from tasks.limiter import broker_redis, carry_over_old_overrides
 from workers import logs, metrics
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,10 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
         runware_tasks=frozenset(n for n, t in app.tasks.items() if isinstance(t, RunwareTask)),
         known_tasks=frozenset(app.tasks),
     )
-    dispatcher = Dispatcher(broker_redis(settings), settings, intake, _concurrency(sender))
+    client = broker_redis(settings)
+    if carry_over_old_overrides(client, settings):
+        logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
+    dispatcher = Dispatcher(client, settings, intake, _concurrency(sender))
     dispatcher.start()
     _dispatcher.append(dispatcher)
     metrics.serve(settings, _intake_queues)

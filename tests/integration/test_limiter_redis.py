@@ -21,7 +21,7 @@ from config.keys import FairKeys
 from config.settings import Settings, load_settings
 from tasks import dispatcher as dispatcher_module
 from tasks.dispatcher import Dispatcher, Intake
-from tasks.limiter import Limiter, Permit
+from tasks.limiter import Limiter, Permit, carry_over_old_overrides
 from workers.services import RedisServer
 
 _prefixes = itertools.count()
@@ -110,7 +110,8 @@ class Fleet:
     def stop(self) -> None:
         self._stop.set()
         self.dispatcher.stop()
-        self.dispatcher.join(timeout=3)
+        if self.dispatcher.is_alive():
+            self.dispatcher.join(timeout=3)
         for thread in self._workers:
             thread.join(timeout=2)
         self.producer.close()
@@ -333,3 +334,20 @@ def test_a_waiting_dispatcher_hands_over_when_its_process_dies(
     finally:
         heir.stop()
         heir.join(timeout=3)
+
+
+def test_overrides_set_before_an_upgrade_are_carried_over(fleet: Any) -> None:
+    f = fleet()
+    old = f"{f.settings.key_prefix}:limit:global"
+    f.client.hset(f"{old}:overrides", mapping={"rate": "7.0"})
+    f.client.hset(f"{old}:acct:team-a", mapping={"rate": "2.0", "weight": "3"})
+    f.client.sadd(f"{old}:accounts", "team-a")
+    assert carry_over_old_overrides(f.client, f.settings) == 3
+    state = f.limiter.state()
+    assert state["overrides"] == {"rate": 7.0}
+    assert state["accounts"]["team-a"] == {
+        "rate": 2.0,
+        "weight": 3,
+        "waiting": {"interactive": 0, "batch": 0},
+    }
+    assert carry_over_old_overrides(f.client, f.settings) == 0  # once
