@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config import redis as redis_urls
+from config import transport
 from config.keys import FairKeys
 from config.settings import Settings, get_settings
 
@@ -20,23 +21,13 @@ def result_backend_url(url: str) -> str:
     return url
 
 
-def broker_transport(url: str) -> str | None:
-    """config/transport.py's Transport for a Redis broker (SocketTransport for a unix socket);
-    else kombu's choice."""
-    if url.startswith("unix://"):
-        return "config.transport:SocketTransport"
-    if redis_urls.is_redis(url):
-        return "config.transport:Transport"
-    return None
-
-
 def configure(app: Celery, settings: Settings) -> None:
     """Apply Settings to a Celery app: JSON only, late acks, events, the worker pool."""
+    transport.register()  # the project's transport for kombu's Redis URL schemes
     broker_url, broker_ssl = redis_urls.broker_options(settings.broker_url)
     keys = FairKeys(settings.key_prefix)
     app.conf.update(
         broker_url=broker_url,
-        broker_transport=broker_transport(settings.broker_url),
         broker_use_ssl=broker_ssl,
         result_backend=result_backend_url(settings.result_backend),
         redis_backend_use_ssl=redis_urls.ssl_options(settings.result_backend),

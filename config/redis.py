@@ -111,7 +111,7 @@ def broker_options(url: str) -> tuple[str, dict[str, Any] | None]:
     """The broker URL as kombu takes it, and its TLS options (`broker_use_ssl`)."""
     if url.startswith("unix://"):
         socket_url, db = _socket_form(url)
-        return f"{socket_url}?virtual_host={db}", None
+        return f"redis+{socket_url}?virtual_host={db}", None
     return _without_query(url, _SSL_OPTIONS), ssl_options(url)
 
 

@@ -13,8 +13,9 @@
    A Redis client is thread-safe, so this channel keeps one per pool.
 
 Everything else (connections, pools, TLS, acks, the visibility-timeout restore) is kombu's own.
-Selected in config/celery.py with Celery's `broker_transport` setting for every Redis URL;
-`SocketTransport` for unix sockets, whose URL kombu must not parse as host and port.
+`register()` (called by config/celery.py) makes it the transport of kombu's `redis`, `rediss`
+and `redis+socket` URL schemes in this process, so that broker URLs keep their usual schemes:
+tools that pick a client by scheme, such as Flower's broker view, keep working.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 
@@ -77,8 +78,7 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SocketTransport(Transport):
-    """The same, for a unix socket URL (`socket:///path?virtual_host=N`), which the channel
-    parses itself."""
-
-    can_parse_url = True
+def register() -> None:
+    """Use this transport for redis://, rediss:// and redis+socket:// broker URLs."""
+    for scheme in ("redis", "rediss"):
+        TRANSPORT_ALIASES[scheme] = "config.transport:Transport"

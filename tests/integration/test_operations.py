@@ -90,6 +90,11 @@ def test_flower_shows_each_job_with_its_result(
         assert shown["succeeded"]
     assert "HTTP 400" in tasks[failed.id]["exception"]
     workers = requests.get(f"{url}/api/workers", auth=FLOWER_AUTH, timeout=10).text
+    # Flower's broker view reads queue lengths with a client it picks by the broker URL's
+    # scheme: the project's transport must keep kombu's `redis` scheme for it.
+    queues = requests.get(f"{url}/api/queues/length", auth=FLOWER_AUTH, timeout=10)
+    assert queues.status_code == 200, queues.text
+    assert {"name": "enhance.ready", "messages": 0} in queues.json()["active_queues"]
     assert SECRET not in json.dumps(tasks)
     assert SECRET not in workers
 

@@ -15,6 +15,7 @@ from kombu.utils.url import url_to_parts
 from config import redis as redis_urls
 from config.celery import create_app
 from config.settings import load_settings
+from config.transport import Transport
 
 CA = "/etc/enhance/ca.pem"
 PASSWORD = "pw-5d2c/@:#% x"  # characters that must be quoted in a URL
@@ -95,7 +96,7 @@ def test_other_query_options_stay_in_the_url() -> None:
 def test_a_unix_socket_becomes_kombus_socket_form_with_its_database() -> None:
     url = f"unix://:{QUOTED}@/run/redis/redis.sock?db=3"
     socket_url = f"socket://:{QUOTED}@/run/redis/redis.sock?virtual_host=3"
-    assert redis_urls.broker_options(url) == (socket_url, None)
+    assert redis_urls.broker_options(url) == (f"redis+{socket_url}", None)
     assert redis_urls.backend_url(url) == socket_url
     assert redis_urls.ssl_options(url) is None
     parts = url_to_parts(socket_url)  # as kombu and Celery's backend read it
@@ -107,7 +108,7 @@ def test_a_unix_socket_becomes_kombus_socket_form_with_its_database() -> None:
 def test_a_unix_socket_without_password_or_database() -> None:
     url = "unix:///run/redis/redis.sock"
     expected = "socket:///run/redis/redis.sock?virtual_host=0"
-    assert redis_urls.broker_options(url) == (expected, None)
+    assert redis_urls.broker_options(url) == (f"redis+{expected}", None)
     assert redis_urls.backend_url(url) == expected
 
 
@@ -160,12 +161,18 @@ def app_for() -> Iterator[AppFor]:
         app.close()
 
 
+def _transport(app: Celery) -> type:
+    """The transport class kombu picks for the app's broker URL (no connection is made)."""
+    with app.connection_for_write() as connection:
+        return type(connection.transport)
+
+
 def test_the_celery_app_for_a_tls_url(app_for: AppFor) -> None:
     url = f"rediss://:{QUOTED}@db.internal:6380/5?ssl_ca_certs={CA}"
     app = app_for(url)
     conf = app.conf
     assert conf.broker_url == f"rediss://:{QUOTED}@db.internal:6380/5"
-    assert conf.broker_transport == "config.transport:Transport"
+    assert _transport(app) is Transport
     verify = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": CA}
     assert conf.broker_use_ssl == verify
     assert conf.redis_backend_use_ssl == verify
@@ -183,8 +190,8 @@ def test_the_celery_app_for_a_tls_url(app_for: AppFor) -> None:
 def test_the_celery_app_for_a_unix_socket(app_for: AppFor) -> None:
     app = app_for(f"unix://:{QUOTED}@/run/redis/redis.sock?db=3")
     conf = app.conf
-    assert conf.broker_url == f"socket://:{QUOTED}@/run/redis/redis.sock?virtual_host=3"
-    assert conf.broker_transport == "config.transport:SocketTransport"
+    assert conf.broker_url == f"redis+socket://:{QUOTED}@/run/redis/redis.sock?virtual_host=3"
+    assert _transport(app) is Transport
     assert conf.broker_use_ssl is None
     assert conf.redis_backend_use_ssl is None
     params = app.backend.connparams  # type: ignore[attr-defined]  # Celery's RedisBackend's
@@ -200,6 +207,6 @@ def test_the_celery_app_for_a_unix_socket(app_for: AppFor) -> None:
 def test_the_celery_app_for_a_plain_url(app_for: AppFor) -> None:
     app = app_for("redis://db.internal:6380/5")
     assert app.conf.broker_url == "redis://db.internal:6380/5"
-    assert app.conf.broker_transport == "config.transport:Transport"
+    assert _transport(app) is Transport
     assert app.conf.broker_use_ssl is None
     assert app.conf.redis_backend_use_ssl is None
