@@ -218,7 +218,7 @@ class Settings(BaseSettings):
         default="text", description="text, or json (one JSON object per line, for log stacks)"
     )
     celery_visibility_timeout_s: int = Field(
-        default=3600,
+        default=300,
         ge=1,
         description="seconds before an unacknowledged job of a dead worker is delivered again, "
         "an integer >= 1, longer than one run of a job (the Runware timeouts + 1)",

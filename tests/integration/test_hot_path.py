@@ -82,7 +82,10 @@ def test_the_broker_channel_shares_one_client_and_still_delivers(
 ) -> None:
     from config.celery import app as project_app
 
-    assert project_app.connection_for_write().transport_cls == "config.transport:Transport"
+    from config.transport import Transport
+
+    with project_app.connection_for_write() as project_connection:
+        assert type(project_connection.transport) is Transport
     with Connection(redis_server.url(9), transport="config.transport:Transport") as connection:
         channel = connection.default_channel
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
