@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from config.keys import StateKeys
 from config.settings import Settings, get_settings
 from tasks.redact import redact
 from tasks.state import per_process, redis_client
@@ -28,7 +29,7 @@ class DeadLetters:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
-        self.key = f"{settings.key_prefix}:dead"
+        self.key = StateKeys(settings.key_prefix).dead_letters
 
     def record(
         self,

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
+from config.keys import StateKeys
 from config.settings import Settings, get_settings
 from tasks import metrics
 from tasks.errors import BudgetExceeded
@@ -194,7 +195,7 @@ class Ledger:
         self.redis = client
         self.settings = settings
         self.outage_s = outage_s
-        self.prefix = f"{settings.key_prefix}:ledger"
+        self.prefix = StateKeys(settings.key_prefix).ledger
         self._reserve = client.register_script(RESERVE)
         self._commit = client.register_script(COMMIT)
         self._release = client.register_script(RELEASE)

@@ -16,6 +16,7 @@ import time
 
 import redis
 
+from config.keys import StateKeys
 from config.settings import Settings, get_settings
 from tasks.state import hold_through_outage, per_process, redis_client
 
@@ -26,7 +27,7 @@ class PendingCalls:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
-        self.prefix = f"{settings.key_prefix}:pending"
+        self.keys = StateKeys(settings.key_prefix)
 
     def mark(self, task_uuid: str, ttl_s: float) -> float:
         """Record the submission now (kept if already recorded); return its time."""
@@ -45,11 +46,11 @@ class PendingCalls:
 
     def done_key(self, task_uuid: str) -> str:
         """Where a finished task's items are kept (written by Ledger.end)."""
-        return f"{self.prefix}:done:{task_uuid}"
+        return self.keys.done(task_uuid)
 
     def marker_key(self, task_uuid: str) -> str:
         """Where a submitted task's submission time is kept."""
-        return f"{self.prefix}:{task_uuid}"
+        return self.keys.pending(task_uuid)
 
     def next_poll_in(self, elapsed_s: float) -> float:
         """The countdown to the next poll: about the first interval, growing with the time the

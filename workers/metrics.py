@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from config.keys import FairKeys
+from config.keys import FairKeys, StateKeys
 from config.settings import Settings
 from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
@@ -37,7 +37,7 @@ class RedisStateCollector(Collector):
         self.keys = FairKeys(settings.key_prefix)
         self.broker = broker_redis(settings)
         self.state = redis_client(settings)
-        self.dead_key = f"{settings.key_prefix}:dead"
+        self.dead_key = StateKeys(settings.key_prefix).dead_letters
         self._gauges = scripts.register(self.broker, "gauges")
         keys = self.keys
         self._script_keys = [

@@ -81,7 +81,6 @@ def test_the_broker_channel_shares_one_client_and_still_delivers(
     redis_server: RedisServer,
 ) -> None:
     from config.celery import app as project_app
-
     from config.transport import Transport
 
     with project_app.connection_for_write() as project_connection:
