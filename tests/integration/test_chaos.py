@@ -3,13 +3,15 @@ is billed twice."""
 
 from __future__ import annotations
 
+import random
 import re
 import time
 
 import redis
 from celery import Celery
 
-from tests.conftest import FAST_REDELIVERY, StartWorker, worker_env
+from config.keys import FairKeys
+from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker, worker_env
 from workers.sandbox import Sandbox
 from workers.services import RedisServer, WorkerProcess
 
@@ -55,6 +57,77 @@ def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox
     assert set(sandbox.state.accepted) == uuids
     assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
     assert _ledger_total_micro(doomed.redis_url) == sandbox.state.billed_micro == 30 * 1300
+
+
+def _holder(client: redis.Redis, live: list[RunningWorker]) -> RunningWorker:
+    """The live worker that holds the dispatcher lock (its value is "hostname:PID:..."); after
+    the holder is killed, the lock names it until it expires and another worker takes it."""
+    deadline = time.monotonic() + 15
+    while True:
+        value = client.get(FairKeys("enhance").dispatcher)
+        text = value.decode() if isinstance(value, bytes) else str(value or "")
+        pid = int(text.rsplit(":", 2)[1]) if text else None
+        holder = next((w for w in live if w.process.pid == pid), None)
+        if holder is not None:
+            return holder
+        assert time.monotonic() < deadline, f"no live worker holds the dispatcher lock ({value!r})"
+        time.sleep(0.05)
+
+
+def test_sigkill_at_any_instant_loses_nothing(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """Two workers of 6 threads under a fleet rate; 4 SIGKILLs, each followed by a new worker:
+    a worker that is not the dispatcher, then twice the new worker within 0.3 s of it becoming
+    ready (while it fills its threads), then the dispatcher's holder. And since a random kill
+    rarely lands between kombu's BRPOP and its unacked write, that instant is played out too:
+    a consumer takes a granted job from the ready queue and vanishes. Every job completes, each
+    taskUUID is billed once, and the dispatcher recovers that job, plus at most one per kill."""
+    sandbox.configure(latency_s=1.0)  # 8 calls in flight: after a kill, 6 threads are too few
+    settings = {
+        **FAST_REDELIVERY,
+        "RUNWARE_TIMEOUT_S": "3",
+        "WORKER_CONCURRENCY": "6",
+        "RUNWARE_RATE_LIMIT": "8",
+    }
+    first = start_worker("sigkill", **settings)
+    live = [first, start_worker("sigkill", same_db_as=first, **settings)]
+    started = list(live)
+    client = redis.Redis.from_url(first.redis_url)
+    rng = random.Random(7)
+    pending = [first.send(prompt=f"sigkill {n}") for n in range(60)]
+
+    # The vanished consumer: a BRPOP on the ready queue, as by a worker killed right after it.
+    assert client.brpop([FairKeys("enhance").ready], timeout=20) is not None
+
+    def replace(victim: RunningWorker) -> RunningWorker:
+        victim.process.kill()  # SIGKILL to the worker's whole process group
+        live.remove(victim)
+        _holder(client, live)  # a dispatcher runs: the new worker is fed from its first instant
+        heir = start_worker("sigkill", same_db_as=first, **settings)
+        live.append(heir)
+        started.append(heir)
+        return heir
+
+    deadline = time.monotonic() + 20
+    while len(sandbox.state.accepted) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    holder = _holder(client, live)
+    fresh = replace(next(w for w in live if w is not holder))
+    for _ in range(2):  # the new worker, while it fills its threads
+        time.sleep(rng.uniform(0.05, 0.3))
+        fresh = replace(fresh)
+    replace(_holder(client, live))
+
+    results = [p.get(timeout=90) for p in pending]  # type: ignore[attr-defined]
+    uuids = {r["taskUUID"] for r in results}
+    assert len(uuids) == 60
+    assert set(sandbox.state.accepted) == uuids
+    assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
+    assert _ledger_total_micro(first.redis_url) == sandbox.state.billed_micro == 60 * 1300
+    logs = "".join(w.process.log() for w in started)
+    recovered = sum(int(n) for n in re.findall(r"(\d+) granted job\(s\) were lost", logs))
+    assert 1 <= recovered <= 1 + 4, recovered  # the vanished consumer's, at most 1 per kill
+    client.close()
 
 
 def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:

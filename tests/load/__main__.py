@@ -12,6 +12,7 @@ BENCHMARKS = {
     "rate": ("tests.load.bench_rate_limit", "fleet-wide rate limit, in-flight cap, lease recovery"),
     "fairness": ("tests.load.bench_fairness", "fair share between accounts, priority, weights"),
     "throughput": ("tests.load.bench_throughput", "the project's worker against a bare Celery one"),
+    "chaos": ("tests.load.bench_chaos", "SIGKILLs at any instant, a Redis restart: nothing lost"),
 }
 
 
