@@ -45,9 +45,8 @@ def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox
     while len(sandbox.state.accepted) < 24:  # 24 tasks at Runware (in fewer requests), unanswered
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    # Kill once the worker holds its full prefetch. A kill in the instant between kombu's BRPOP
-    # and its write to the unacked set loses that one message (celery/kombu#305): a limit of
-    # the Redis transport that the README states, not something this test should race.
+    # Kill with every thread busy; kills while a worker fills its threads, and the instant
+    # between kombu's BRPOP and its unacked write, are test_sigkill_at_any_instant_loses_nothing's.
     time.sleep(0.3)
     doomed.process.kill()  # SIGKILL to the worker's whole process group
     start_worker("chaos-heir", same_db_as=doomed, **settings)
