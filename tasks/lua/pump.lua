@@ -247,12 +247,14 @@ local function account_wait(acct, arate)
   return math.max(0, (tonumber(redis.call('HGET', ACCT_TAT, acct) or '0')) - now)
 end
 
--- A grant a little late keeps the cadence (no slot is lost to the dispatcher's own delay);
--- after a quiet spell the timeline starts again from now.
+-- A grant a little late keeps the cadence: the slots its lateness skipped are caught up at
+-- once, so the dispatcher's own delays (a wake-up, the CPU) cost no rate. Lateness is forgiven
+-- up to half an interval or 25 ms, whichever is more; 25 ms of catching up adds at most
+-- 2.5% + 1 to any one-second window. After a longer quiet spell the timeline restarts at now.
 local function advance(tat, r)
   local interval = 1 / r
   local base = tat
-  if tat < now - interval / 2 then base = now end
+  if tat < now - math.max(interval / 2, 0.025) then base = now end
   return base + interval
 end
 
