@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
@@ -65,6 +66,12 @@ class Channel(kombu_redis.Channel):
         kombus: Any = super()  # kombu-stubs lacks the channel's private methods
         if asynchronous:  # the BRPOP/LISTEN client: kombu's own, one per channel anyway
             return kombus._create_client(asynchronous=True)
+        if self.connection.client is None:
+            # The connection was closed under this channel (Redis went away) and kombu still
+            # asks for a client (to restore or ack): say so as the connection error it is,
+            # which Celery recovers from, rather than kombu's AttributeError, which stops the
+            # worker. An unacknowledged job stays in Redis and is delivered again.
+            raise redis.ConnectionError("the broker connection is closed")
         pool = self.pool  # a new one after a fork or a reconnect
         client = self._shared_client
         if client is None or client.connection_pool is not pool:

@@ -130,11 +130,13 @@ def test_sigkill_at_any_instant_loses_nothing(start_worker: StartWorker, sandbox
 
 
 def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
+    """Redis (append-only) restarted while a rate-limited worker has idle threads: the same
+    worker recovers and every job completes. (kombu, closing a channel whose connection is
+    gone, raised an AttributeError that stopped the worker: config/transport.py.)"""
     sandbox.configure(latency_s=0.2)
     server = RedisServer(appendonly=True).start()
-    worker = WorkerProcess(
-        worker_env(server.url(0), sandbox, WORKER_CONCURRENCY="4"), name="chaos-redis"
-    ).start()
+    env = worker_env(server.url(0), sandbox, WORKER_CONCURRENCY="8", RUNWARE_RATE_LIMIT="10")
+    worker = WorkerProcess(env, name="chaos-redis").start()
     producer = Celery(broker=server.url(0), backend=server.url(0))
     try:
         pending = [
