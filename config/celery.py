@@ -50,9 +50,12 @@ def configure(app: Celery, settings: Settings) -> None:
             # worker may sweep until it expires (kombu's default: 300 s).
             "unacked_mutex_expire": max(5, min(300, settings.celery_visibility_timeout_s // 2)),
             # The worker's transport clears the fair dispatcher's record of a granted job in the
-            # transaction that writes kombu's unacknowledged entry (config/transport.py).
+            # transaction that writes kombu's unacknowledged entry, and gives back the job's
+            # slot in the one that acknowledges it (config/transport.py).
             "fair_transit_key": keys.transit,
             "fair_transit_at_key": keys.transit_at,
+            "fair_leases_key": keys.leases,
+            "fair_wake_key": keys.wake,
         },
         result_backend_transport_options={
             "visibility_timeout": settings.celery_visibility_timeout_s

@@ -6,8 +6,8 @@
   at most RUNWARE_MAX_RETRIES times; then the task fails with the last error and the retry count.
 - Waiting for Runware to finish an async task is not failing: the job is re-scheduled with a
   countdown (kept in Redis by the fair intake, not in a worker) and its retry budget is
-  untouched. A job reaches a worker only once the fleet granted it a slot (tasks/dispatcher.py):
-  it makes at most one call to Runware per run and gives the slot back when the run ends.
+  untouched. A job reaches a worker only once the fleet granted it a slot (tasks/dispatcher.py),
+  and makes at most one call to Runware per run; the slot goes back when it is acknowledged.
 - Every call reserves its estimated cost under the budgets first and records its real cost once.
 """
 
@@ -36,7 +36,6 @@ from tasks.errors import (
     WorkerError,
 )
 from tasks.ledger import get_ledger
-from tasks.limiter import Permit, get_limiter
 from tasks.polling import get_pending
 from tasks.runware import TaskOutcome, get_client
 from tasks.schemas import stable_task_uuid
@@ -81,21 +80,6 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     typing = False
     # Celery's own retry cap (default 3) would cut our policy short: RUNWARE_MAX_RETRIES bounds it.
     max_retries = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task holding the slot the dispatcher granted it (named by its task id), and
-        give the slot back when the run ends, whether or not it called Runware."""
-        permit = Permit(str(self.request.id))
-        setattr(self.request, "permit", permit)  # noqa: B010 - Context has no declared slot
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            get_limiter().release(permit)
-
-    def permit(self) -> Permit:
-        """This run's slot."""
-        permit = getattr(self.request, "permit", None)
-        return permit if isinstance(permit, Permit) else Permit(str(self.request.id))
 
     def keyword_only(self, args: tuple[Any, ...]) -> None:
         """Refuse positional arguments with a message that says how to call the task."""
@@ -189,7 +173,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         task_uuid = job.task_uuid
         if submitted is None:
             try:
-                outcome = client.run(job.body, self.permit())
+                outcome = client.run(job.body)
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it with a poll, in
                 # a run of its own (with a slot of its own), never by sending it again.
@@ -203,7 +187,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             raise self.reschedule(
                 pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
             )
-        done, outcome = client.get_response(task_uuid, self.permit())
+        done, outcome = client.get_response(task_uuid)
         if done:
             return outcome
         elapsed = max(0.0, time.time() - submitted)

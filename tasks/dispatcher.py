@@ -13,7 +13,7 @@ the fleet's limits, whatever the size of the backlog in front of it.
       <prefix>.ready   the Celery queue every worker thread consumes: granted jobs only
                     │ the worker's transport takes custody (kombu's unacked entry) and clears
                     ▼ the grant's transit record in the same transaction
-      worker thread: one call to Runware, then the slot goes back (tasks/limiter.py)
+      worker thread: one call to Runware; the acknowledgement gives the slot back (leases)
 
 One dispatcher serves the fleet: every worker process runs a candidate thread, and the one that
 holds a lock in Redis pumps; if its process dies the lock expires and another takes over. Each
@@ -41,6 +41,7 @@ import redis
 from config.keys import FairKeys
 from config.settings import Settings
 from tasks import metrics, scripts
+from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,19 @@ class Dispatcher(threading.Thread):
     process's worker threads, takes the dispatcher role when the lock is free, and pumps."""
 
     def __init__(
-        self, client: redis.Redis, settings: Settings, intake: Intake, threads: int
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        intake: Intake,
+        threads: int,
+        limiter: Limiter | None = None,
     ) -> None:
         super().__init__(name="fair-dispatcher", daemon=True)
         self.redis = client
         self.settings = settings
         self.intake = intake
         self.threads = threads
+        self.limiter = limiter  # told when the fleet has cool-down strikes to clear
         self.keys = FairKeys(settings.key_prefix)
         self.id = worker_id()
         self._stopped = threading.Event()
@@ -108,10 +115,12 @@ class Dispatcher(threading.Thread):
             logger.warning("Could not leave the fleet cleanly (%s); it expires.", exc)
 
     def _beat(self, threads: int) -> None:
-        self._heartbeat(
-            keys=[self.keys.workers, self.keys.workers_seen],
+        strikes = self._heartbeat(
+            keys=[self.keys.workers, self.keys.workers_seen, self.keys.strikes],
             args=[self.id, threads, REGISTRATION_S],
         )
+        if strikes and self.limiter is not None:
+            self.limiter.strikes = True
 
     def run(self) -> None:
         holding = False

@@ -1,12 +1,14 @@
 """The fleet-wide limits on calls to Runware, as the worker threads see them.
 
 A job reaches a worker thread only once the fleet's dispatcher (tasks/dispatcher.py) granted it
-a slot: the slot is a lease named by the job's task id, counted against RUNWARE_MAX_IN_FLIGHT and
+a slot: a lease named by the message's delivery tag, counted against RUNWARE_MAX_IN_FLIGHT and
 against the fleet's worker threads, and taken on the fleet's rate timeline. The thread makes its
-one call to Runware and gives the slot back (`Limiter.call`), saying how the call went: a 429 or
-503 starts a fleet-wide cool-down (RUNWARE_COOLDOWN_S, doubling per strike up to
-RUNWARE_COOLDOWN_MAX_S, at least Retry-After) that the dispatcher respects; a success clears the
-strikes. A slot whose worker died returns by itself after RUNWARE_LEASE_S.
+one call to Runware; the slot goes back when the job is acknowledged (config/transport.py), and
+by itself after RUNWARE_LEASE_S if its worker died. What the fleet must hear is how the call
+went (`Limiter.note`): a 429 or 503 starts a fleet-wide cool-down (RUNWARE_COOLDOWN_S, doubling
+per strike up to RUNWARE_COOLDOWN_MAX_S, at least Retry-After) that the dispatcher respects; a
+success clears the strikes (a round trip made only while there are strikes, which each worker
+learns from its heartbeat).
 
 Run-time overrides of the limits live in Redis and are read by every dispatcher step, so they
 take effect without restarting workers (`enhance-worker limits ...`).
@@ -35,12 +37,10 @@ OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
 
 @dataclass
 class Permit:
-    """The slot of one call; the client records how the call went before it is released."""
+    """One call's slot, as the client sees it: it records how the call went."""
 
-    lease: str  # the task id the dispatcher granted
     outcome: str = "none"  # ok | throttled | none (no answer: timeout, connection error)
     retry_after: float | None = None
-    released: bool = False
 
 
 class Limiter:
@@ -50,29 +50,34 @@ class Limiter:
         self.redis = client
         self.settings = settings
         self.keys = FairKeys(settings.key_prefix)
-        self._release = scripts.register(client, "release")
+        self._outcome = scripts.register(client, "outcome")
+        # Whether the fleet has cool-down strikes that a success must clear (from this
+        # process's heartbeat, tasks/dispatcher.py, and from this process's own throttled calls).
+        self.strikes = False
 
     @contextlib.contextmanager
     def use(self, permit: Permit) -> Iterator[Permit]:
-        """Hold the slot the dispatcher granted for one call; give it back, with the call's
-        outcome, when the call ends."""
+        """One call in the slot the dispatcher granted; the fleet hears how it went after it."""
         try:
             yield permit
         finally:
-            self.release(permit)
+            self.note(permit)
 
-    def release(self, permit: Permit) -> None:
-        """Give a slot back (once); a slot that cannot be given back expires by itself."""
-        if permit.released or not permit.lease:
+    def note(self, permit: Permit) -> None:
+        """Tell the fleet how a call went, when that changes anything: a throttled call starts
+        or lengthens the cool-down; a success clears the strikes, if there are any."""
+        if permit.outcome == "throttled":
+            self.strikes = True
+        elif not (permit.outcome == "ok" and self.strikes):
             return
-        permit.released = True
+        else:
+            self.strikes = False
         settings, keys = self.settings, self.keys
         try:
             pause = float(
-                self._release(
-                    keys=[keys.leases, keys.cooldown, keys.strikes, keys.wake],
+                self._outcome(
+                    keys=[keys.cooldown, keys.strikes],
                     args=[
-                        permit.lease,
                         permit.outcome,
                         settings.runware_cooldown_s,
                         settings.runware_cooldown_max_s,
@@ -82,7 +87,7 @@ class Limiter:
                 )
             )
         except redis.RedisError as exc:
-            logger.warning("Could not release an in-flight slot (%s); it will expire.", exc)
+            logger.warning("Could not tell the fleet how a call went (%s).", exc)
             return
         if pause > 0:
             logger.warning("Runware is throttling: the whole fleet pauses for %.2fs.", pause)

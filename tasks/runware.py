@@ -87,13 +87,13 @@ class _Answer:
         return not any(error.get("taskUUID") for error in errors)
 
 
-# Holds a call's slot for the call, and gives it back with the call's outcome afterwards.
+# Wraps one call: the client records the call's outcome on the Permit, the fleet hears it.
 Gate = Callable[[Permit], AbstractContextManager[Permit]]
 
 
 @contextlib.contextmanager
 def _no_limits(permit: Permit) -> Iterator[Permit]:
-    """No limits: nothing to give back (used where no limiter is wired in)."""
+    """No limits: nobody to tell (used where no limiter is wired in)."""
     yield permit
 
 
@@ -160,17 +160,15 @@ class RunwareClient:
         return text
 
     # --- calls ---------------------------------------------------------------------------------
-    def run(self, task: dict[str, Any], permit: Permit | None = None) -> TaskOutcome:
+    def run(self, task: dict[str, Any]) -> TaskOutcome:
         """Send one task object and return its items (sync delivery) or its acknowledgement.
-        `permit` is the slot the fleet granted the job; it is given back after the call."""
-        return self._post(task, str(task["taskUUID"]), permit or Permit(""))
+        The job holds the slot the fleet granted it; the fleet hears how the call went."""
+        return self._post(task, str(task["taskUUID"]))
 
-    def get_response(
-        self, task_uuid: str, permit: Permit | None = None
-    ) -> tuple[bool, TaskOutcome]:
+    def get_response(self, task_uuid: str) -> tuple[bool, TaskOutcome]:
         """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
         poll = {"taskType": "getResponse", "taskUUID": task_uuid}
-        outcome = self._post(poll, task_uuid, permit or Permit(""))
+        outcome = self._post(poll, task_uuid)
         finished: list[dict[str, Any]] = []
         for item in outcome.items:
             status = str(item.get("status", "success")).lower()
@@ -183,13 +181,13 @@ class RunwareClient:
         return bool(finished), TaskOutcome(task_uuid, finished)
 
     # --- wire ----------------------------------------------------------------------------------
-    def _post(self, task: dict[str, Any], task_uuid: str, permit: Permit) -> TaskOutcome:
+    def _post(self, task: dict[str, Any], task_uuid: str) -> TaskOutcome:
         if self._key is None:
             raise AuthenticationError(
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
             )
         kind = str(task.get("taskType", "?"))
-        with self._gate(permit):
+        with self._gate(Permit()) as permit:
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:

@@ -14,7 +14,7 @@ from config.settings import get_settings
 from tasks import runware
 from tasks.base import RunwareTask
 from tasks.dispatcher import Dispatcher, Intake
-from tasks.limiter import broker_redis, carry_over_old_overrides
+from tasks.limiter import broker_redis, carry_over_old_overrides, get_limiter
 from workers import logs, metrics
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     client = broker_redis(settings)
     if carry_over_old_overrides(client, settings):
         logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
-    dispatcher = Dispatcher(client, settings, intake, _concurrency(sender))
+    dispatcher = Dispatcher(client, settings, intake, _concurrency(sender), get_limiter())
     dispatcher.start()
     _dispatcher.append(dispatcher)
     metrics.serve(settings, _intake_queues)

@@ -6,7 +6,8 @@
 --    are due join the fair lists. The message itself is never changed.
 -- 2. Grants: hands the next jobs, in fair order, to the ready queue the worker threads consume,
 --    as far as the limits allow: global rate (GCRA), in-flight cap and free worker threads
---    (leases), shared cool-down, per-account rate; interactive first but at most MAX_STREAK in
+--    (leases, named by delivery tag, given back at the job's acknowledgement), shared
+--    cool-down, per-account rate; interactive first but at most MAX_STREAK in
 --    a row while batch waits; weighted deficit round-robin between the accounts of a class.
 -- 3. Recovery: a granted message that no worker took custody of (its record is cleared by the
 --    worker's broker transport in the same transaction that writes kombu's unacked entry) and
@@ -333,9 +334,12 @@ while granted < max_grants do
   if arate > 0 then
     redis.call('HSET', ACCT_TAT, acct, tostring(advance(tonumber(redis.call('HGET', ACCT_TAT, acct) or '0'), arate)))
   end
-  redis.call('ZADD', LEASES, now + lease_s, id)
+  -- The slot is named by the delivery tag: the worker's transport gives it back in the same
+  -- transaction that acknowledges the message (config/transport.py).
+  if tag == '' then tag = nil end
+  redis.call('ZADD', LEASES, now + lease_s, tag or id)
   in_flight = in_flight + 1
-  to_ready(raw, tag ~= '' and tag or nil)
+  to_ready(raw, tag)
   if class == 'i' then streak = streak + 1 else streak = 0 end
   granted = granted + 1
   dwell[#dwell + 1] = acct

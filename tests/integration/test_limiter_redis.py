@@ -1,7 +1,8 @@
 """The fair intake and the limits against a real Redis, with real Celery messages but no worker:
 a real dispatcher (tasks/dispatcher.py) pumps, and a stand-in for the worker threads takes each
 granted job from the ready queue the way the worker's transport does (custody clears the grant's
-transit record), holds it for a while, and gives its slot back (Limiter.release)."""
+transit record), holds it for a while, and acknowledges it (which gives its slot back and wakes
+the dispatcher, as config/transport.py does)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class Fleet:
         self.keys = FairKeys(self.settings.key_prefix)
         self.limiter = Limiter(self.client, self.settings)
         intake = Intake(("celery",), RUNWARE, KNOWN)
-        self.dispatcher = Dispatcher(self.client, self.settings, intake, self.threads)
+        self.dispatcher = Dispatcher(
+            self.client, self.settings, intake, self.threads, self.limiter
+        )
 
     def start(self, workers: bool = True) -> Fleet:
         self.dispatcher.start()
@@ -90,7 +93,11 @@ class Fleet:
                 )
             )
             time.sleep(self.hold_s)
-            self.limiter.release(Permit(message["headers"]["id"], outcome="ok"))
+            self.limiter.note(Permit(outcome="ok"))
+            pipe = own.pipeline()  # the acknowledgement, as config/transport.py makes it
+            pipe.zrem(self.keys.leases, tag)
+            pipe.lpush(self.keys.wake, "1")
+            pipe.execute()
 
     def send(self, account: str, count: int, priority: str = "batch", **options: Any) -> None:
         for n in range(count):
@@ -197,16 +204,18 @@ def test_a_dead_holders_slot_returns_after_its_lease(fleet: Any) -> None:
 
 def test_a_throttled_call_pauses_every_grant(fleet: Any) -> None:
     f = fleet(threads=2, runware_cooldown_s=0.5, runware_cooldown_max_s=1.0)
-    f.limiter.release(Permit("someone", outcome="throttled"))
+    elsewhere = Limiter(f.client, f.settings)  # another worker process's
+    elsewhere.note(Permit(outcome="throttled"))
     assert f.limiter.state()["cooldown_s"] == pytest.approx(0.5, abs=0.05)
-    f.limiter.release(Permit("another", outcome="throttled"))
+    elsewhere.note(Permit(outcome="throttled"))
     assert f.limiter.state()["cooldown_s"] == pytest.approx(1.0, abs=0.05)  # doubled
     started = time.monotonic()
     f.start()
     f.send("a", 1)
     (taken,) = f.wait_for(1)
     assert taken.at - started >= 0.9
-    assert f.client.get(f.keys.strikes) is None  # its success cleared the strikes
+    # Its success cleared the strikes: this process learnt of them from its heartbeat.
+    assert f.client.get(f.keys.strikes) is None
 
 
 def test_run_time_overrides_apply_to_the_next_grant(fleet: Any) -> None:

@@ -18,7 +18,7 @@ from tasks.errors import (
     RateLimited,
     TransientError,
 )
-from tasks.limiter import Limiter, Permit
+from tasks.limiter import Limiter
 from tasks.runware import RunwareClient, TaskOutcome, _Answer, _errors_of
 from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
@@ -144,7 +144,7 @@ def _run_together(client: RunwareClient, tasks: list[dict[str, Any]]) -> list[ob
     def one(n: int) -> None:
         start.wait()
         try:
-            answers[n] = client.run(tasks[n], Permit(f"job-{n}"))
+            answers[n] = client.run(tasks[n])
         except Exception as exc:
             answers[n] = exc
 
