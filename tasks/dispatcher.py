@@ -143,6 +143,10 @@ class Dispatcher(threading.Thread):
                 logger.warning("The fair dispatcher lost Redis (%s); retrying.", exc)
                 holding = False
                 self._stopped.wait(0.5)
+            except Exception:  # a bug must not end the fleet's dispatching for good
+                logger.exception("The fair dispatcher failed; retrying in 1 s.")
+                holding = False
+                self._stopped.wait(1.0)
         self.leave()
 
     # --- one step ---
