@@ -17,6 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRIORITY_CLASSES = {"interactive": "i", "batch": "b"}
+# kombu's Redis transport keeps a queue's messages of higher Celery priority in lists named
+# queue + SEP + step; it consumes the plain list first.
+KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def celery_queue_keys(queues: tuple[str, ...] | list[str]) -> list[str]:
+    """The Redis lists that hold the messages of these Celery queues, in kombu's order."""
+    return [
+        name if step == 0 else f"{name}{KOMBU_PRIORITY_SEPARATOR}{step}"
+        for name in queues
+        for step in KOMBU_PRIORITY_STEPS
+    ]
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import redis
 
-from config.keys import FairKeys
+from config.keys import FairKeys, celery_queue_keys
 from config.settings import Settings
 from tasks import metrics, scripts
 from tasks.limiter import Limiter
@@ -95,11 +95,8 @@ class Dispatcher(threading.Thread):
         self._pump = scripts.register(client, "pump")
         self._heartbeat = scripts.register(client, "heartbeat")
         self._last_beat = 0.0
-        self._source_keys = [
-            name if step == 0 else f"{name}\x06\x16{step}"
-            for name in intake.queues
-            for step in (0, 3, 6, 9)
-        ]
+        self._source_keys = celery_queue_keys(intake.queues)
+        self._pump_keys, self._pump_args = self._pump_keys_args()
 
     # --- life cycle ---
     def stop(self) -> None:
@@ -201,7 +198,7 @@ class Dispatcher(threading.Thread):
 
     def pump(self) -> tuple[int, float, int, float]:
         """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
-        script_keys, args = self._pump_keys_args()
+        script_keys, args = self._pump_keys, self._pump_args
         reply = scripts.run(self._pump, script_keys, args)
         code, wait, granted, _read, recovered, due_in = reply[:6]
         for index in range(6, len(reply), 3):

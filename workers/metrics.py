@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from config.keys import FairKeys, StateKeys
+from config.keys import FairKeys, StateKeys, celery_queue_keys
 from config.settings import Settings
 from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
@@ -22,10 +22,6 @@ from tasks.limiter import broker_redis
 from tasks.state import redis_client
 
 logger = logging.getLogger(__name__)
-
-# kombu's Redis transport keeps a queue's higher priorities in lists named queue + SEP + step.
-PRIORITY_SEPARATOR = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
 
 
 class RedisStateCollector(Collector):
@@ -49,11 +45,7 @@ class RedisStateCollector(Collector):
             keys.queue_prefix("i"),
             keys.active("b"),
             keys.queue_prefix("b"),
-            *(
-                name if step == 0 else f"{name}{PRIORITY_SEPARATOR}{step}"
-                for name in self.queues
-                for step in PRIORITY_STEPS
-            ),
+            *celery_queue_keys(self.queues),
         ]
 
     def collect(self) -> Iterator[Metric]:

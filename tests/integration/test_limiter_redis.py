@@ -59,9 +59,7 @@ class Fleet:
         self.keys = FairKeys(self.settings.key_prefix)
         self.limiter = Limiter(self.client, self.settings)
         intake = Intake(("celery",), RUNWARE, KNOWN)
-        self.dispatcher = Dispatcher(
-            self.client, self.settings, intake, self.threads, self.limiter
-        )
+        self.dispatcher = Dispatcher(self.client, self.settings, intake, self.threads, self.limiter)
 
     def start(self, workers: bool = True) -> Fleet:
         self.dispatcher.start()

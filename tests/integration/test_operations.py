@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SECRET, RunningWorker, StartWorker, run_cli
 from workers.sandbox import Sandbox
-from workers.services import free_port
+from workers.services import RedisServer, free_port
 
 FLOWER_AUTH = ("ops", "pw-flower-7e2a")
 
@@ -271,3 +271,26 @@ def test_ctrl_c_leaves_the_jobs_and_says_how_to_collect_them(
     assert resumed.returncode == 0, resumed.stderr
     indexes = sorted(json.loads(line)["index"] for line in out.read_text().splitlines())
     assert indexes == list(range(40))
+
+
+def test_the_queue_depth_counts_jobs_not_yet_taken_in(redis_server: RedisServer) -> None:
+    """With no dispatcher running, sent jobs stay in Celery's list (plain and priority): the
+    depth gauge counts them there too."""
+    from celery import Celery
+
+    from config.settings import load_settings
+    from workers.metrics import RedisStateCollector
+
+    url = redis_server.url(56)
+    producer = Celery(broker=url)
+    producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "waiting"})
+    producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "urgent"}, priority=6)
+    producer.close()
+    collector = RedisStateCollector(load_settings(_env_file=None, redis_url=url), ["celery"])
+    depth = {
+        sample.name: sample.value
+        for family in collector.collect()
+        for sample in family.samples
+        if sample.name == "enhance_queue_depth"
+    }
+    assert depth == {"enhance_queue_depth": 2}
