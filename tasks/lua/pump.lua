@@ -165,10 +165,13 @@ local function to_ready(raw, tag)
 end
 
 local read_count = 0
-local function take_in(raw, due_checked)
+-- A message whose countdown just ended (a retry, a poll, an ETA) was sent before the jobs now
+-- waiting: it goes to the head of its account's list, so that a job already under way (a
+-- video being polled) does not wait behind its own account's backlog.
+local function take_in(raw, was_delayed)
   read_count = read_count + 1
   local kind, account, class, id, tag, due = read(raw)
-  if not due_checked and due and due > now + 0.001 then
+  if not was_delayed and due and due > now + 0.001 then
     redis.call('ZADD', DELAYED, due, raw)
     return
   end
@@ -178,7 +181,8 @@ local function take_in(raw, due_checked)
     to_ready(raw, tag)
   else
     local c = CLASS[class]
-    redis.call('RPUSH', c.q .. account, now .. '|' .. id .. '|' .. (tag or '') .. '|' .. raw)
+    local push = was_delayed and 'LPUSH' or 'RPUSH'
+    redis.call(push, c.q .. account, now .. '|' .. id .. '|' .. (tag or '') .. '|' .. raw)
     if redis.call('SADD', c.active, account) == 1 then redis.call('RPUSH', c.ring, account) end
   end
 end

@@ -36,6 +36,7 @@ class Taken:
     task: str
     account: str
     priority: str
+    prompt: str = ""
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Fleet:
                     message["headers"]["task"],
                     kwargs.get("account", "default"),
                     kwargs.get("priority", "interactive"),
+                    kwargs.get("prompt", ""),
                 )
             )
             time.sleep(self.hold_s)
@@ -358,3 +360,18 @@ def test_overrides_set_before_an_upgrade_are_carried_over(fleet: Any) -> None:
         "waiting": {"interactive": 0, "batch": 0},
     }
     assert carry_over_old_overrides(f.client, f.settings) == 0  # once
+
+
+def test_a_job_back_from_its_countdown_goes_ahead_of_its_accounts_backlog(fleet: Any) -> None:
+    """A retry or a poll (a countdown that ended) was sent before the jobs waiting now: it is
+    not sent to the back of its own account's backlog."""
+    f = fleet(threads=2, runware_rate_limit="10/s").start()
+    f.producer.send_task(
+        "tasks.enhance_prompt",
+        kwargs={"prompt": "the poll", "account": "a", "priority": "batch"},
+        countdown=0.5,
+    )
+    f.send("a", 30)
+    order = [t.prompt for t in f.wait_for(12, timeout=10)]
+    # Due after 0.5 s (about the 6th grant at 10/s), it goes next, not after the 30.
+    assert "the poll" in order, order
