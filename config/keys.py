@@ -21,6 +21,9 @@ PRIORITY_CLASSES = {"interactive": "i", "batch": "b"}
 # queue + SEP + step; it consumes the plain list first.
 KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+# kombu's hash of delivered, unacknowledged messages (its `unacked_key`, which this project
+# leaves at kombu's default).
+KOMBU_UNACKED = "unacked"
 
 
 def celery_queue_keys(queues: tuple[str, ...] | list[str]) -> list[str]:

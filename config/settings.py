@@ -283,6 +283,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _broker_is_redis(self) -> Settings:
+        """The fair intake keeps its queues and the fleet's limits in the broker's Redis and
+        moves broker messages there atomically: any other broker would stall every job."""
+        if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            name = "CELERY_BROKER_URL" if self.celery_broker_url else "REDIS_URL"
+            raise ValueError(
+                f"{name} must be a Redis URL (redis://, rediss:// or unix://) for the broker: "
+                "the fair intake keeps the queues and the fleet's limits in the broker's Redis"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _visibility_outlasts_a_run(self) -> Settings:
         """A job is unacknowledged while it runs; if a run outlasts the visibility timeout, Redis
         hands the job to a second worker. A run makes at most one call to Runware; every wait

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import redis
 
-from config.keys import FairKeys, celery_queue_keys
+from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys
 from config.settings import Settings
 from tasks import metrics, scripts
 from tasks.limiter import Limiter
@@ -177,6 +177,7 @@ class Dispatcher(threading.Thread):
                     keys.queue_prefix(klass),
                 )
             ),
+            KOMBU_UNACKED,
             *self._source_keys,
         ]
         args: list[str | int | float] = [

@@ -21,7 +21,8 @@
 --      16 streak            17 wake list
 --      18..21 interactive: active set, ring list, credit hash, queue key prefix
 --      22..25 batch:       active set, ring list, credit hash, queue key prefix
---      26.. the Celery queues to take jobs from (kombu's lists), in consumption order
+--      26 kombu's unacknowledged hash (delivery tag -> message)
+--      27.. the Celery queues to take jobs from (kombu's lists), in consumption order
 -- ARGV  1 dispatcher id     2 lock ms              3 rate/s (0: none)
 --       4 burst             5 in-flight cap (0: none)
 --       6 default per-account rate/s (0: none)     7 lease seconds
@@ -196,7 +197,9 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', TRANSIT_AT, '-inf', now - trans
   else
     redis.call('HDEL', TRANSIT, tag)
     redis.call('ZREM', TRANSIT_AT, tag)
-    if raw then
+    -- In kombu's custody (a consumer whose transport did not clear the record): kombu
+    -- redelivers it if need be, so it must not be queued a second time.
+    if raw and redis.call('HEXISTS', KEYS[26], tag) == 0 then
       redis.call('RPUSH', INTAKE, raw)
       recovered = recovered + 1
     end
@@ -204,7 +207,7 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', TRANSIT_AT, '-inf', now - trans
 end
 
 -- 1. Intake.
-for _, key in ipairs({INTAKE, unpack(KEYS, 26)}) do
+for _, key in ipairs({INTAKE, unpack(KEYS, 27)}) do
   while read_count < max_read do
     local batch = redis.call('RPOP', key, math.min(100, max_read - read_count))
     if not batch then break end

@@ -18,7 +18,7 @@ import pytest
 import redis
 from celery import Celery
 
-from config.keys import FairKeys
+from config.keys import KOMBU_UNACKED, FairKeys
 from config.settings import Settings, load_settings
 from tasks import dispatcher as dispatcher_module
 from tasks.dispatcher import Dispatcher, Intake
@@ -53,6 +53,7 @@ class Fleet:
     dispatcher: Dispatcher = field(init=False)
     taken: list[Taken] = field(default_factory=list)
     custody: bool = True  # False: a worker that dies between its fetch and its custody write
+    kombu_only: bool = False  # True: kombu's unacked write without clearing the transit record
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
 
@@ -81,6 +82,8 @@ class Fleet:
             if self.custody:
                 own.hdel(self.keys.transit, tag)
                 own.zrem(self.keys.transit_at, tag)
+            elif self.kombu_only:
+                own.hset(KOMBU_UNACKED, tag, item[1])
             body = json.loads(__import__("base64").b64decode(message["body"]))
             kwargs = body[1]
             self.taken.append(
@@ -325,6 +328,25 @@ def test_a_job_lost_between_the_ready_queue_and_a_worker_comes_back(
     taken = f.wait_for(2, timeout=5)
     assert taken[0].account == taken[1].account == "a"
     assert f.client.hlen(f.keys.transit) == 0
+
+
+def test_a_grant_in_kombus_custody_is_not_queued_twice(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer with kombu's own transport writes the unacked entry but leaves the grant's
+    record: kombu redelivers that job if need be, so the dispatcher must not queue it again."""
+    monkeypatch.setattr(dispatcher_module, "TRANSIT_CHECK_S", 0.3)
+    f = fleet(threads=1)
+    f.custody, f.kombu_only = False, True
+    f.start()
+    f.send("a", 1)
+    f.wait_for(1)
+    deadline = time.monotonic() + 5
+    while f.client.hlen(f.keys.transit):  # checked, found in kombu's custody, dropped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert len(f.taken) == 1
 
 
 def test_a_waiting_dispatcher_hands_over_when_its_process_dies(

@@ -55,3 +55,10 @@ def test_the_key_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.runware_api_key is not None
     assert "very-secret-value" not in repr(settings)
     assert "very-secret-value" not in str(settings.model_dump())
+
+
+def test_a_broker_that_is_not_redis_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"CELERY_BROKER_URL must be a Redis URL"):
+        load_settings(_env_file=None, celery_broker_url="amqp://guest@localhost//")
+    with pytest.raises(ConfigError, match=r"REDIS_URL must be a Redis URL"):
+        load_settings(_env_file=None, redis_url="sentinel://h1:26379")
