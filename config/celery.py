@@ -55,6 +55,7 @@ def configure(app: Celery, settings: Settings) -> None:
             "fair_transit_key": keys.transit,
             "fair_transit_at_key": keys.transit_at,
             "fair_leases_key": keys.leases,
+            "fair_busy_key": keys.busy,
             "fair_wake_key": keys.wake,
         },
         result_backend_transport_options={

@@ -115,8 +115,15 @@ class FairKeys:
 
     @property
     def leases(self) -> str:
-        """Granted calls not yet finished, by task id, scored by expiry."""
+        """Granted jobs not yet acknowledged, by delivery tag, scored by expiry: each holds an
+        in-flight slot and a worker thread."""
         return self._k("leases")
+
+    @property
+    def busy(self) -> str:
+        """Jobs passed to the ready queue without a grant (tasks that do not call Runware), by
+        delivery tag, scored by expiry: each holds a worker thread until acknowledged."""
+        return self._k("busy")
 
     @property
     def account_rate(self) -> str:

@@ -58,6 +58,7 @@ class QoS(kombu_redis.QoS):
         channel: Any = self.channel
         if channel.fair_leases_key:
             pipe.zrem(channel.fair_leases_key, delivery_tag)
+            pipe.zrem(channel.fair_busy_key, delivery_tag)
             pipe.lpush(channel.fair_wake_key, "1")
             pipe.ltrim(channel.fair_wake_key, 0, 15)
         return pipe
@@ -70,12 +71,14 @@ class Channel(kombu_redis.Channel):
     fair_transit_key = ""
     fair_transit_at_key = ""
     fair_leases_key = ""
+    fair_busy_key = ""
     fair_wake_key = ""
     from_transport_options = (
         *kombu_redis.Channel.from_transport_options,
         "fair_transit_key",
         "fair_transit_at_key",
         "fair_leases_key",
+        "fair_busy_key",
         "fair_wake_key",
     )
     _shared_client: Any = None

@@ -178,6 +178,7 @@ class Dispatcher(threading.Thread):
                 )
             ),
             KOMBU_UNACKED,
+            keys.busy,
             *self._source_keys,
         ]
         args: list[str | int | float] = [

@@ -22,7 +22,8 @@
 --      18..21 interactive: active set, ring list, credit hash, queue key prefix
 --      22..25 batch:       active set, ring list, credit hash, queue key prefix
 --      26 kombu's unacknowledged hash (delivery tag -> message)
---      27.. the Celery queues to take jobs from (kombu's lists), in consumption order
+--      27 busy zset (jobs passed without a grant: they hold worker threads too)
+--      28.. the Celery queues to take jobs from (kombu's lists), in consumption order
 -- ARGV  1 dispatcher id     2 lock ms              3 rate/s (0: none)
 --       4 burst             5 in-flight cap (0: none)
 --       6 default per-account rate/s (0: none)     7 lease seconds
@@ -89,8 +90,9 @@ local function value(x) if x == null then return nil end return x end
 -- Seconds since the epoch of an ISO 8601 time (Celery's eta), or nil.
 local function epoch(iso)
   if type(iso) ~= 'string' then return nil end
-  local y, mo, d, h, mi, s = string.match(iso, '^(%d%d%d%d)-(%d%d)-(%d%d)[T ](%d%d):(%d%d):(%d%d%.?%d*)')
+  local y, mo, d, h, mi, rest = string.match(iso, '^(%d%d%d%d)-(%d%d)-(%d%d)[T ](%d%d):(%d%d)(.*)$')
   if not y then return nil end
+  local s = string.match(rest, '^:(%d%d%.?%d*)') or '0'
   y, mo = tonumber(y), tonumber(mo)
   if mo <= 2 then y = y - 1 end
   local era = floor(y / 400)
@@ -176,14 +178,18 @@ local function take_in(raw, was_delayed)
     redis.call('ZADD', DELAYED, due, raw)
     return
   end
-  if kind == 'other' then
-    redis.call('LPUSH', READY, raw)
-  elseif kind == 'pass' then
-    to_ready(raw, tag)
+  if kind == 'other' or kind == 'pass' then
+    -- No grant, but a worker thread: counted, so that granted jobs do not queue behind these
+    -- in the ready queue and then start all at once.
+    if tag then redis.call('ZADD', KEYS[27], now + lease_s, tag) end
+    if kind == 'other' then redis.call('LPUSH', READY, raw) else to_ready(raw, tag) end
   else
     local c = CLASS[class]
     local push = was_delayed and 'LPUSH' or 'RPUSH'
-    redis.call(push, c.q .. account, now .. '|' .. id .. '|' .. (tag or '') .. '|' .. raw)
+    -- "<intake time>|<id length>|<tag length>|<id><tag><message>": ids and tags are the
+    -- producer's strings and may contain any character, so they are cut by length.
+    tag = tag or ''
+    redis.call(push, c.q .. account, now .. '|' .. #id .. '|' .. #tag .. '|' .. id .. tag .. raw)
     if redis.call('SADD', c.active, account) == 1 then redis.call('RPUSH', c.ring, account) end
   end
 end
@@ -207,7 +213,7 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', TRANSIT_AT, '-inf', now - trans
 end
 
 -- 1. Intake.
-for _, key in ipairs({INTAKE, unpack(KEYS, 27)}) do
+for _, key in ipairs({INTAKE, unpack(KEYS, 28)}) do
   while read_count < max_read do
     local batch = redis.call('RPOP', key, math.min(100, max_read - read_count))
     if not batch then break end
@@ -228,8 +234,11 @@ end
 for _, n in ipairs(redis.call('HVALS', WORKERS)) do threads = threads + tonumber(n) end
 local capacity = threads
 if cap > 0 and cap < capacity then capacity = cap end
+if lease_s then redis.call('PEXPIRE', KEYS[27], math.ceil((lease_s + 60) * 1000)) end
 redis.call('ZREMRANGEBYSCORE', LEASES, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[27], '-inf', now)
 local in_flight = redis.call('ZCARD', LEASES)
+local busy = redis.call('ZCARD', KEYS[27])
 
 local function account_conf(acct)
   local r = redis.call('HGET', ACCT_RATE, acct)
@@ -239,7 +248,7 @@ end
 
 -- Seconds until the fleet may make a call (0: now), or -2 while no slot or thread is free.
 local function fleet_wait()
-  if in_flight >= capacity then return -2 end
+  if in_flight >= capacity or in_flight + busy >= threads then return -2 end
   local w = 0
   local cool = tonumber(redis.call('GET', COOLDOWN) or '0')
   if cool > now then w = cool - now end
@@ -326,14 +335,16 @@ while granted < max_grants do
     if s and (not soonest or s < soonest) then soonest = s end
   end
   if not acct then answer = soonest or -1 break end
-  -- entry: "<intake time>|<task id>|<delivery tag>|<message>"
+  -- entry: "<intake time>|<id length>|<tag length>|<id><tag><message>"
   local p1 = string.find(entry, '|', 1, true)
   local p2 = string.find(entry, '|', p1 + 1, true)
   local p3 = string.find(entry, '|', p2 + 1, true)
   local since = tonumber(string.sub(entry, 1, p1 - 1))
-  local id = string.sub(entry, p1 + 1, p2 - 1)
-  local tag = string.sub(entry, p2 + 1, p3 - 1)
-  local raw = string.sub(entry, p3 + 1)
+  local id_len = tonumber(string.sub(entry, p1 + 1, p2 - 1))
+  local tag_len = tonumber(string.sub(entry, p2 + 1, p3 - 1))
+  local id = string.sub(entry, p3 + 1, p3 + id_len)
+  local tag = string.sub(entry, p3 + id_len + 1, p3 + id_len + tag_len)
+  local raw = string.sub(entry, p3 + id_len + tag_len + 1)
   if rate > 0 then
     local new = advance(tonumber(redis.call('GET', TAT) or '0'), rate)
     redis.call('SET', TAT, tostring(new), 'PX', math.ceil((new - now + 60) * 1000))

@@ -99,6 +99,7 @@ class Fleet:
             self.limiter.note(Permit(outcome="ok"))
             pipe = own.pipeline()  # the acknowledgement, as config/transport.py makes it
             pipe.zrem(self.keys.leases, tag)
+            pipe.zrem(self.keys.busy, tag)
             pipe.lpush(self.keys.wake, "1")
             pipe.execute()
 
@@ -328,6 +329,38 @@ def test_a_job_lost_between_the_ready_queue_and_a_worker_comes_back(
     taken = f.wait_for(2, timeout=5)
     assert taken[0].account == taken[1].account == "a"
     assert f.client.hlen(f.keys.transit) == 0
+
+
+def test_any_task_id_keeps_its_message_whole(fleet: Any) -> None:
+    """Task ids and delivery tags are the producer's strings: one with the separator of the
+    fair lists' entries must reach the worker as sent (a cut message crashed workers)."""
+    f = fleet(threads=2).start()
+    f.producer.send_task(
+        "tasks.enhance_prompt",
+        kwargs={"prompt": "odd id", "account": "a"},
+        task_id="abc|def|123",
+    )
+    (taken,) = f.wait_for(1)
+    assert taken.prompt == "odd id"
+    assert f.client.zcard(f.keys.leases) == 0  # its slot went back with its acknowledgement
+
+
+def test_jobs_without_a_grant_hold_threads_too(fleet: Any) -> None:
+    """Tasks that do not call Runware pass without a grant but occupy worker threads: while
+    they fill every thread, no Runware job is granted (it would wait in the ready queue and
+    then start with the others at once, past the rate)."""
+    f = fleet(threads=2, hold_s=0.8)
+    for n in range(4):
+        f.producer.send_task("tasks.collect_batch", args=[[n]])
+    f.start()
+    f.wait_for(2)  # both threads busy with them, two more waiting
+    f.send("a", 1)
+    time.sleep(0.4)  # taken in (a waiting dispatcher looks at arrivals every 0.25 s)
+    assert f.client.zcard(f.keys.leases) == 0  # not granted while no thread is free
+    assert f.client.llen(f.keys.queue("b", "a")) == 1
+    taken = f.wait_for(5)
+    assert taken[-1].task == "tasks.enhance_prompt"
+    assert f.client.zcard(f.keys.busy) == 0
 
 
 def test_a_grant_in_kombus_custody_is_not_queued_twice(
