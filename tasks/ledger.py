@@ -35,23 +35,30 @@ DAY_TTL_S = 400 * 86_400  # how long daily totals are kept
 # KEYS: 1 billed marker of the task, 2 today's totals, 3 reservation expiries (zset),
 #       4 reservation amounts (hash uuid -> "micro|account"), 5 reserved sums (hash)
 _PURGE = """
+-- A sum that reaches zero is removed, so accounts seen once leave no field behind.
+local function decrease(field, amount)
+  if redis.call('HINCRBY', KEYS[5], field, -amount) <= 0 then redis.call('HDEL', KEYS[5], field) end
+end
 local function unreserve(uuid)
   local entry = redis.call('HGET', KEYS[4], uuid)
   if entry then
     local sep = string.find(entry, '|', 1, true)
     local amount = tonumber(string.sub(entry, 1, sep - 1))
     local account = string.sub(entry, sep + 1)
-    redis.call('HINCRBY', KEYS[5], 'total', -amount)
-    redis.call('HINCRBY', KEYS[5], 'acct:' .. account, -amount)
+    decrease('total', amount)
+    decrease('acct:' .. account, amount)
     redis.call('HDEL', KEYS[4], uuid)
   end
   redis.call('ZREM', KEYS[3], uuid)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)) do
-  unreserve(uuid)
-end
+-- Every expired reservation goes before a budget is checked (each is purged once, so the work
+-- is paid for by the jobs that made them): a budget must never refuse on money no one holds.
+repeat
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 500)
+  for _, uuid in ipairs(expired) do unreserve(uuid) end
+until #expired < 500
 """
 
 # ARGV: 1 uuid, 2 account, 3 estimate micro, 4 fleet budget micro (-1: none),

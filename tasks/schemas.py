@@ -10,6 +10,7 @@ import hashlib
 import re
 import uuid
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
@@ -35,8 +36,19 @@ def _check_uuid4(value: str) -> str:
 
 
 def _check_http_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")) or len(value) < len("http://x"):
+    """An absolute http(s) URL with a host, as Runware can call it back: no spaces or control
+    characters, a valid port. (Sent to Runware as given.)"""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be an http:// or https:// URL without spaces or control characters")
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
         raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0..65535
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL with a valid port") from None
     return value
 
 

@@ -127,3 +127,25 @@ def test_a_zero_budget_admits_nothing(make: Any) -> None:
     ledger = make(runware_daily_budget_usd=0)
     with pytest.raises(BudgetExceeded, match=r"\$0.000000"):
         ledger.reserve(_uuid(), "a", 0.0013)
+
+
+def test_hundreds_of_expired_reservations_hold_back_no_budget(redis_server: RedisServer) -> None:
+    """240 reservations of a crashed 200-thread worker expire: the next job that fits the
+    budget runs (a purge of at most 100 per script left $0.29 of them reserved), and no
+    account keeps a zeroed field in the reserved sums."""
+    client = redis.Redis.from_url(redis_server.url(61))
+    prefix = f"l{next(_prefixes)}"
+    crashed = Ledger(
+        client, load_settings(_env_file=None, key_prefix=prefix, runware_reservation_s=0.2)
+    )
+    for n in range(240):
+        assert crashed.reserve(_uuid(), f"team-{n % 3}", 0.0021)
+    time.sleep(0.3)  # the worker died: its reservations expire
+    budgeted = Ledger(
+        client,
+        load_settings(_env_file=None, key_prefix=prefix, runware_daily_budget_usd=0.5),
+    )
+    assert budgeted.reserve(_uuid(), "team-x", 0.3)  # $0.504 expired, $0.3 needed of $0.5
+    sums = client.hgetall(f"{prefix}:ledger:resv:sum")
+    assert sums == {b"total": b"300000", b"acct:team-x": b"300000"}
+    client.close()

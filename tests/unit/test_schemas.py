@@ -25,6 +25,8 @@ VALID: list[dict[str, Any]] = [
     {"prompt": "fox", "deliveryMethod": "async"},
     {"prompt": "fox", "webhookURL": "https://example.com/hook?token=abc"},
     {"prompt": "fox", "webhookURL": "http://127.0.0.1:9/hook"},
+    {"prompt": "fox", "webhookURL": "HTTPS://Example.com/hook"},  # schemes are case-insensitive
+    {"prompt": "fox", "webhookURL": "https://[::1]:8443/hook"},
 ]
 
 # (arguments, the field the error must name, a phrase of the limit it must state)
@@ -44,6 +46,11 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "fox", "taskUUID": str(uuid.uuid1())}, "taskUUID", "UUID v4"),
     ({"prompt": "fox", "deliveryMethod": "push"}, "deliveryMethod", "'sync' or 'async'"),
     ({"prompt": "fox", "webhookURL": "ftp://example.com"}, "webhookURL", "http"),
+    ({"prompt": "fox", "webhookURL": "https://"}, "webhookURL", "host"),
+    ({"prompt": "fox", "webhookURL": "http://?x=1"}, "webhookURL", "host"),
+    ({"prompt": "fox", "webhookURL": "https://exa mple.com/h"}, "webhookURL", "spaces"),
+    ({"prompt": "fox", "webhookURL": "https://example.com/a b"}, "webhookURL", "spaces"),
+    ({"prompt": "fox", "webhookURL": "https://example.com:99999/"}, "webhookURL", "port"),
     ({"prompt": "fox", "model": "other"}, "model", "unknown argument"),
     ({"prompt": "fox", "includeCost": False}, "includeCost", "unknown argument"),
 ]
