@@ -52,17 +52,15 @@ def is_redis(url: str) -> bool:
     return url.startswith(REDIS_SCHEMES)
 
 
-def client(
-    url: str, socket_timeout: float = 5.0, max_connections: int | None = None
-) -> redis.Redis:
+def client(url: str) -> redis.Redis:
     """A redis-py client for `url` (any form above), with timeouts on connect and on every
     command, and a pool sized for this process."""
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=2.0,
-        socket_timeout=socket_timeout,
+        socket_timeout=5.0,
         health_check_interval=30,
-        max_connections=max_connections or pool_size(),
+        max_connections=pool_size(),
     )
 
 

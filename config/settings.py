@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config import redis as redis_urls
+
 ENHANCE_MODEL = "runware:llama-3-1-8b@prompt-enhancer"
 
 
@@ -286,7 +288,7 @@ class Settings(BaseSettings):
     def _broker_is_redis(self) -> Settings:
         """The fair intake keeps its queues and the fleet's limits in the broker's Redis and
         moves broker messages there atomically: any other broker would stall every job."""
-        if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if not redis_urls.is_redis(self.broker_url):
             name = "CELERY_BROKER_URL" if self.celery_broker_url else "REDIS_URL"
             raise ValueError(
                 f"{name} must be a Redis URL (redis://, rediss:// or unix://) for the broker: "

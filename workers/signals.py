@@ -71,6 +71,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     say the worker is ready (tests and tools wait for it)."""
     settings = get_settings()
     app = sender.app
+    threads = _concurrency(sender)
     intake = Intake(
         queues=tuple(_intake_queues),
         runware_tasks=frozenset(n for n, t in app.tasks.items() if isinstance(t, RunwareTask)),
@@ -79,7 +80,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     client = broker_redis(settings)
     if carry_over_old_overrides(client, settings):
         logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
-    dispatcher = Dispatcher(client, settings, intake, _concurrency(sender), get_limiter())
+    dispatcher = Dispatcher(client, settings, intake, threads, get_limiter())
     dispatcher.start()
     _dispatcher.append(dispatcher)
     metrics.serve(settings, _intake_queues)
@@ -89,7 +90,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
         getattr(sender, "hostname", "?"),
         settings.runware_api_url,
         settings.worker_pool,
-        _concurrency(sender),
+        threads,
         redis_urls.pool_size(),
     )
 

@@ -181,7 +181,10 @@ local function take_in(raw, was_delayed)
   if kind == 'other' or kind == 'pass' then
     -- No grant, but a worker thread: counted, so that granted jobs do not queue behind these
     -- in the ready queue and then start all at once.
-    if tag then redis.call('ZADD', KEYS[27], now + lease_s, tag) end
+    if tag then
+      redis.call('ZADD', KEYS[27], now + lease_s, tag)
+      redis.call('PEXPIRE', KEYS[27], math.ceil((lease_s + 60) * 1000))
+    end
     if kind == 'other' then redis.call('LPUSH', READY, raw) else to_ready(raw, tag) end
   else
     local c = CLASS[class]
@@ -234,7 +237,6 @@ end
 for _, n in ipairs(redis.call('HVALS', WORKERS)) do threads = threads + tonumber(n) end
 local capacity = threads
 if cap > 0 and cap < capacity then capacity = cap end
-if lease_s then redis.call('PEXPIRE', KEYS[27], math.ceil((lease_s + 60) * 1000)) end
 redis.call('ZREMRANGEBYSCORE', LEASES, '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[27], '-inf', now)
 local in_flight = redis.call('ZCARD', LEASES)

@@ -145,6 +145,26 @@ def _assert_clean_log(worker: WorkerProcess) -> None:
     assert "Cannot connect" not in log
 
 
+def _run_rate_limited_jobs(
+    worker: WorkerProcess, producer: Celery, url: str, sandbox: Sandbox, count: int
+) -> None:
+    """Start the worker, run `count` jobs from the user's producer: all succeed, within the
+    rate, the CLI reads the limits over the same URL, and the worker never lost Redis."""
+    try:
+        worker.start()
+        pending = [
+            producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"job {n}"})
+            for n in range(count)
+        ]
+        assert all(p.get(timeout=30)["text"] for p in pending)
+        _assert_rate_held(sandbox, count)
+        _assert_limits_cli_works(url)
+    finally:
+        producer.close()
+        worker.stop()
+    _assert_clean_log(worker)
+
+
 def test_a_worker_on_a_tls_only_redis(
     tls_redis: RedisServer, certificates: Certificates, sandbox: Sandbox
 ) -> None:
@@ -160,19 +180,7 @@ def test_a_worker_on_a_tls_only_redis(
     producer = Celery(broker=plain, backend=plain)
     producer.conf.broker_use_ssl = verify
     producer.conf.redis_backend_use_ssl = verify
-    try:
-        worker.start()
-        pending = [
-            producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"tls {n}"})
-            for n in range(15)
-        ]
-        assert all(p.get(timeout=30)["text"] for p in pending)
-        _assert_rate_held(sandbox, 15)
-        _assert_limits_cli_works(url)
-    finally:
-        producer.close()
-        worker.stop()
-    _assert_clean_log(worker)
+    _run_rate_limited_jobs(worker, producer, url, sandbox, 15)
 
 
 def test_a_worker_on_a_unix_socket_redis_with_a_password(sandbox: Sandbox) -> None:
@@ -187,19 +195,7 @@ def test_a_worker_on_a_unix_socket_redis_with_a_password(sandbox: Sandbox) -> No
         path = urlsplit(url).path
         socket_url = f"redis+socket://:{quote(SOCKET_PASSWORD, safe='')}@{path}?virtual_host=3"
         producer = Celery(broker=socket_url, backend=socket_url)
-        try:
-            worker.start()
-            pending = [
-                producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"socket {n}"})
-                for n in range(12)
-            ]
-            assert all(p.get(timeout=30)["text"] for p in pending)
-            _assert_rate_held(sandbox, 12)
-            _assert_limits_cli_works(url)
-        finally:
-            producer.close()
-            worker.stop()
-    _assert_clean_log(worker)
+        _run_rate_limited_jobs(worker, producer, url, sandbox, 12)
     log = worker.log()
     assert SOCKET_PASSWORD not in log
     assert quote(SOCKET_PASSWORD, safe="") not in log
