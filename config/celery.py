@@ -9,7 +9,7 @@ from config import transport
 from config.keys import FairKeys
 from config.settings import Settings, get_settings
 
-TASK_MODULES = ["tasks.enhancement", "tasks.generate", "tasks.pipelines"]
+TASK_MODULES = ["tasks.enhancement", "tasks.generate", "tasks.pipelines", "tasks.reconcile"]
 
 
 def result_backend_url(url: str) -> str:

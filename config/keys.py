@@ -1,5 +1,6 @@
 """The Redis key layout of the service, written once: Python, the Lua scripts (which get every
-key through KEYS) and the metrics all take their names from here.
+key through KEYS, but for one: a day's cost totals, named by the reservation a script reads) and
+the metrics all take their names from here.
 
 Two rules make every key safe from every account label that passes validation:
 - a key built from an account label puts the label last, after a `/`;
@@ -178,11 +179,37 @@ class StateKeys:
         return f"{self.prefix}:dead"
 
     def pending(self, task_uuid: str) -> str:
+        """A submitted asynchronous task's submission time (it is being polled)."""
         return f"{self.prefix}:pending:{task_uuid}"
 
-    def done(self, task_uuid: str) -> str:
-        return f"{self.prefix}:pending:done:{task_uuid}"
+    def alone(self, task_uuid: str) -> str:
+        """Set when the task's next call must go in a request of its own."""
+        return f"{self.prefix}:pending:alone:{task_uuid}"
 
     @property
     def ledger(self) -> str:
         return f"{self.prefix}:ledger"
+
+    def record(self, task_uuid: str) -> str:
+        """A finished call: its recorded cost and its items."""
+        return f"{self.ledger}:task:{task_uuid}"
+
+    def day(self, day: str) -> str:
+        """One UTC day's cost totals (ledger_lib.lua builds this name too)."""
+        return f"{self.ledger}:day:{day}"
+
+    @property
+    def reservations(self) -> str:
+        return f"{self.ledger}:resv"
+
+    @property
+    def reservations_due(self) -> str:
+        return f"{self.ledger}:resv:due"
+
+    @property
+    def reserved_sums(self) -> str:
+        return f"{self.ledger}:resv:sum"
+
+    def estimates(self, day: str) -> str:
+        """The highest real cost per call shape seen on one UTC day."""
+        return f"{self.ledger}:est:{day}"

@@ -179,8 +179,12 @@ class Settings(BaseSettings):
     )
     runware_reservation_s: PositiveFloat = Field(
         default=900.0,
-        description="seconds a budget reservation of a task that died is kept before it is "
-        "released, > 0",
+        description="seconds after its job last ran at which a call's reservation is checked "
+        "with Runware (reconciled), > 0; longer than a job can take to come back",
+    )
+    runware_reconcile_s: PositiveFloat = Field(
+        default=60.0,
+        description="seconds between the workers' checks of unsettled calls with Runware, > 0",
     )
     limiter_redis_url: str | None = Field(
         default=None,
@@ -308,6 +312,25 @@ class Settings(BaseSettings):
                 f"CELERY_VISIBILITY_TIMEOUT_S={self.celery_visibility_timeout_s} must be longer "
                 f"than the longest run of a job ({needed:g}s: RUNWARE_CONNECT_TIMEOUT_S + "
                 "RUNWARE_TIMEOUT_S + 1)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _reservation_outlasts_a_redelivery(self) -> Settings:
+        """A reservation becomes unsettled (and is checked with Runware) when its job has not
+        run for RUNWARE_RESERVATION_S; a job that is still coming back must not look dead."""
+        longest_wait = max(
+            self.runware_retry_backoff_max_s,
+            self.runware_retry_after_max_s,
+            self.runware_poll_max_interval_s,
+        )
+        needed = self.celery_visibility_timeout_s + longest_wait
+        if self.runware_reservation_s <= needed:
+            raise ValueError(
+                f"RUNWARE_RESERVATION_S={self.runware_reservation_s:g} must be longer than a job "
+                f"can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the longest "
+                "of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S and "
+                "RUNWARE_POLL_MAX_INTERVAL_S)"
             )
         return self
 

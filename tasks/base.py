@@ -8,12 +8,12 @@
   countdown (kept in Redis by the fair intake, not in a worker) and its retry budget is
   untouched. A job reaches a worker only once the fleet granted it a slot (tasks/dispatcher.py),
   and makes at most one call to Runware per run; the slot goes back when it is acknowledged.
-- Every call reserves its estimated cost under the budgets first and records its real cost once.
+- Every call reserves its estimated cost under the budgets first and records its real cost once;
+  a call whose outcome the job could not learn is left for the reconciler (tasks/reconcile.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -30,14 +30,15 @@ from tasks import metrics
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     ConflictTaskUUID,
+    PermanentError,
     TaskTimeout,
     TransientError,
     ValidationError,
     WorkerError,
 )
-from tasks.ledger import get_ledger
+from tasks.ledger import Started, call_shape, get_ledger
 from tasks.polling import get_pending
-from tasks.runware import TaskOutcome, get_client
+from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
 from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
@@ -136,44 +137,42 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         """Reserve the estimate under the budgets, submit or poll the task, record its cost once.
 
         One script starts the call (a finished task's items come back at once, without calling
-        Runware; else the reservation and the submission marker) and one ends it (the cost
-        recorded once, the items kept). A transient failure or a re-schedule keeps the
-        reservation (the call may have been billed; the next run reuses it, and it expires if
-        the job dies); any other failure releases it.
+        Runware; else the reservation, the submission marker and whether to send it alone) and
+        one ends it (the cost recorded once, with the items). What happens to the reservation
+        when the call does not end: a re-schedule or a retry keeps it (the next run takes it
+        up); Runware refusing the call drops it (nothing was billed); anything else may leave a
+        call Runware accepted, so the reservation is left unsettled for the reconciler.
         """
-        ledger, pending = get_ledger(), get_pending()
-        task_uuid = job.task_uuid
-        done_key, marker_key = pending.done_key(task_uuid), pending.marker_key(task_uuid)
-        state, value = ledger.begin(task_uuid, job.account, job.estimate_usd, done_key, marker_key)
-        if state == "done":  # a redelivered job whose call already finished
+        ledger = get_ledger()
+        task_uuid, shape = job.task_uuid, call_shape(job.body)
+        started = ledger.begin(task_uuid, job.account, job.estimate_usd, shape)
+        if started.finished is not None:  # a redelivered or resent job whose call finished
             logger.info("taskUUID %s already finished; returning its result.", task_uuid)
-            return TaskOutcome(task_uuid, json.loads(value or b"[]"))
+            return TaskOutcome(task_uuid, started.finished)
         try:
-            submitted = float(value) if value else None
-            outcome = self._submit_or_poll(job, submitted)
-        except (TransientError, Ignore, Retry):
+            outcome = self._submit_or_poll(job, started)
+        except (Ignore, Retry):
             raise
-        except BaseException:
+        except TransientError as exc:
+            if exc.code == UNATTRIBUTED:  # its next call goes in a request of its own
+                get_pending().send_alone(task_uuid)
+            raise
+        except PermanentError:
             ledger.release(task_uuid)
             raise
-        ledger.end(
-            task_uuid,
-            job.account,
-            outcome.cost,
-            done_key,
-            marker_key,
-            json.dumps(outcome.items),
-            get_settings().celery_result_expires_s,
-        )
+        except BaseException:
+            ledger.give_up(task_uuid)
+            raise
+        ledger.end(task_uuid, job.account, outcome.cost, outcome.items, shape)
         return outcome
 
-    def _submit_or_poll(self, job: RunwareJob, submitted: float | None) -> TaskOutcome:
+    def _submit_or_poll(self, job: RunwareJob, started: Started) -> TaskOutcome:
         """One call to Runware (a run holds one slot): submit the task, or poll it."""
         client, pending = get_client(), get_pending()
-        task_uuid = job.task_uuid
+        task_uuid, submitted = job.task_uuid, started.submitted
         if submitted is None:
             try:
-                outcome = client.run(job.body)
+                outcome = client.run(job.body, alone=started.alone)
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it with a poll, in
                 # a run of its own (with a slot of its own), never by sending it again.
@@ -187,13 +186,16 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             raise self.reschedule(
                 pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
             )
-        done, outcome = client.get_response(task_uuid)
+        done, outcome = client.get_response(task_uuid, alone=started.alone)
         if done:
             return outcome
         elapsed = max(0.0, time.time() - submitted)
         if elapsed > job.timeout_s:
             pending.clear(task_uuid)
-            raise TaskTimeout(f"Runware task {task_uuid} did not finish within {job.timeout_s:g}s")
+            raise TaskTimeout(
+                f"Runware task {task_uuid} did not finish within {job.timeout_s:g}s; its cost "
+                "is settled by the reconciler"
+            )
         raise self.reschedule(
             pending.next_poll_in(elapsed), f"Runware is still working on {task_uuid}"
         )
@@ -225,6 +227,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         retries = int(self.request.retries or 0)
         if retries >= settings.runware_max_retries:
             reason = f"{exc} (gave up after {retries} retries)"
+            get_ledger().give_up(self.job_uuid())  # Runware may have billed an attempt
             self._log_outcome(logging.ERROR, "gave up", started, reason=reason)
             return type(exc)(reason, code=exc.code, status=exc.status, retry_after=exc.retry_after)
         countdown = backoff_seconds(

@@ -7,7 +7,7 @@ from typing import Any
 from config.celery import app
 from config.settings import get_settings
 from tasks.base import RunwareJob, RunwareTask
-from tasks.errors import TransientError, WorkerError
+from tasks.errors import PermanentError, WorkerError
 from tasks.runware import TaskOutcome
 from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance, stable_task_uuid
 
@@ -16,7 +16,12 @@ def enhance_result(request: EnhanceRequest, outcome: TaskOutcome) -> EnhanceResu
     """The task's result from Runware's items: every version's text, in order, and the cost."""
     texts = [item["text"] for item in outcome.items if isinstance(item.get("text"), str)]
     if not texts:
-        raise TransientError(f"Runware returned no enhanced text for task {outcome.task_uuid}")
+        # Runware answered (and billed) this taskUUID without text; asking again for the same
+        # taskUUID can only bring the same answer back.
+        raise PermanentError(
+            f"Runware answered task {outcome.task_uuid} without any enhanced text",
+            code="noResult",
+        )
     cost = outcome.cost
     return EnhanceResult(
         taskUUID=outcome.task_uuid,

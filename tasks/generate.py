@@ -8,7 +8,7 @@ from typing import Any
 from config.celery import app
 from config.settings import get_settings
 from tasks.base import RunwareJob, RunwareTask
-from tasks.errors import TransientError, ValidationError
+from tasks.errors import PermanentError, ValidationError
 from tasks.ledger import MICRO, to_micro
 from tasks.schemas import (
     ImageRequest,
@@ -96,8 +96,10 @@ def _generate(
             )
         )
         made = [{k: item[k] for k in fields if k in item} for item in outcome.items]
-        if not made:
-            raise TransientError(f"Runware returned no {kind} for task {task_uuid}")
+        if not made:  # answered and billed: the same taskUUID can only answer the same
+            raise PermanentError(
+                f"Runware answered task {task_uuid} without any {kind}", code="noResult"
+            )
         result = result_model.model_validate(
             {
                 "taskUUID": task_uuid,

@@ -1,20 +1,30 @@
 """The cost ledger and the daily budgets, in Redis, shared by every worker.
 
-Money is integer micro-dollars (1 USD = 1,000,000), never summed floats.
+Money is integer micro-dollars (1 USD = 1,000,000), never summed floats. The scripts are
+tasks/lua/ledger_*.lua.
 
-- `commit` records a taskUUID's real cost exactly once (a redelivered or retried task that
-  commits again changes nothing) into the totals of its UTC day, overall and per account.
-- `reserve` is the budget gate before a call: it atomically checks today's spend plus what other
-  running tasks have reserved against RUNWARE_DAILY_BUDGET_USD and
-  RUNWARE_ACCOUNT_DAILY_BUDGET_USD, and reserves this task's estimate, or raises BudgetExceeded.
-  A reservation is replaced by the real cost at commit, dropped by `release`, and expires after
-  RUNWARE_RESERVATION_S if its task died, so a crash never blocks a budget for good.
+- `begin` is a call's start: a task that already finished gets its items back (no call); else
+  today's spend plus every reservation is checked against RUNWARE_DAILY_BUDGET_USD and
+  RUNWARE_ACCOUNT_DAILY_BUDGET_USD and the call's estimate is reserved, or BudgetExceeded names
+  the budget. The estimate is the configured one, or the highest real cost of the same call
+  shape (task type, model, size, steps, results, duration, versions) seen today or yesterday,
+  whichever is higher.
+- `end` replaces the reservation with the real cost, recorded once per taskUUID on the day the
+  reservation was made, and keeps the items with it.
+- A reservation never lapses by time. A job that stops following its call (killed worker,
+  TaskTimeout, retries run out) leaves it *unsettled*: `give_up` makes it due at once, and one
+  whose job shows no sign of life for RUNWARE_RESERVATION_S becomes due by itself. The
+  reconciler (tasks/reconcile.py) asks Runware about each due one with getResponse: a finished
+  call is recorded (`end`), one Runware never accepted is dropped (`release`), a running one
+  waits for the next period. Until then it counts against the budgets at its estimate.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,133 +34,30 @@ from redis.commands.core import Script
 from config.keys import StateKeys
 from config.settings import Settings, get_settings
 from tasks import metrics
-from tasks.errors import BudgetExceeded
+from tasks.errors import BudgetExceeded, TransientError
+from tasks.scripts import register
 from tasks.scripts import run as run_script
 from tasks.state import hold_through_outage, per_process, redis_client
 
 MICRO = 1_000_000
-TASK_TTL_S = 8 * 86_400  # how long "this taskUUID is billed" is remembered
-DAY_TTL_S = 400 * 86_400  # how long daily totals are kept
-
-# KEYS: 1 billed marker of the task, 2 today's totals, 3 reservation expiries (zset),
-#       4 reservation amounts (hash uuid -> "micro|account"), 5 reserved sums (hash)
-_PURGE = """
--- A sum that reaches zero is removed, so accounts seen once leave no field behind.
-local function decrease(field, amount)
-  if redis.call('HINCRBY', KEYS[5], field, -amount) <= 0 then redis.call('HDEL', KEYS[5], field) end
-end
-local function unreserve(uuid)
-  local entry = redis.call('HGET', KEYS[4], uuid)
-  if entry then
-    local sep = string.find(entry, '|', 1, true)
-    local amount = tonumber(string.sub(entry, 1, sep - 1))
-    local account = string.sub(entry, sep + 1)
-    decrease('total', amount)
-    decrease('acct:' .. account, amount)
-    redis.call('HDEL', KEYS[4], uuid)
-  end
-  redis.call('ZREM', KEYS[3], uuid)
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
--- Every expired reservation goes before a budget is checked (each is purged once, so the work
--- is paid for by the jobs that made them): a budget must never refuse on money no one holds.
-repeat
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 500)
-  for _, uuid in ipairs(expired) do unreserve(uuid) end
-until #expired < 500
-"""
-
-# ARGV: 1 uuid, 2 account, 3 estimate micro, 4 fleet budget micro (-1: none),
-#       5 account budget micro (-1: none), 6 reservation seconds
-# Returns {1, 0, 0} reserved, {2, 0, 0} already billed, {0, 1|2, spent} refused by the fleet's
-# or the account's budget.
-_RESERVE_FN = """
-local function reserve()
-  if redis.call('EXISTS', KEYS[1]) == 1 then return {2, 0, 0} end
-  local uuid, account, estimate = ARGV[1], ARGV[2], tonumber(ARGV[3])
-  if redis.call('HEXISTS', KEYS[4], uuid) == 1 then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), uuid)
-    return {1, 0, 0}
-  end
-  local fleet_budget, account_budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-  if fleet_budget >= 0 then
-    local spent = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
-        + tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
-    if spent + estimate > fleet_budget then return {0, 1, spent} end
-  end
-  if account_budget >= 0 then
-    local spent = tonumber(redis.call('HGET', KEYS[2], 'acct:' .. account) or '0')
-        + tonumber(redis.call('HGET', KEYS[5], 'acct:' .. account) or '0')
-    if spent + estimate > account_budget then return {0, 2, spent} end
-  end
-  redis.call('HSET', KEYS[4], uuid, estimate .. '|' .. account)
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), uuid)
-  redis.call('HINCRBY', KEYS[5], 'total', estimate)
-  redis.call('HINCRBY', KEYS[5], 'acct:' .. account, estimate)
-  return {1, 0, 0}
-end
-"""
-RESERVE = _PURGE + _RESERVE_FN + "return reserve()"
-
-# A call's start in one round trip. KEYS 6: the finished items of the task, 7: its submission
-# marker. Returns {3, items} when the task already finished (nothing reserved); else the
-# reservation's answer, with the submission time (or '') in place of 0 when it went through.
-BEGIN = (
-    _PURGE
-    + _RESERVE_FN
-    + """
-local done = redis.call('GET', KEYS[6])
-if done then return {3, done, 0} end
-local answer = reserve()
-if answer[1] == 0 then return answer end
-return {answer[1], redis.call('GET', KEYS[7]) or '', 0}
-"""
-)
-
-# ARGV: 1 uuid, 2 account, 3 cost micro, 4 task ttl, 5 day ttl
-_COMMIT_FN = """
-local function commit()
-  unreserve(ARGV[1])
-  if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', tonumber(ARGV[4])) then
-    local cost, account = tonumber(ARGV[3]), ARGV[2]
-    redis.call('HINCRBY', KEYS[2], 'total', cost)
-    redis.call('HINCRBY', KEYS[2], 'tasks', 1)
-    redis.call('HINCRBY', KEYS[2], 'acct:' .. account, cost)
-    redis.call('HINCRBY', KEYS[2], 'acct_tasks:' .. account, 1)
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-    return 1
-  end
-  return 0
-end
-"""
-COMMIT = _PURGE + _COMMIT_FN + "return commit()"
-
-# A call's end in one round trip: commit, keep the items (ARGV 6) for ARGV 7 seconds, drop the
-# submission marker.
-END = (
-    _PURGE
-    + _COMMIT_FN
-    + """
-local recorded = commit()
-redis.call('SET', KEYS[6], ARGV[6], 'EX', tonumber(ARGV[7]))
-redis.call('DEL', KEYS[7])
-return recorded
-"""
-)
-
-RELEASE = (
-    _PURGE
-    + """
-unreserve(ARGV[1])
-return 1
-"""
-)
+DAY_S = 86_400
+RECORD_TTL_S = 8 * DAY_S  # a finished call's cost and items, kept together
+DAY_TTL_S = 400 * DAY_S  # how long daily totals are kept
+ESTIMATE_TTL_S = 3 * DAY_S  # a day's highest costs per shape (read today and tomorrow)
+# The request fields a price depends on; with the task type and the model they make a shape.
+PRICE_FIELDS = ("width", "height", "steps", "numberResults", "promptVersions", "duration", "fps")
 
 
 def to_micro(usd: float) -> int:
     """USD as integer micro-dollars, rounded to the nearest."""
     return round(usd * MICRO)
+
+
+def call_shape(body: dict[str, Any]) -> str:
+    """What a call's price depends on, as one string: `imageInference runware:101@1
+    height=512 numberResults=1 width=512` (the fields present in the task object)."""
+    fields = " ".join(f"{name}={body[name]}" for name in sorted(PRICE_FIELDS) if name in body)
+    return f"{body.get('taskType', '?')} {body.get('model', '?')} {fields}".strip()
 
 
 _today: tuple[int, str] = (-1, "")
@@ -161,10 +68,85 @@ def utc_day(moment: datetime | None = None) -> str:
     global _today
     if moment is not None:
         return moment.strftime("%Y-%m-%d")
-    number = int(time.time() // 86400)
+    number = int(time.time() // DAY_S)
     if _today[0] != number:
-        _today = (number, datetime.fromtimestamp(number * 86400, UTC).strftime("%Y-%m-%d"))
+        _today = (number, datetime.fromtimestamp(number * DAY_S, UTC).strftime("%Y-%m-%d"))
     return _today[1]
+
+
+def _yesterday() -> str:
+    return utc_day(datetime.fromtimestamp(time.time() - DAY_S, UTC))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `begin` found: the items of a call that already finished, or a reserved call to
+    make (`submitted`: when an async task was submitted, so it is polled, not sent)."""
+
+    finished: list[dict[str, Any]] | None = None
+    submitted: float | None = None
+    alone: bool = False  # its last request was refused without naming a task: send it alone
+    estimate_micro: int = 0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Money held for one call whose outcome is not recorded yet."""
+
+    task_uuid: str
+    account: str
+    estimate_micro: int
+    day: str
+    shape: str
+    due: float  # when it is (or was) due for reconciliation
+    started: float | None  # when the call first reserved (epoch seconds)
+
+    @classmethod
+    def parse(cls, task_uuid: str, raw: bytes | str, due: float) -> Reservation:
+        entry = json.loads(raw)
+        return cls(
+            task_uuid,
+            entry["a"],
+            int(entry["e"]),
+            entry["d"],
+            entry.get("s", ""),
+            due,
+            entry.get("t"),
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "taskUUID": self.task_uuid,
+            "account": self.account,
+            "estimate_usd": self.estimate_micro / MICRO,
+            "day": self.day,
+            "shape": self.shape,
+        }
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """Every reservation now: those of calls in progress, and the unsettled ones (due)."""
+
+    in_flight: list[Reservation] = field(default_factory=list)
+    unsettled: list[Reservation] = field(default_factory=list)
+
+    def as_json(self, limit: int = 100) -> dict[str, Any]:
+        def usd(items: list[Reservation]) -> float:
+            return sum(r.estimate_micro for r in items) / MICRO
+
+        oldest = sorted(self.unsettled, key=lambda r: r.due)[:limit]
+        return {
+            "reserved_calls": len(self.in_flight),
+            "reserved_usd": usd(self.in_flight),
+            "unsettled_calls": len(self.unsettled),
+            "unsettled_usd": usd(self.unsettled),
+            "unsettled": [r.as_json() for r in oldest],
+        }
 
 
 @dataclass(frozen=True)
@@ -178,7 +160,7 @@ class DayTotals:
     tasks_by_account: dict[str, int]
 
     def as_json(self, account: str | None = None) -> dict[str, Any]:
-        """The `enhance-worker cost --json` form."""
+        """The settled part of `enhance-worker cost --json`."""
         if account is not None:
             micro = self.by_account_micro.get(account, 0)
             return {
@@ -196,47 +178,71 @@ class DayTotals:
 
 
 class Ledger:
-    """Costs and budget reservations in Redis."""
+    """Costs, budget reservations and their reconciliation, in Redis."""
 
     def __init__(self, client: redis.Redis, settings: Settings, outage_s: float = 30.0) -> None:
         self.redis = client
         self.settings = settings
         self.outage_s = outage_s
-        self.prefix = StateKeys(settings.key_prefix).ledger
-        self._reserve = client.register_script(RESERVE)
-        self._commit = client.register_script(COMMIT)
-        self._release = client.register_script(RELEASE)
-        self._begin = client.register_script(BEGIN)
-        self._end = client.register_script(END)
+        self.keys = StateKeys(settings.key_prefix)
+        self._begin = register(client, "ledger_begin", after="ledger_lib")
+        self._end = register(client, "ledger_end", after="ledger_lib")
+        self._release = register(client, "ledger_release", after="ledger_lib")
+        self._claim = register(client, "ledger_claim")
 
-    def _keys(self, task_uuid: str, day: str | None = None) -> list[str]:
-        p = self.prefix
-        return [
-            f"{p}:task:{task_uuid}",
-            f"{p}:day:{day or utc_day()}",
-            f"{p}:resv:expiry",
-            f"{p}:resv:amount",
-            f"{p}:resv:sum",
-        ]
+    def _common(self, task_uuid: str) -> tuple[list[str], list[str | int | float]]:
+        keys = self.keys
+        return (
+            [keys.record(task_uuid), keys.reservations, keys.reservations_due, keys.reserved_sums],
+            [task_uuid, keys.ledger],
+        )
 
-    def _reserve_args(
-        self, task_uuid: str, account: str, estimate_usd: float
-    ) -> list[str | int | float]:
-        settings = self.settings
+    def _run(self, script: Script, keys: list[str], args: list[str | int | float]) -> Any:
+        return hold_through_outage(lambda: run_script(script, keys, args), "ledger", self.outage_s)
+
+    # --- a call --------------------------------------------------------------------------------
+    def begin(self, task_uuid: str, account: str, estimate_usd: float, shape: str) -> Started:
+        """A call's start, in one round trip: the items if the task already finished; else the
+        reservation under the budgets (BudgetExceeded when it does not fit; a TransientError
+        when it would fit once unsettled calls are settled)."""
+        settings, day = self.settings, utc_day()
+        keys, args = self._common(task_uuid)
         fleet = settings.runware_daily_budget_usd
         per_account = settings.runware_account_daily_budget_usd
-        return [
-            task_uuid,
+        keys += [
+            self.keys.day(day),
+            self.keys.pending(task_uuid),
+            self.keys.alone(task_uuid),
+            self.keys.estimates(day),
+            self.keys.estimates(_yesterday()),
+        ]
+        args += [
             account,
             to_micro(estimate_usd),
             -1 if fleet is None else to_micro(fleet),
             -1 if per_account is None else to_micro(per_account),
             settings.runware_reservation_s,
+            day,
+            shape,
         ]
+        answer = self._run(self._begin, keys, args)
+        status = int(answer[0])
+        if status == 3:
+            _cost, _, items = _text(answer[1]).partition("|")
+            return Started(finished=json.loads(items or "[]"))
+        if status == 0:
+            which, spent, estimate, unsettled = (int(v) for v in answer[1:5])
+            raise self._refusal(which, spent, estimate, unsettled, task_uuid, account)
+        marker = _text(answer[1])
+        return Started(
+            submitted=float(marker) if marker else None,
+            alone=bool(int(answer[2])),
+            estimate_micro=int(answer[3]),
+        )
 
     def _refusal(
-        self, which: int, spent: int, task_uuid: str, account: str, estimate_usd: float
-    ) -> BudgetExceeded:
+        self, which: int, spent: int, estimate: int, unsettled: int, task_uuid: str, account: str
+    ) -> Exception:
         settings = self.settings
         if which == 1:
             name, limit, scope = (
@@ -250,109 +256,113 @@ class Ledger:
                 settings.runware_account_daily_budget_usd,
                 f"account {account!r}",
             )
-        return BudgetExceeded(
-            f"daily budget {name} of ${limit or 0:.6f} for {scope} would be exceeded: "
+        budget = to_micro(limit or 0)
+        text = (
+            f"daily budget {name} of ${budget / MICRO:.6f} for {scope} would be exceeded: "
             f"${spent / MICRO:.6f} already spent or reserved today (UTC), and task "
-            f"{task_uuid} needs ${estimate_usd:.6f}; no call was made"
+            f"{task_uuid} needs ${estimate / MICRO:.6f}"
         )
-
-    def reserve(self, task_uuid: str, account: str, estimate_usd: float) -> bool:
-        """Reserve `estimate_usd` for this task under the budgets; False when the taskUUID is
-        already billed (nothing to reserve). Raises BudgetExceeded naming the budget."""
-        args = self._reserve_args(task_uuid, account, estimate_usd)
-        status, which, spent = hold_through_outage(
-            lambda: self._reserve(keys=self._keys(task_uuid), args=args), "ledger", self.outage_s
-        )
-        if int(status) == 0:
-            raise self._refusal(int(which), int(spent), task_uuid, account, estimate_usd)
-        return int(status) == 1
-
-    def begin(
-        self, task_uuid: str, account: str, estimate_usd: float, done_key: str, marker_key: str
-    ) -> tuple[str, bytes | None]:
-        """A call's start, in one round trip: ("done", items JSON) if the task already
-        finished; else reserve under the budgets (or raise BudgetExceeded) and return
-        ("go", the submission marker or None)."""
-        keys, args = self.begin_keys_args(task_uuid, account, estimate_usd, done_key, marker_key)
-        answer = hold_through_outage(
-            lambda: run_script(self._begin, keys, args), "ledger", self.outage_s
-        )
-        return self.begin_answer(answer, task_uuid, account, estimate_usd)
-
-    def begin_keys_args(
-        self, task_uuid: str, account: str, estimate_usd: float, done_key: str, marker_key: str
-    ) -> tuple[list[str], list[str | int | float]]:
-        """The KEYS and ARGV of the BEGIN script for this call."""
-        keys = [*self._keys(task_uuid), done_key, marker_key]
-        return keys, self._reserve_args(task_uuid, account, estimate_usd)
-
-    def begin_answer(
-        self, answer: list[Any], task_uuid: str, account: str, estimate_usd: float
-    ) -> tuple[str, bytes | None]:
-        """What BEGIN's reply means: ("done", items) or ("go", marker); BudgetExceeded raised."""
-        status, value, spent = answer[0], answer[1], answer[2]
-        if int(status) == 3:
-            return "done", value
-        if int(status) == 0:
-            raise self._refusal(int(value), int(spent), task_uuid, account, estimate_usd)
-        return "go", value or None
+        if unsettled and spent - unsettled + estimate <= budget:
+            # It fits once calls Runware may never have billed are settled: wait for that.
+            return TransientError(
+                f"{text}, of which ${unsettled / MICRO:.6f} is unsettled calls being reconciled;"
+                " no call was made",
+                code="budgetUnsettled",
+                retry_after=settings.runware_reconcile_s,
+            )
+        return BudgetExceeded(f"{text}; no call was made")
 
     def end(
         self,
         task_uuid: str,
         account: str,
         cost_usd: float,
-        done_key: str,
-        marker_key: str,
-        items_json: str,
-        keep_s: int,
+        items: list[dict[str, Any]],
+        shape: str = "",
     ) -> bool:
-        """A call's end, in one round trip: record the cost once, keep the finished items for
-        `keep_s` seconds, drop the submission marker. True if this call recorded the cost."""
-        keys = [*self._keys(task_uuid), done_key, marker_key]
-        args = [*self._commit_args(task_uuid, account, cost_usd), items_json, keep_s]
-        return self._record(self._end, keys, args, account, cost_usd)
-
-    def commit(self, task_uuid: str, account: str, cost_usd: float) -> bool:
-        """Record the real cost once; True if this call recorded it, False if it already was."""
-        args = self._commit_args(task_uuid, account, cost_usd)
-        return self._record(self._commit, self._keys(task_uuid), args, account, cost_usd)
-
-    def _commit_args(
-        self, task_uuid: str, account: str, cost_usd: float
-    ) -> list[str | int | float]:
-        return [task_uuid, account, to_micro(cost_usd), TASK_TTL_S, DAY_TTL_S]
-
-    def _record(
-        self,
-        script: Script,
-        keys: list[str],
-        args: list[str | int | float],
-        account: str,
-        cost_usd: float,
-    ) -> bool:
-        """Run a script that records a cost once; count it in the metrics if this one did."""
-        recorded = hold_through_outage(
-            lambda: run_script(script, keys, args), "ledger", self.outage_s
-        )
-        if int(recorded):
+        """A call's end, in one round trip: record its real cost once (on its reservation's
+        day) with its items, drop its reservation and markers, and learn its shape's price.
+        True if this call recorded the cost. `shape` '' takes the reservation's."""
+        day = utc_day()
+        keys, args = self._common(task_uuid)
+        keys += [self.keys.pending(task_uuid), self.keys.alone(task_uuid), self.keys.estimates(day)]
+        args += [
+            account,
+            to_micro(cost_usd),
+            json.dumps(items),
+            RECORD_TTL_S,
+            DAY_TTL_S,
+            day,
+            shape,
+            ESTIMATE_TTL_S,
+        ]
+        recorded = bool(int(self._run(self._end, keys, args)))
+        if recorded:
             metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
-        return bool(int(recorded))
+        return recorded
 
-    def release(self, task_uuid: str) -> None:
-        """Drop this task's reservation (the call did not happen or was not billed)."""
-        self._release(keys=self._keys(task_uuid), args=[task_uuid])
+    def release(self, task_uuid: str, claimed: float | None = None) -> bool:
+        """Drop this task's reservation: Runware refused the call or never had it. With
+        `claimed` (the reconciler's claim), only if no run of the job took it up since."""
+        keys, args = self._common(task_uuid)
+        args.append("" if claimed is None else repr(claimed))
+        return bool(int(self._run(self._release, keys, args)))
 
+    def give_up(self, task_uuid: str) -> None:
+        """The job stops following a call Runware may have accepted: its reservation becomes
+        unsettled at once (the reconciler settles it). One attempt: if Redis is down, the
+        reservation becomes due by itself after RUNWARE_RESERVATION_S."""
+        with contextlib.suppress(redis.RedisError):
+            self.redis.zadd(self.keys.reservations_due, {task_uuid: time.time()}, xx=True)
+
+    # --- reconciliation ------------------------------------------------------------------------
+    def claim_due(self, period_s: float, limit: int = 500) -> list[Reservation]:
+        """Take up to `limit` due reservations for a check with Runware; each comes due again
+        after `period_s` unless settled or released before (its `due` is the claim)."""
+        keys = [self.keys.reservations, self.keys.reservations_due]
+        flat = self._run(self._claim, keys, [period_s, limit])
+        return [
+            Reservation.parse(_text(flat[i]), flat[i + 1], float(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+
+    def holdings(self, account: str | None = None) -> Holdings:
+        """Every reservation now, split into calls in progress and unsettled ones."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.reservations)
+            pipe.zrange(self.keys.reservations_due, 0, -1, withscores=True)
+            raw, scores = pipe.execute()
+        due = {_text(k): float(v) for k, v in scores}
+        now = time.time()
+        held = Holdings()
+        for key, value in raw.items():
+            task_uuid = _text(key)
+            reservation = Reservation.parse(task_uuid, value, due.get(task_uuid, now))
+            if account is not None and reservation.account != account:
+                continue
+            (held.unsettled if reservation.due <= now else held.in_flight).append(reservation)
+        return held
+
+    def estimates(self) -> dict[str, float]:
+        """The learned estimate (USD) of every call shape seen today or yesterday."""
+        seen: dict[str, int] = {}
+        for day in (_yesterday(), utc_day()):
+            for shape, micro in self.redis.hgetall(self.keys.estimates(day)).items():
+                name = _text(shape)
+                seen[name] = max(seen.get(name, 0), int(micro))
+        return {shape: micro / MICRO for shape, micro in sorted(seen.items())}
+
+    # --- reading -------------------------------------------------------------------------------
     def billed(self, task_uuid: str) -> float | None:
-        """The recorded cost of a taskUUID in USD, or None if it is not billed."""
-        raw = self.redis.get(f"{self.prefix}:task:{task_uuid}")
-        return None if raw is None else int(raw) / MICRO
+        """The recorded cost of a taskUUID in USD, or None if none is recorded."""
+        raw = self.redis.get(self.keys.record(task_uuid))
+        return None if raw is None else int(_text(raw).partition("|")[0]) / MICRO
 
     def day(self, day: str | None = None) -> DayTotals:
-        """The totals of one UTC day (default today)."""
+        """The settled totals of one UTC day (default today)."""
         name = day or utc_day()
-        raw = self.redis.hgetall(f"{self.prefix}:day:{name}")
-        values = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
+        raw = self.redis.hgetall(self.keys.day(name))
+        values = {_text(k): int(v) for k, v in raw.items()}
         return DayTotals(
             day=name,
             total_micro=values.get("total", 0),

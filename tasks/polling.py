@@ -1,7 +1,7 @@
 """Which Runware tasks were submitted and are being polled, and which finished, in Redis.
 
-A finished task's items are kept (for CELERY_RESULT_EXPIRES_S), so a job delivered again after
-its worker died returns the known result without calling Runware.
+A finished task's items are kept with its cost in the ledger (tasks/ledger.py), so a job delivered
+again after its worker died returns the known result without calling Runware.
 
 A task delivered asynchronously (video always; anything with deliveryMethod "async"; and a task
 whose answer was lost, 409 conflictTaskUUID) is polled with getResponse by re-scheduling its
@@ -32,7 +32,7 @@ class PendingCalls:
     def mark(self, task_uuid: str, ttl_s: float) -> float:
         """Record the submission now (kept if already recorded); return its time."""
         now = time.time()
-        key = self.marker_key(task_uuid)
+        key = self.keys.pending(task_uuid)
 
         def mark() -> float:
             self.redis.set(key, repr(now), nx=True, ex=max(60, int(ttl_s) + 300))
@@ -42,15 +42,13 @@ class PendingCalls:
         return hold_through_outage(mark, "poller", 30.0)
 
     def clear(self, task_uuid: str) -> None:
-        hold_through_outage(lambda: self.redis.delete(self.marker_key(task_uuid)), "poller", 30.0)
+        hold_through_outage(lambda: self.redis.delete(self.keys.pending(task_uuid)), "poller", 30.0)
 
-    def done_key(self, task_uuid: str) -> str:
-        """Where a finished task's items are kept (written by Ledger.end)."""
-        return self.keys.done(task_uuid)
-
-    def marker_key(self, task_uuid: str) -> str:
-        """Where a submitted task's submission time is kept."""
-        return self.keys.pending(task_uuid)
+    def send_alone(self, task_uuid: str) -> None:
+        """The task's next call goes in a request of its own: its last request, shared with
+        other tasks, was refused without saying whose fault it was."""
+        key = self.keys.alone(task_uuid)
+        hold_through_outage(lambda: self.redis.set(key, 1, ex=86_400), "poller", 30.0)
 
     def next_poll_in(self, elapsed_s: float) -> float:
         """The countdown to the next poll: about the first interval, growing with the time the

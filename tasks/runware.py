@@ -42,6 +42,9 @@ PENDING_STATUSES = frozenset({"processing", "pending", "queued", "scheduled", "w
 # Task types that share requests (tasks/batching.py): quick ones of even duration. Image and
 # video inference go alone, so that one slow generation never holds up another's answer.
 BATCHED_TASK_TYPES = frozenset({"promptEnhance", "getResponse"})
+# The code of the TransientError for a shared request refused without naming a task: the caller
+# sends the task again alone, in a slot of its own (never within this one).
+UNATTRIBUTED = "batchUnattributed"
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,10 @@ class _Answer:
 
     def unattributed_rejection(self) -> bool:
         """A 4xx for a request of several tasks whose errors name none of them: whose fault it
-        was cannot be told."""
-        if self.size < 2 or not 400 <= self.status < 500 or self.status in (401, 403, 408, 429):
+        was cannot be told. (401, 402 and 403 are about the account, so every task's.)"""
+        if self.size < 2 or not 400 <= self.status < 500:
+            return False
+        if self.status in (401, 402, 403, 408, 429):
             return False
         errors = _errors_of(self.body)
         return not any(error.get("taskUUID") for error in errors)
@@ -160,15 +165,16 @@ class RunwareClient:
         return text
 
     # --- calls ---------------------------------------------------------------------------------
-    def run(self, task: dict[str, Any]) -> TaskOutcome:
-        """Send one task object and return its items (sync delivery) or its acknowledgement.
-        The job holds the slot the fleet granted it; the fleet hears how the call went."""
-        return self._post(task, str(task["taskUUID"]))
+    def run(self, task: dict[str, Any], alone: bool = False) -> TaskOutcome:
+        """Send one task object and return its items (sync delivery) or its acknowledgement,
+        in one request (shared with other tasks of this process unless `alone`). The job holds
+        the slot the fleet granted it; the fleet hears how the call went."""
+        return self._post(task, str(task["taskUUID"]), alone)
 
-    def get_response(self, task_uuid: str) -> tuple[bool, TaskOutcome]:
+    def get_response(self, task_uuid: str, alone: bool = False) -> tuple[bool, TaskOutcome]:
         """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
         poll = {"taskType": "getResponse", "taskUUID": task_uuid}
-        outcome = self._post(poll, task_uuid)
+        outcome = self._post(poll, task_uuid, alone)
         finished: list[dict[str, Any]] = []
         for item in outcome.items:
             status = str(item.get("status", "success")).lower()
@@ -181,7 +187,7 @@ class RunwareClient:
         return bool(finished), TaskOutcome(task_uuid, finished)
 
     # --- wire ----------------------------------------------------------------------------------
-    def _post(self, task: dict[str, Any], task_uuid: str) -> TaskOutcome:
+    def _post(self, task: dict[str, Any], task_uuid: str, alone: bool) -> TaskOutcome:
         if self._key is None:
             raise AuthenticationError(
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
@@ -191,11 +197,8 @@ class RunwareClient:
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:
-                if kind in BATCHED_TASK_TYPES:
+                if kind in BATCHED_TASK_TYPES and not alone:
                     answer = self._batcher.call(kind, task)
-                    if answer.unattributed_rejection():
-                        # Find out whether it was this task: it goes again, alone.
-                        answer = self._send([task])
                 else:
                     answer = self._send([task])
             finally:
@@ -213,6 +216,14 @@ class RunwareClient:
                 permit.outcome = "ok"
         outcome = "ok" if answer.status == 200 else f"http_{answer.status}"
         metrics.RUNWARE_CALLS.labels(kind, outcome).inc()
+        if answer.unattributed_rejection():
+            _code, text = self._describe(_errors_of(answer.body))
+            raise TransientError(
+                f"Runware {kind} {task_uuid}: HTTP {answer.status} for a request of "
+                f"{answer.size} tasks that names none of them ({text}); it goes again alone",
+                code=UNATTRIBUTED,
+                status=answer.status,
+            )
         return self._parse(answer, kind, task_uuid)
 
     def _send(self, tasks: list[dict[str, Any]]) -> _Answer:

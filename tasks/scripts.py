@@ -36,9 +36,11 @@ def source(name: str) -> str:
     return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def register(client: redis.Redis, name: str) -> Script:
-    """tasks/lua/NAME.lua registered on `client` (loaded into Redis at its first use)."""
-    return client.register_script(source(name))
+def register(client: redis.Redis, name: str, after: str | None = None) -> Script:
+    """tasks/lua/NAME.lua registered on `client` (loaded into Redis at its first use); with
+    `after`, that file's text comes first (functions several scripts share)."""
+    text = source(name) if after is None else source(after) + "\n" + source(name)
+    return client.register_script(text)
 
 
 def run(script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:

@@ -122,6 +122,9 @@ def worker_env(redis_url: str, sandbox: Sandbox, **overrides: str) -> dict[str, 
         "RUNWARE_COOLDOWN_S": "0.05",
         "RUNWARE_COOLDOWN_MAX_S": "0.5",
         "WORKER_CONCURRENCY": "8",
+        # Unsettled calls left by one test are not reconciled into another's figures (the
+        # tests of reconciliation set their own period).
+        "RUNWARE_RECONCILE_S": "3600",
         "LOG_LEVEL": "DEBUG",
     }
     env.update(overrides)

@@ -1,4 +1,5 @@
-"""The console command `enhance-worker`: demo, sandbox, enhance, batch, cost, failed, limits."""
+"""The console command `enhance-worker`: demo, sandbox, enhance, batch, cost, reconcile, failed,
+limits."""
 
 from __future__ import annotations
 
@@ -127,21 +128,66 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
+    from config.settings import get_settings
     from tasks.ledger import get_ledger
 
+    ledger, settings = get_ledger(), get_settings()
     try:
-        totals = get_ledger().day(args.day)
+        totals = ledger.day(args.day)
     except ValueError as exc:
         print(f"enhance-worker: {exc}", file=sys.stderr)
         return 2
-    report = totals.as_json(args.account)
+    held = ledger.holdings(args.account).as_json()
+    report = {
+        **totals.as_json(args.account),
+        **held,
+        "estimates": {
+            "default": {
+                "promptEnhance per version": settings.runware_enhance_cost_usd,
+                "imageInference per image": settings.runware_image_cost_usd,
+                "videoInference per video": settings.runware_video_cost_usd,
+            },
+            "learned": ledger.estimates(),
+        },
+    }
     if args.json:
         print(json.dumps(report))
         return 0
     who = f" for account {args.account}" if args.account else ""
-    print(f"{report['day']} (UTC){who}: ${report['total_usd']:.6f} over {report['tasks']} tasks")
+    print(
+        f"{report['day']} (UTC){who}: ${report['total_usd']:.6f} settled over "
+        f"{report['tasks']} tasks"
+    )
     for name, usd in report["by_account"].items():
         print(f"  {name:<24} ${usd:.6f}")
+    print(
+        f"now: ${held['reserved_usd']:.6f} reserved by {held['reserved_calls']} calls in progress; "
+        f"${held['unsettled_usd']:.6f} at estimate for {held['unsettled_calls']} unsettled calls "
+        "(being reconciled with Runware)"
+    )
+    for item in held["unsettled"][:20]:
+        usd, day = item["estimate_usd"], item["day"]
+        print(f"  {item['taskUUID']}  {item['account']:<16} ${usd:.6f}  started {day}")
+    return 0
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from tasks.reconcile import reconcile_now
+
+    summary = reconcile_now(args.timeout)
+    if args.json:
+        print(json.dumps(summary.__dict__))
+        return 0
+    print(
+        f"checked {summary.checked} unsettled calls: {summary.settled} settled "
+        f"(${summary.settled_usd:.6f} recorded), {summary.released} never billed (released), "
+        f"{summary.running} still running at Runware, {summary.unknown} could not be checked"
+    )
+    if summary.waiting:
+        print(
+            f"{summary.waiting} checks got no answer within {args.timeout:g}s (is a worker "
+            "running?); they stay queued and run when a worker takes them"
+        )
     return 0
 
 
@@ -219,11 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--resume", metavar="PENDING", help="collect an interrupted batch's jobs")
     batch.set_defaults(func=_cmd_batch)
 
-    cost = sub.add_parser("cost", help="what a UTC day cost, overall and per account")
+    cost = sub.add_parser(
+        "cost", help="what a UTC day cost, what is reserved and unsettled now, the estimates"
+    )
     cost.add_argument("--day", type=_day, default=None, help="YYYY-MM-DD (default: today, UTC)")
     cost.add_argument("--account", default=None, help="only this account")
     cost.add_argument("--json", action="store_true", help="print JSON")
     cost.set_defaults(func=_cmd_cost)
+
+    reconcile = sub.add_parser(
+        "reconcile", help="settle unsettled calls now: ask Runware their outcome and cost"
+    )
+    reconcile.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+    reconcile.add_argument("--json", action="store_true", help="print JSON")
+    reconcile.set_defaults(func=_cmd_reconcile)
 
     failed = sub.add_parser("failed", help="jobs that failed for good, and requeueing them")
     failed_sub = failed.add_subparsers(dest="action", required=True)

@@ -27,7 +27,20 @@ from workers.sandbox_tasks import MICRO, accept, check, error, valid_uuid4
 logger = logging.getLogger(__name__)
 
 # Names for `fail_next`; "none" answers normally (to place a fault later in a sequence).
-FAULTS = ("400", "401", "402", "403", "404", "429", "500", "503", "hang", "garbage", "none")
+FAULTS = (
+    "400",
+    "401",
+    "402",
+    "403",
+    "404",
+    "429",
+    "500",
+    "503",
+    "hang",
+    "garbage",
+    "empty",  # accepted and billed, but the items carry no text, image or video
+    "none",
+)
 FAULT_CODES = {
     "400": "invalidParameter",
     "401": "invalidApiKey",
@@ -40,6 +53,9 @@ FAULT_CODES = {
 }
 
 
+_BARE = ("taskType", "taskUUID", "cost")  # what an "empty" answer keeps of an item
+
+
 @dataclass
 class SandboxConfig:
     """What the sandbox does; every field can be changed at run time via /_sandbox/config."""
@@ -47,7 +63,7 @@ class SandboxConfig:
     api_key: str | None = None  # None: any non-empty key is accepted
     latency_s: float = 0.0
     cost_per_item: float = 0.0013  # USD per enhanced version
-    image_cost: float = 0.0019  # USD per image
+    image_cost: float = 0.0019  # USD per 1024x1024 image (scaled by its area)
     video_cost: float = 0.25  # USD per video
     async_delay_s: float = 2.0  # how long an async enhancement or image takes
     video_render_s: float = 5.0  # how long a video takes to render
@@ -277,6 +293,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._one(state, task, data, errors, latency)
         if fault == "hang":
             time.sleep(state.config.hang_s)  # processed and billed, but the answer comes too late
+        if fault == "empty":
+            data = [{k: v for k, v in item.items() if k in _BARE} for item in data]
         status = 200 if data or not errors else self._status_for(errors)
         answer: dict[str, Any] = {"data": data}
         if errors:
@@ -358,7 +376,8 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             stored = state.tasks.get(task_uuid)
         if stored is None:
-            errors.append(error("taskNotFound", "no task with this taskUUID", None, "taskUUID"))
+            poll = {"taskType": "getResponse", "taskUUID": task_uuid}
+            errors.append(error("taskNotFound", "no task with this taskUUID", poll, "taskUUID"))
             return
         if time.monotonic() < stored.ready_at:
             data.append(

@@ -199,6 +199,9 @@ def accept(task: dict[str, Any], prices: Prices, base_url: str) -> Accepted:
             ("image", "JPG", 1000) if kind == "imageInference" else ("video", "MP4", 2000)
         )
         unit = prices.image_cost if media == "image" else prices.video_cost
+        if media == "image":  # priced by area, as image models are: 512x512 costs a quarter
+            area = int(task.get("width", 1024)) * int(task.get("height", 1024))
+            unit = round(unit * area / (1024 * 1024), 6)
         extension = str(task.get("outputFormat", default_format)).lower()
         items = []
         for index in range(task.get("numberResults", 1)):

@@ -1,5 +1,6 @@
 """Worker process life cycle: logging, pools sized to the real concurrency, the fair intake (the
-worker consumes granted jobs only, and runs a dispatcher candidate), and the ready line."""
+worker consumes granted jobs only, and runs a dispatcher candidate), the reconciler of unsettled
+calls, and the ready line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tasks import runware
 from tasks.base import RunwareTask
 from tasks.dispatcher import Dispatcher, Intake
 from tasks.limiter import broker_redis, carry_over_old_overrides, get_limiter
+from tasks.reconcile import Reconciler
 from workers import logs, metrics
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 # jobs from them into the fair queues; the worker threads consume the ready queue.
 _intake_queues: list[str] = ["celery"]
 _dispatcher: list[Dispatcher] = []
+_reconciler: list[Reconciler] = []
 
 
 @signals.setup_logging.connect
@@ -83,6 +86,9 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     dispatcher = Dispatcher(client, settings, intake, threads, get_limiter())
     dispatcher.start()
     _dispatcher.append(dispatcher)
+    reconciler = Reconciler(settings)
+    reconciler.start()
+    _reconciler.append(reconciler)
     metrics.serve(settings, _intake_queues)
     logger.info(
         "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads, Redis "
@@ -98,6 +104,8 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
 @signals.worker_shutting_down.connect
 def leave_the_fleet(**_: Any) -> None:
     """Stop granting jobs to this worker: it leaves the fleet's thread count at once."""
+    for reconciler in _reconciler:
+        reconciler.stop()
     for dispatcher in _dispatcher:
         dispatcher.stop()
         dispatcher.join(timeout=3.0)

@@ -97,7 +97,7 @@ def test_no_key_fails_without_calling(start_worker: StartWorker, sandbox: Sandbo
     worker = start_worker("nokey", RUNWARE_API_KEY="")
     with pytest.raises(Exception, match="RUNWARE_API_KEY is not set"):
         worker.send(prompt="a red fox").get(timeout=30)
-    assert sandbox.state.requests == 0
+    assert sandbox.state.tasks_received == 0
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The ledger's scripts against a real Redis (no worker): once-only billing, budgets, expiry."""
+"""The ledger's scripts against a real Redis (no worker): the calls' start and end as the tasks
+make them, once-only billing, budgets, learned estimates and unsettled calls."""
 
 from __future__ import annotations
 
@@ -12,23 +13,26 @@ import pytest
 import redis
 
 from config.settings import load_settings
-from tasks.errors import BudgetExceeded
-from tasks.ledger import Ledger
+from tasks.errors import BudgetExceeded, TransientError
+from tasks.ledger import Ledger, call_shape
 from workers.services import RedisServer
 
 _prefixes = itertools.count()
+SHAPE = call_shape({"taskType": "promptEnhance", "model": "m", "promptVersions": 1})
+ITEMS = [{"taskType": "promptEnhance", "text": "a fox, cinematic", "cost": 0.0013}]
 
 
 @pytest.fixture
 def make(redis_server: RedisServer) -> Iterator[Any]:
     clients: list[redis.Redis] = []
+    prefix = f"l{next(_prefixes)}"
 
-    def build(**settings: Any) -> Ledger:
+    def build(unchecked: dict[str, Any] | None = None, **settings: Any) -> Ledger:
         client = redis.Redis.from_url(redis_server.url(61))
         clients.append(client)
-        return Ledger(
-            client, load_settings(_env_file=None, key_prefix=f"l{next(_prefixes)}", **settings)
-        )
+        loaded = load_settings(_env_file=None, key_prefix=prefix, **settings)
+        # (`unchecked`: values the settings check would refuse, to make time pass quickly)
+        return Ledger(client, loaded.model_copy(update=unchecked or {}))
 
     yield build
     for client in clients:
@@ -39,29 +43,37 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-def test_a_task_is_billed_once_in_micro_dollars(make: Any) -> None:
+def _call(ledger: Ledger, account: str = "a", estimate: float = 0.0013, shape: str = SHAPE) -> str:
+    """One call's start and end at `estimate`, as a task makes it; its taskUUID."""
+    task = _uuid()
+    ledger.begin(task, account, estimate, shape)
+    ledger.end(task, account, estimate, ITEMS, shape)
+    return task
+
+
+def test_a_call_is_billed_once_and_its_items_come_back(make: Any) -> None:
     ledger = make()
     task = _uuid()
-    assert ledger.commit(task, "acme", 0.0013 * 3) is True
-    assert ledger.commit(task, "acme", 0.0013 * 3) is False  # a redelivery changes nothing
-    assert ledger.commit(_uuid(), "other", 0.0013) is True
+    started = ledger.begin(task, "acme", 0.0039, SHAPE)
+    assert started.finished is None
+    assert started.submitted is None
+    assert not started.alone
+    assert ledger.end(task, "acme", 0.0013 * 3, ITEMS, SHAPE) is True
+    assert ledger.end(task, "acme", 0.0013 * 3, ITEMS, SHAPE) is False  # a redelivery
+    again = ledger.begin(task, "acme", 0.0039, SHAPE)  # a resent job: no call, same items
+    assert again.finished == ITEMS
+    _call(ledger, "other")
     totals = ledger.day()
-    assert totals.total_micro == 3900 + 1300
-    assert totals.tasks == 2
+    assert (totals.total_micro, totals.tasks) == (3900 + 1300, 2)
     assert totals.by_account_micro == {"acme": 3900, "other": 1300}
     assert ledger.billed(task) == pytest.approx(0.0039)
-    assert totals.as_json("acme") == {
-        "day": totals.day,
-        "total_usd": 0.0039,
-        "tasks": 1,
-        "by_account": {"acme": 0.0039},
-    }
+    assert ledger.holdings().as_json()["reserved_calls"] == 0
 
 
 def test_many_small_costs_add_up_exactly(make: Any) -> None:
     ledger = make()
     for _ in range(1000):
-        ledger.commit(_uuid(), "a", 0.0013)
+        _call(ledger)
     assert ledger.day().total_micro == 1_300_000
     assert ledger.day().as_json()["total_usd"] == 1.3
 
@@ -71,13 +83,12 @@ def test_the_fleet_budget_admits_exactly_what_fits(make: Any) -> None:
     outcomes = []
     for _ in range(20):
         try:
-            ledger.reserve(_uuid(), "a", 0.0013)
+            ledger.begin(_uuid(), "a", 0.0013, SHAPE)
             outcomes.append("ok")
         except BudgetExceeded as exc:
             outcomes.append(str(exc))
     assert outcomes.count("ok") == 7
     refused = [o for o in outcomes if o != "ok"]
-    assert len(refused) == 13
     assert "RUNWARE_DAILY_BUDGET_USD of $0.010000" in refused[0]
     assert "$0.009100 already spent or reserved" in refused[0]
 
@@ -85,67 +96,139 @@ def test_the_fleet_budget_admits_exactly_what_fits(make: Any) -> None:
 def test_the_account_budget_is_per_account(make: Any) -> None:
     ledger = make(runware_account_daily_budget_usd=0.003)
     for account in ("a", "b"):
-        ledger.reserve(_uuid(), account, 0.0013)
-        ledger.reserve(_uuid(), account, 0.0013)
+        ledger.begin(_uuid(), account, 0.0013, SHAPE)
+        ledger.begin(_uuid(), account, 0.0013, SHAPE)
         with pytest.raises(BudgetExceeded, match=f"account '{account}'"):
-            ledger.reserve(_uuid(), account, 0.0013)
+            ledger.begin(_uuid(), account, 0.0013, SHAPE)
 
 
-def test_commit_replaces_the_reservation_and_release_frees_it(make: Any) -> None:
+def test_the_real_cost_replaces_the_reservation_and_release_frees_it(make: Any) -> None:
     ledger = make(runware_daily_budget_usd=0.003)
     first, second = _uuid(), _uuid()
-    ledger.reserve(first, "a", 0.0013)
-    ledger.reserve(second, "a", 0.0013)
+    ledger.begin(first, "a", 0.0013, "s1")
+    ledger.begin(second, "a", 0.0013, "s2")
     with pytest.raises(BudgetExceeded):
-        ledger.reserve(_uuid(), "a", 0.0013)
-    ledger.release(second)  # the call failed and was not billed
-    ledger.commit(first, "a", 0.0010)  # the real cost was lower than the estimate
-    ledger.reserve(_uuid(), "a", 0.0013)  # 0.0010 + 0.0013 fits under 0.003
+        ledger.begin(_uuid(), "a", 0.0013, "s3")
+    assert ledger.release(second) is True  # Runware refused the call: not billed
+    ledger.end(first, "a", 0.0010, ITEMS)  # the real cost was lower than the estimate
+    ledger.begin(_uuid(), "a", 0.0013, "s3")  # 0.0010 + 0.0013 fits under 0.003
     with pytest.raises(BudgetExceeded):
-        ledger.reserve(_uuid(), "a", 0.0013)
+        ledger.begin(_uuid(), "a", 0.0013, "s4")
 
 
-def test_reserving_twice_for_one_task_counts_once(make: Any) -> None:
-    ledger = make(runware_daily_budget_usd=0.002)
+def test_a_job_never_refuses_itself(make: Any) -> None:
+    """A retry, poll or redelivery of a call takes up its own reservation: it is not checked
+    against the budget again (a budget that fits exactly one call lets it come back)."""
+    ledger = make(runware_daily_budget_usd=0.0013)
     task = _uuid()
-    assert ledger.reserve(task, "a", 0.0013) is True
-    assert ledger.reserve(task, "a", 0.0013) is True  # a retry of the same task
-    ledger.commit(task, "a", 0.0013)
-    assert ledger.reserve(task, "a", 0.0013) is False  # already billed: nothing to reserve
-
-
-def test_a_dead_tasks_reservation_expires(make: Any) -> None:
-    ledger = make(runware_daily_budget_usd=0.0013, runware_reservation_s=0.3)
-    ledger.reserve(_uuid(), "a", 0.0013)  # its task dies and never commits
-    with pytest.raises(BudgetExceeded):
-        ledger.reserve(_uuid(), "a", 0.0013)
-    time.sleep(0.35)
-    ledger.reserve(_uuid(), "a", 0.0013)
+    ledger.begin(task, "a", 0.0013, SHAPE)
+    for _ in range(3):
+        assert ledger.begin(task, "a", 0.0013, SHAPE).estimate_micro == 1300
+    ledger.give_up(task)  # even unsettled, it is its own
+    assert ledger.begin(task, "a", 0.0013, SHAPE).estimate_micro == 1300
+    ledger.end(task, "a", 0.0013, ITEMS)
+    assert ledger.begin(task, "a", 0.0013, SHAPE).finished == ITEMS
 
 
 def test_a_zero_budget_admits_nothing(make: Any) -> None:
     ledger = make(runware_daily_budget_usd=0)
     with pytest.raises(BudgetExceeded, match=r"\$0.000000"):
-        ledger.reserve(_uuid(), "a", 0.0013)
+        ledger.begin(_uuid(), "a", 0.0013, SHAPE)
 
 
-def test_hundreds_of_expired_reservations_hold_back_no_budget(redis_server: RedisServer) -> None:
-    """240 reservations of a crashed 200-thread worker expire: the next job that fits the
-    budget runs (a purge of at most 100 per script left $0.29 of them reserved), and no
-    account keeps a zeroed field in the reserved sums."""
+def test_the_estimate_learns_the_highest_real_cost_of_its_shape(make: Any) -> None:
+    ledger = make()
+    big = call_shape({"taskType": "imageInference", "model": "m", "width": 1024, "height": 1024})
+    small = call_shape({"taskType": "imageInference", "model": "m", "width": 512, "height": 512})
+    assert ledger.begin(_uuid(), "a", 0.0005, big).estimate_micro == 500  # nothing seen yet
+    task = _uuid()
+    ledger.begin(task, "a", 0.0005, big)
+    ledger.end(task, "a", 0.0019, ITEMS, big)
+    assert ledger.begin(_uuid(), "a", 0.0005, big).estimate_micro == 1900
+    assert ledger.begin(_uuid(), "a", 0.0005, small).estimate_micro == 500  # another shape
+    task = _uuid()
+    ledger.begin(task, "a", 0.0005, big)
+    ledger.end(task, "a", 0.0010, ITEMS, big)  # a cheaper answer does not lower it
+    assert ledger.estimates() == {big: 0.0019}
+    assert ledger.begin(_uuid(), "a", 0.0030, big).estimate_micro == 3000  # configured higher
+
+
+def test_an_unsettled_call_is_claimed_once_and_settled_on_its_day(make: Any) -> None:
+    ledger = make()
+    task = _uuid()
+    ledger.begin(task, "acme", 0.0013, SHAPE)
+    assert ledger.claim_due(60.0) == []  # its job is still following it
+    ledger.give_up(task)  # e.g. TaskTimeout
+    held = ledger.holdings().as_json()
+    assert (held["unsettled_calls"], held["unsettled_usd"]) == (1, 0.0013)
+    assert held["reserved_calls"] == 0
+    claimed = ledger.claim_due(60.0)
+    assert [r.task_uuid for r in claimed] == [task]
+    assert claimed[0].account == "acme"
+    assert claimed[0].shape == SHAPE
+    assert ledger.claim_due(60.0) == []  # claimed: no one else takes it this period
+    assert ledger.end(task, "acme", 0.0026, ITEMS) is True  # what getResponse said it cost
+    assert ledger.day().by_account_micro == {"acme": 2600}
+    assert ledger.holdings().as_json()["unsettled_calls"] == 0
+
+
+def test_a_claimed_reservation_taken_up_again_is_not_released(make: Any) -> None:
+    """The reconciler found no call at Runware, but the job ran again meanwhile (and may be
+    sending it now): the reservation stays."""
+    ledger = make()
+    task = _uuid()
+    ledger.begin(task, "a", 0.0013, SHAPE)
+    ledger.give_up(task)
+    (claimed,) = ledger.claim_due(60.0)
+    ledger.begin(task, "a", 0.0013, SHAPE)  # the job's own retry
+    assert ledger.release(task, claimed.due) is False
+    ledger.give_up(task)
+    (claimed,) = ledger.claim_due(60.0)
+    assert ledger.release(task, claimed.due) is True
+
+
+def test_hundreds_of_unsettled_reservations_wait_for_reconciliation_not_refuse(
+    make: Any, redis_server: RedisServer
+) -> None:
+    """240 reservations of a crashed 200-thread worker: a call that fits the budget once they
+    are reconciled is told to wait (a retry), not refused for good; once they are released it
+    fits, and no account keeps a zeroed field in the reserved sums."""
+    crashed = make()
+    tasks = [_uuid() for _ in range(240)]
+    for n, task in enumerate(tasks):
+        crashed.begin(task, f"team-{n % 3}", 0.0021, SHAPE)
+        crashed.give_up(task)
+    budgeted = make(runware_daily_budget_usd=0.5, runware_reconcile_s=7.0)
+    with pytest.raises(TransientError, match=r"\$0.504000 is unsettled") as refused:
+        budgeted.begin(_uuid(), "team-x", 0.3, "big")  # $0.504 unsettled, $0.3 needed of $0.5
+    assert refused.value.code == "budgetUnsettled"
+    assert refused.value.retry_after == 7.0
+    claimed = budgeted.claim_due(60.0, limit=500)
+    assert len(claimed) == 240
+    for reservation in claimed:  # Runware never had them
+        assert budgeted.release(reservation.task_uuid, reservation.due)
+    budgeted.begin(_uuid(), "team-x", 0.3, "big")
     client = redis.Redis.from_url(redis_server.url(61))
-    prefix = f"l{next(_prefixes)}"
-    crashed = Ledger(
-        client, load_settings(_env_file=None, key_prefix=prefix, runware_reservation_s=0.2)
-    )
-    for n in range(240):
-        assert crashed.reserve(_uuid(), f"team-{n % 3}", 0.0021)
-    time.sleep(0.3)  # the worker died: its reservations expire
-    budgeted = Ledger(
-        client,
-        load_settings(_env_file=None, key_prefix=prefix, runware_daily_budget_usd=0.5),
-    )
-    assert budgeted.reserve(_uuid(), "team-x", 0.3)  # $0.504 expired, $0.3 needed of $0.5
-    sums = client.hgetall(f"{prefix}:ledger:resv:sum")
+    sums = client.hgetall(budgeted.keys.reserved_sums)
     assert sums == {b"total": b"300000", b"acct:team-x": b"300000"}
     client.close()
+
+
+def test_a_reservation_not_taken_up_becomes_due_after_the_reservation_time(make: Any) -> None:
+    ledger = make(unchecked={"runware_reservation_s": 0.4})
+    task = _uuid()
+    ledger.begin(task, "a", 0.0013, SHAPE)
+    assert ledger.claim_due(1.0) == []
+    time.sleep(0.45)
+    assert [r.task_uuid for r in ledger.claim_due(1.0)] == [task]
+
+
+def test_a_budget_refusal_that_unsettled_money_does_not_explain_is_final(make: Any) -> None:
+    ledger = make(runware_daily_budget_usd=0.003)
+    _call(ledger)
+    _call(ledger)
+    task = _uuid()
+    ledger.begin(task, "a", 0.0002, "x")
+    ledger.give_up(task)
+    with pytest.raises(BudgetExceeded):  # 0.0026 spent: 0.0013 cannot fit, settled or not
+        ledger.begin(_uuid(), "a", 0.0013, SHAPE)

@@ -19,7 +19,7 @@ from tasks.errors import (
     TransientError,
 )
 from tasks.limiter import Limiter
-from tasks.runware import RunwareClient, TaskOutcome, _Answer, _errors_of
+from tasks.runware import UNATTRIBUTED, RunwareClient, TaskOutcome, _Answer, _errors_of
 from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
 from workers.sandbox import Sandbox
@@ -136,7 +136,9 @@ def _batching_client(sandbox: Sandbox, gate: Any = None) -> RunwareClient:
     return RunwareClient(settings, pool_size=4, gate=gate)
 
 
-def _run_together(client: RunwareClient, tasks: list[dict[str, Any]]) -> list[object]:
+def _run_together(
+    client: RunwareClient, tasks: list[dict[str, Any]], alone: bool = False
+) -> list[object]:
     """Each task in its own thread, all at once; each one's outcome or exception, in order."""
     answers: list[object] = [None] * len(tasks)
     start = threading.Barrier(len(tasks))
@@ -144,7 +146,7 @@ def _run_together(client: RunwareClient, tasks: list[dict[str, Any]]) -> list[ob
     def one(n: int) -> None:
         start.wait()
         try:
-            answers[n] = client.run(tasks[n])
+            answers[n] = client.run(tasks[n], alone=alone)
         except Exception as exc:
             answers[n] = exc
 
@@ -172,21 +174,40 @@ def test_tasks_sent_together_share_requests_and_keep_their_own_errors(sandbox: S
     assert sandbox.state.requests < 9  # some of them shared a request
 
 
-def test_a_refusal_naming_no_task_sends_each_task_again_alone(sandbox: Sandbox) -> None:
-    """A 400 for a shared request that names no task is nobody's fault yet: each task goes
-    again alone, and only a task that is refused alone fails."""
+def test_a_refusal_naming_no_task_is_retried_alone_in_a_slot_of_its_own(
+    sandbox: Sandbox,
+) -> None:
+    """A 400 for a shared request that names no task is nobody's fault yet: the client sends
+    nothing more within the call (one request per slot), each task is told to go again alone,
+    and alone it gets its own answer."""
     client = _batching_client(sandbox)
     # The first caller goes alone (the worker was idle); the others share the next request,
     # which is refused without naming a task.
     sandbox.configure(fail_next=["none", "400"])
     tasks = [_task() for _ in range(6)]
     answers = _run_together(client, tasks)
-    client.close()
-    assert all(isinstance(answer, TaskOutcome) for answer in answers), answers
     assert sandbox.state.statuses.get("400") == 1
-    shared = sandbox.state.tasks_received - 6  # the refused request's tasks, sent twice
-    assert shared >= 2
-    assert sandbox.state.requests == 2 + shared  # each of them again, alone
+    refused = [n for n, a in enumerate(answers) if isinstance(a, TransientError)]
+    assert len(refused) >= 2, answers  # the shared request's tasks
+    assert all(answers[n].code == UNATTRIBUTED for n in refused)  # type: ignore[union-attr]
+    assert sandbox.state.requests == 2  # nothing was resent within the calls
+    again = _run_together(client, [tasks[n] for n in refused], alone=True)
+    client.close()
+    assert all(isinstance(a, TaskOutcome) for a in again), again
+    assert sandbox.state.requests == 2 + len(refused)  # one request each
+
+
+def test_a_shared_request_without_credits_fails_each_task_without_a_resend(
+    sandbox: Sandbox,
+) -> None:
+    client = _batching_client(sandbox)
+    sandbox.configure(fail_next=["none", "402"])
+    answers = _run_together(client, [_task() for _ in range(6)])
+    client.close()
+    failed = [a for a in answers if isinstance(a, PermanentError)]
+    assert len(failed) >= 2
+    assert all("insufficientCredits" in str(a) for a in failed)
+    assert sandbox.state.requests == 2
 
 
 def test_a_throttled_shared_request_counts_one_strike(

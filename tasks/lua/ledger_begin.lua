@@ -1,0 +1,57 @@
+-- A call's start, in one round trip (after ledger_lib.lua).
+-- KEYS 5: today's totals, 6: the task's poll marker, 7: its "send alone" marker,
+--      8, 9: the highest real cost per shape seen today and yesterday (hashes)
+-- ARGV 3: account, 4: the configured estimate (micro), 5: the fleet's daily budget (micro, -1:
+--      none), 6: the account's (micro, -1: none), 7: seconds until a reservation whose job shows
+--      no sign of life is due for reconciliation, 8: today (YYYY-MM-DD), 9: the call's shape
+-- Returns {3, record} when the task already finished (nothing reserved);
+--         {1, poll marker or '', alone 0|1, estimate} when the call may go (reserved);
+--         {0, 1 fleet | 2 account, spent or reserved, estimate, of which unsettled} refused.
+local account, shape = ARGV[3], ARGV[9]
+local done = redis.call('GET', KEYS[1])
+if done then return {3, done} end
+local marker = redis.call('GET', KEYS[6]) or ''
+local alone = redis.call('EXISTS', KEYS[7])
+local due = now + tonumber(ARGV[7])
+local held = reservation()
+if held then  -- a retry, poll or redelivery of a call this task already reserved for
+  redis.call('ZADD', KEYS[3], due, uuid)
+  return {1, marker, alone, held.e}
+end
+
+-- The estimate: the configured one, or the highest real cost of this shape seen lately.
+local estimate = tonumber(ARGV[4])
+for _, key in ipairs({KEYS[8], KEYS[9]}) do
+  local seen = tonumber(redis.call('HGET', key, shape) or '0')
+  if seen > estimate then estimate = seen end
+end
+
+-- Reservations already due count at their estimate until they are settled; when one refuses a
+-- call, the caller learns how much of it is unsettled (it may be released).
+local function unsettled(only)
+  local sum = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100000)) do
+    local raw = redis.call('HGET', KEYS[2], id)
+    if raw then
+      local entry = cjson.decode(raw)
+      if only == nil or entry.a == only then sum = sum + entry.e end
+    end
+  end
+  return sum
+end
+local fleet_budget, account_budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+if fleet_budget >= 0 then
+  local spent = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
+      + tonumber(redis.call('HGET', KEYS[4], 'total') or '0')
+  if spent + estimate > fleet_budget then return {0, 1, spent, estimate, unsettled(nil)} end
+end
+if account_budget >= 0 then
+  local spent = tonumber(redis.call('HGET', KEYS[5], 'acct:' .. account) or '0')
+      + tonumber(redis.call('HGET', KEYS[4], 'acct:' .. account) or '0')
+  if spent + estimate > account_budget then return {0, 2, spent, estimate, unsettled(account)} end
+end
+redis.call('HSET', KEYS[2], uuid, cjson.encode({e = estimate, a = account, d = ARGV[8], s = shape, t = now}))
+redis.call('ZADD', KEYS[3], due, uuid)
+redis.call('HINCRBY', KEYS[4], 'total', estimate)
+redis.call('HINCRBY', KEYS[4], 'acct:' .. account, estimate)
+return {1, marker, alone, estimate}
