@@ -48,23 +48,28 @@ class Coalescer(Generic[R]):
         self._last: dict[str, float] = {}
         self._gap: dict[str, float] = {}  # mean seconds between arrivals, per task type
 
-    def call(self, kind: str, task: dict[str, object]) -> R:
+    def call(self, kind: str, task: dict[str, object], alone: bool = False) -> R:
         """Send `task` (alone or with others of its `kind`) and return the request's result,
         which `send` makes for the whole request (it reports transport errors in it, not by
-        raising: an exception from `send` is a bug and is raised in every caller)."""
+        raising: an exception from `send` is a bug and is raised in every caller).
+
+        `alone`: in a request of its own, but sent when a shared one would be (after the
+        window when the process is busy), so that requests leave no closer together than the
+        slots they hold were granted."""
         if self.max_size == 1:
             return self._send([task])
         now = time.monotonic()
         with self._cond:
             busy = self._note_arrival(kind, now)
-            batch = self._open.get(kind)
+            key = f"{kind}/alone/{id(task)}" if alone else kind
+            batch = self._open.get(key)
             leader = batch is None
             if batch is None:
-                batch = self._open[kind] = _Batch(now)
+                batch = self._open[key] = _Batch(now)
             batch.tasks.append(task)
             try:
                 if len(batch.tasks) >= self.max_size:
-                    self._close(kind, batch)
+                    self._close(key, batch)
                 elif leader and busy:
                     # Others are likely on their way: hold the request open for them.
                     deadline = now + self.window_s
@@ -72,7 +77,7 @@ class Coalescer(Generic[R]):
                         self._cond.wait(remaining)
             finally:  # even when interrupted, the leader closes its batch and then sends it
                 if leader:
-                    self._close(kind, batch)
+                    self._close(key, batch)
         if not leader:
             batch.done.wait()
         else:

@@ -197,8 +197,8 @@ class RunwareClient:
             started = time.monotonic()
             metrics.RUNWARE_IN_FLIGHT.inc()
             try:
-                if kind in BATCHED_TASK_TYPES and not alone:
-                    answer = self._batcher.call(kind, task)
+                if kind in BATCHED_TASK_TYPES:
+                    answer = self._batcher.call(kind, task, alone)
                 else:
                     answer = self._send([task])
             finally:

@@ -1,0 +1,277 @@
+"""Every dollar Runware bills is in the ledger, and a budget is passed by at most one wave of
+under-estimated calls: real workers, a real Redis and the sandbox (which bills as Runware does)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from config.settings import load_settings
+from tasks.ledger import Ledger, call_shape
+from tests.conftest import FAST_REDELIVERY, StartWorker, run_cli
+from tests.load.common import max_in_window
+from workers.sandbox import Sandbox
+
+PRICE = 1300  # the sandbox's micro-dollars per enhanced version
+# Quick reconciliation: a call no job follows is checked within about 2 s.
+RECONCILE = {
+    **FAST_REDELIVERY,
+    "RUNWARE_RECONCILE_S": "2",
+    "RUNWARE_RETRY_AFTER_MAX_S": "2",
+    "RUNWARE_POLL_MAX_INTERVAL_S": "1",
+    "RUNWARE_RESERVATION_S": "15",
+}
+
+
+def _ledger_micro(redis_url: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    total = sum(int(client.hget(k, "total") or 0) for k in client.scan_iter("enhance:ledger:day:*"))
+    client.close()
+    return total
+
+
+def _wait_until(check: Any, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout}s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def _outcomes(results: list[Any], timeout: float = 120) -> list[dict[str, Any] | str]:
+    """Each job's result, or the name and message of the error it failed with."""
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any] | str] = []
+    for result in results:
+        try:
+            found.append(result.get(timeout=max(1.0, deadline - time.monotonic())))
+        except Exception as exc:
+            found.append(f"{type(exc).__name__}: {exc}")
+    return found
+
+
+def test_a_killed_workers_billed_calls_reach_the_ledger_exactly_once(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Runware accepts (bills) 6 calls and holds them; the worker is SIGKILLed. A new worker
+    takes the jobs up again: each gets 409, recovers its answer with getResponse, and the ledger
+    equals the bill. The budget fits the 6 calls exactly: a job refused by its own earlier
+    reservation would fail BudgetExceeded."""
+    jobs = 6
+    env = {**RECONCILE, "RUNWARE_TIMEOUT_S": "7", "RUNWARE_DAILY_BUDGET_USD": f"{jobs * 0.0013}"}
+    sandbox.configure(rate_hang=1.0, hang_s=6.0)
+    doomed = start_worker("doomed", **env)
+    results = [doomed.send(prompt=f"held {n}") for n in range(jobs)]
+    _wait_until(lambda: len(sandbox.state.accepted) == jobs, 30, "all calls accepted")
+    doomed.process.kill()
+    sandbox.configure(rate_hang=0.0)
+    heir = start_worker("heir", same_db_as=doomed, **env)
+    outcomes = _outcomes(results)
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    billed = sandbox.state.billed_micro
+    assert billed == jobs * PRICE
+    assert set(sandbox.state.accepted) == {o["taskUUID"] for o in outcomes}  # type: ignore[index]
+    _wait_until(lambda: _ledger_micro(heir.redis_url) == billed, 5, "ledger == bill")
+    report = json.loads(run_cli(heir.redis_url, "cost", "--json", check=True).stdout)
+    assert report["unsettled_calls"] == 0
+    assert report["reserved_calls"] == 0
+
+
+def test_calls_their_jobs_gave_up_on_are_settled_by_the_reconciler(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """No retries and a sandbox that bills, then answers after the read timeout: every job fails,
+    yet Runware billed each call. The calls are unsettled (counted at their estimate), and the
+    reconciler records their real cost within about one period."""
+    jobs = 4
+    sandbox.configure(rate_hang=1.0, hang_s=2.5)
+    worker = start_worker("giveup", **RECONCILE, RUNWARE_MAX_RETRIES="0", RUNWARE_TIMEOUT_S="1")
+    outcomes = _outcomes([worker.send(prompt=f"lost {n}", promptVersions=2) for n in range(jobs)])
+    assert all(isinstance(o, str) and "TransientError" in o for o in outcomes), outcomes
+    sandbox.configure(rate_hang=0.0)  # (or the reconciler's polls would time out too)
+    billed = sandbox.state.billed_micro
+    assert billed == jobs * 2 * PRICE
+    _wait_until(lambda: _ledger_micro(worker.redis_url) == billed, 10, "settled")
+    report = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
+    assert report["unsettled_calls"] == 0
+    assert round(report["total_usd"] * 1_000_000) == billed
+    # Asked again, nothing is recorded twice.
+    again = json.loads(run_cli(worker.redis_url, "reconcile", "--json", check=True).stdout)
+    assert again["checked"] == 0
+    assert _ledger_micro(worker.redis_url) == billed
+
+
+def test_reconcile_on_the_command_line_settles_what_it_can_now(
+    start_worker: StartWorker, sandbox: Sandbox, redis_server: Any
+) -> None:
+    """Two unsettled calls: one Runware finished (and billed), one it never received.
+    `enhance-worker reconcile --json` records the first and releases the second."""
+    worker = start_worker("cli", RUNWARE_MAX_RETRIES="0")
+    done = worker.send(prompt="a fox").get(timeout=30)
+    billed = sandbox.state.billed_micro
+    # Forget that the call ended, as if its worker had died before recording it.
+    client = redis.Redis.from_url(worker.redis_url)
+    client.delete(f"enhance:ledger:task:{done['taskUUID']}")
+    for key in client.scan_iter("enhance:ledger:day:*"):
+        client.delete(key)
+    ledger = Ledger(client, load_settings(_env_file=None))
+    shape = call_shape({"taskType": "promptEnhance", "model": "m"})
+    never_sent = str(uuid.uuid4())
+    for task in (done["taskUUID"], never_sent):
+        ledger.begin(task, "default", 0.0013, shape)
+        ledger.give_up(task)
+    before = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
+    assert (before["unsettled_calls"], before["unsettled_usd"]) == (2, 0.0026)
+    summary = json.loads(run_cli(worker.redis_url, "reconcile", "--json", check=True).stdout)
+    assert summary["checked"] == 2
+    assert (summary["settled"], summary["released"]) == (1, 1)
+    assert round(summary["settled_usd"] * 1_000_000) == billed
+    after = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
+    assert after["unsettled_calls"] == 0
+    assert round(after["total_usd"] * 1_000_000) == billed
+    client.close()
+
+
+def test_hundreds_of_unsettled_reservations_do_not_refuse_a_job_that_fits(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """240 reservations of a crashed 200-thread worker whose calls never reached Runware hold
+    $0.504 of a $0.5 budget: the next job waits for their reconciliation, then runs."""
+    worker = start_worker("crashed", **RECONCILE, RUNWARE_DAILY_BUDGET_USD="0.5")
+    client = redis.Redis.from_url(worker.redis_url)
+    crashed = Ledger(client, load_settings(_env_file=None))
+    for n in range(240):
+        task = str(uuid.uuid4())
+        crashed.begin(task, f"team-{n % 3}", 0.0021, "promptEnhance m")
+        crashed.give_up(task)
+    result = worker.send(prompt="fits once they are settled").get(timeout=60)
+    assert result["cost"] == 0.0013
+    assert sandbox.state.billed_micro == PRICE
+    drained = lambda: client.hgetall("enhance:ledger:resv:sum") == {}  # noqa: E731
+    _wait_until(drained, 30, "every reservation released, no zeroed field left")
+    client.close()
+
+
+def _overshoot_wave(
+    worker: Any, sandbox: Sandbox, account: str, jobs: int, task: str, kwargs: list[dict[str, Any]]
+) -> tuple[int, int]:
+    """`jobs` calls for `account`; (micro-dollars the sandbox billed for them, jobs refused)."""
+    before = sandbox.state.billed_micro
+    results = [
+        worker.app.send_task(task, kwargs={**kwargs[n % len(kwargs)], "account": account})
+        for n in range(jobs)
+    ]
+    outcomes = _outcomes(results)
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert all("BudgetExceeded" in o for o in refused), refused
+    return sandbox.state.billed_micro - before, len(refused)
+
+
+@pytest.mark.parametrize(
+    ("task", "kwargs", "estimate", "real"),
+    [
+        ("tasks.enhance_prompt", [{"prompt": "a fox"}], "RUNWARE_ENHANCE_COST_USD", [1300]),
+        (
+            "tasks.generate_image",
+            [
+                {"positivePrompt": "a fox", "model": "runware:101@1", "width": 512, "height": 512},
+                {"positivePrompt": "a fox", "model": "runware:101@1"},  # 1024x1024
+            ],
+            "RUNWARE_IMAGE_COST_USD",
+            [475, 1900],
+        ),
+    ],
+    ids=["enhance", "image-two-sizes"],
+)
+def test_a_budget_is_passed_by_at_most_one_wave_of_under_estimates(
+    start_worker: StartWorker,
+    sandbox: Sandbox,
+    task: str,
+    kwargs: list[dict[str, Any]],
+    estimate: str,
+    real: list[int],
+) -> None:
+    """Estimates below the real price ($0.0005 and $0.0002 against $0.0013, $0.000475 and
+    $0.0019), a $0.02 budget per account, 40 jobs through 4 threads: the bill passes the budget
+    by at most 4 x (real - estimate). A second account, after the first answers taught the
+    estimates, is not passed at all."""
+    budget, threads = 20_000, 4
+    low = 500 if estimate == "RUNWARE_ENHANCE_COST_USD" else 200
+    worker = start_worker(
+        "budget",
+        WORKER_CONCURRENCY=str(threads),
+        RUNWARE_ACCOUNT_DAILY_BUDGET_USD=f"{budget / 1e6}",
+        **{estimate: f"{low / 1e6}"},
+    )
+    first, refused = _overshoot_wave(
+        worker, sandbox, f"first-{uuid.uuid4().hex[:6]}", 40, task, kwargs
+    )
+    bound = threads * (max(real) - low)
+    assert refused > 0
+    assert budget < first <= budget + bound or first <= budget
+    second, refused = _overshoot_wave(
+        worker, sandbox, f"second-{uuid.uuid4().hex[:6]}", 40, task, kwargs
+    )
+    assert refused > 0
+    assert second <= budget
+    assert _ledger_micro(worker.redis_url) == sandbox.state.billed_micro
+
+
+def test_a_shared_request_refused_without_a_task_stays_within_the_limit(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """At 5 calls/s, with requests shared by several tasks, two requests are refused with a 400
+    that names no task: each task goes again alone in a slot of its own, the API never sees
+    more than 5 requests in a second, and each job ends with its own result."""
+    worker = start_worker(
+        "unattributed",
+        WORKER_CONCURRENCY="5",
+        RUNWARE_RATE_LIMIT="5",
+        RUNWARE_BATCH_WINDOW_MS="450",
+    )
+    sandbox.configure(fail_next=["none", "400", "none", "400"])
+    outcomes = _outcomes([worker.send(prompt=f"shared {n}") for n in range(20)])
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    assert sandbox.state.statuses.get("400") == 2
+    assert sandbox.state.tasks_received > sandbox.state.requests  # requests were shared
+    assert max_in_window(sandbox.state.call_times) <= 5
+    assert set(sandbox.state.accepted) == {o["taskUUID"] for o in outcomes}  # type: ignore[index]
+
+
+def test_an_answer_without_text_fails_once_and_is_billed(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Runware answered (and billed) the taskUUID without text: asking again could only bring
+    the same answer, so the job fails at once, naming it, and the ledger has the cost."""
+    worker = start_worker("empty")
+    sandbox.configure(fail_next=["empty"])
+    (outcome,) = _outcomes([worker.send(prompt="a fox")])
+    assert isinstance(outcome, str)
+    assert "PermanentError" in outcome
+    assert "without any enhanced text" in outcome
+    assert sandbox.state.requests == 1
+    assert _ledger_micro(worker.redis_url) == sandbox.state.billed_micro == PRICE
+
+
+def test_a_finished_calls_cost_and_items_live_as_long_as_each_other(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """The record that the cost is in the ledger holds the items too: a job resent with the
+    same taskUUID days later gets the result without a call, never a second bill the ledger
+    would refuse to record."""
+    worker = start_worker("record")
+    task_uuid = str(uuid.uuid4())
+    first = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)
+    client = redis.Redis.from_url(worker.redis_url)
+    keys = [k.decode() for k in client.scan_iter(f"*{task_uuid}*")]
+    assert keys == [f"enhance:ledger:task:{task_uuid}"]  # one record: one lifetime
+    assert client.ttl(keys[0]) > 7 * 86_400
+    client.close()
+    again = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)
+    assert again["text"] == first["text"]
+    assert sandbox.state.requests == 1
