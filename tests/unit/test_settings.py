@@ -62,3 +62,12 @@ def test_a_broker_that_is_not_redis_is_refused_naming_the_variable() -> None:
         load_settings(_env_file=None, celery_broker_url="amqp://guest@localhost//")
     with pytest.raises(ConfigError, match=r"REDIS_URL must be a Redis URL"):
         load_settings(_env_file=None, redis_url="sentinel://h1:26379")
+
+
+def test_a_reservation_must_outlast_the_time_a_job_takes_to_come_back() -> None:
+    """A reservation whose job has not run for RUNWARE_RESERVATION_S is checked with Runware; a
+    job that is only waiting for its redelivery or its retry must not look dead."""
+    with pytest.raises(ConfigError, match=r"RUNWARE_RESERVATION_S=500 must be longer") as caught:
+        load_settings(_env_file=None, runware_reservation_s=500, celery_visibility_timeout_s=300)
+    assert "(600s: CELERY_VISIBILITY_TIMEOUT_S + the longest of" in str(caught.value)
+    assert load_settings(_env_file=None, runware_reservation_s=601).runware_reservation_s == 601
