@@ -159,8 +159,10 @@ def test_a_rate_spaces_grants_evenly(fleet: Any) -> None:
     f = fleet(runware_rate_limit="10/s").start()
     f.send("a", 8)
     times = [t.at for t in f.wait_for(8)]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= 0.085, gaps  # 10/s: one every 100 ms (a little scheduling jitter)
+    # 10/s: k grants apart are at least k x 100 ms apart; 50 ms of slack for the moment this
+    # process sees a grant, which a busy machine delays (a burst of two would be 0 ms apart).
+    for (i, early), (j, late) in itertools.combinations(enumerate(times), 2):
+        assert late - early >= (j - i) * 0.1 - 0.05, times
     assert times[-1] - times[0] == pytest.approx(0.7, abs=0.1)
 
 

@@ -239,7 +239,8 @@ def test_a_shared_request_refused_without_a_task_stays_within_the_limit(
     assert all(isinstance(o, dict) for o in outcomes), outcomes
     assert sandbox.state.statuses.get("400") == 2
     assert sandbox.state.tasks_received > sandbox.state.requests  # requests were shared
-    assert max_in_window(sandbox.state.call_times) <= 5
+    # (a window of 0.95 s: 50 ms for the scheduling jitter of requests paced 200 ms apart)
+    assert max_in_window(sandbox.state.call_times, 0.95) <= 5
     assert set(sandbox.state.accepted) == {o["taskUUID"] for o in outcomes}  # type: ignore[index]
 
 
