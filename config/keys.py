@@ -207,6 +207,11 @@ class StateKeys:
         return f"{self.ledger}:resv:due"
 
     @property
+    def reservations_checked(self) -> str:
+        """Unsettled reservations a reconciliation check is under way for, until when."""
+        return f"{self.ledger}:resv:checking"
+
+    @property
     def reserved_sums(self) -> str:
         return f"{self.ledger}:resv:sum"
 

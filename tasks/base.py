@@ -43,6 +43,8 @@ from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# Read by the fair intake (tasks/lua/pump.lua) when a job's countdown ends.
+CONTINUES_HEADER = "enhance_continues"
 
 
 def backoff_seconds(
@@ -101,9 +103,20 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             "Task %s (%s) %s; re-scheduled in %.1fs.", self.request.id, self.name, why, countdown
         )
         self.signature_from_request(
-            self.request, countdown=countdown, retries=self.request.retries
+            self.request,
+            countdown=countdown,
+            retries=self.request.retries,
+            headers=self._headers(continues=True),
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
+
+    def _headers(self, continues: bool) -> dict[str, Any]:
+        """The message headers of this job's next run: its own custom ones, and whether it
+        continues a call under way (a poll: it goes to the head of its account's queue when
+        due) or starts over (a retry: it queues behind the account's waiting jobs, as a new
+        job would, so that failing jobs cannot keep fresh ones from ever starting)."""
+        own = self.request.headers if isinstance(self.request.headers, dict) else {}
+        return {**own, CONTINUES_HEADER: "1" if continues else "0"}
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -248,7 +261,9 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             exc,
             extra={"task_id": self.request.id, "taskUUID": self.job_uuid(), "outcome": "retry"},
         )
-        return self.retry(exc=exc, countdown=countdown, max_retries=None)
+        return self.retry(
+            exc=exc, countdown=countdown, max_retries=None, headers=self._headers(continues=False)
+        )
 
     def _log_outcome(
         self,

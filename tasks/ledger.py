@@ -303,9 +303,10 @@ class Ledger:
 
     def release(self, task_uuid: str, claimed: float | None = None) -> bool:
         """Drop this task's reservation: Runware refused the call or never had it. With
-        `claimed` (the reconciler's claim), only if no run of the job took it up since."""
+        `claimed` (the time of the reconciler's claim), only if no run of the job took it up
+        since."""
         keys, args = self._common(task_uuid)
-        args.append("" if claimed is None else repr(claimed))
+        args.append("" if claimed is None else f"{claimed:.6f}")
         return bool(int(self._run(self._release, keys, args)))
 
     def give_up(self, task_uuid: str) -> None:
@@ -316,15 +317,26 @@ class Ledger:
             self.redis.zadd(self.keys.reservations_due, {task_uuid: time.time()}, xx=True)
 
     # --- reconciliation ------------------------------------------------------------------------
-    def claim_due(self, period_s: float, limit: int = 500) -> list[Reservation]:
-        """Take up to `limit` due reservations for a check with Runware; each comes due again
-        after `period_s` unless settled or released before (its `due` is the claim)."""
-        keys = [self.keys.reservations, self.keys.reservations_due]
-        flat = self._run(self._claim, keys, [period_s, limit])
+    def claim_due(self, check_s: float, limit: int = 500) -> list[Reservation]:
+        """Take up to `limit` unsettled reservations that no check is under way for, for a
+        check with Runware; each stays unsettled, and is not claimed again until its check
+        reports (`checked`) or `check_s` seconds pass. Their `due` is the time of the claim."""
+        keys = [
+            self.keys.reservations,
+            self.keys.reservations_due,
+            self.keys.reservations_checked,
+        ]
+        flat = self._run(self._claim, keys, [check_s, limit])
         return [
             Reservation.parse(_text(flat[i]), flat[i + 1], float(flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
+
+    def checked(self, task_uuid: str) -> None:
+        """A check of an unsettled call reported: the call may be claimed again (if it is
+        still unsettled, at the next period)."""
+        checking = self.keys.reservations_checked
+        hold_through_outage(lambda: self.redis.zrem(checking, task_uuid), "ledger", self.outage_s)
 
     def holdings(self, account: str | None = None) -> Holdings:
         """Every reservation now, split into calls in progress and unsettled ones."""

@@ -3,9 +3,9 @@
 A call is *unsettled* when Runware may have accepted (and billed) it but its job stopped following
 it: the worker was killed, the task timed out, or its retries ran out (tasks/ledger.py). Every
 RUNWARE_RECONCILE_S each worker process claims the due ones (an atomic claim: no two processes
-take the same) and enqueues one `tasks.reconcile_call` job for each. That job is a Runware call
-like any other: it waits for a grant under the fleet's limits (priority batch), then asks
-Runware with getResponse:
+take the same, and none is claimed again while its check waits or runs) and enqueues one
+`tasks.reconcile_call` job for each. That job is a Runware call like any other: it waits for
+a grant under the fleet's limits (priority batch), then asks Runware with getResponse:
 - finished: its real cost goes into the ledger once, on the day the call started, and its items
   are kept, so a job delivered again returns them without a call;
 - unknown to Runware, or ended in error there: never billed, the reservation is dropped;
@@ -55,6 +55,15 @@ def reconcile_call(
     is `settled`, `released`, `running` or `unknown` (Runware could not be asked; next period)."""
     ledger = get_ledger()
     try:
+        return _check(ledger, taskUUID, account, claimed, started)
+    finally:
+        ledger.checked(taskUUID)
+
+
+def _check(
+    ledger: Ledger, taskUUID: str, account: str, claimed: float | None, started: float | None
+) -> dict[str, Any]:
+    try:
         done, outcome = get_client().get_response(taskUUID)
     except PermanentError as exc:  # Runware does not have it, or it failed there: not billed
         released = ledger.release(taskUUID, claimed)
@@ -86,7 +95,9 @@ def reconcile_call(
 
 def enqueue_due(ledger: Ledger, settings: Settings, priority: str = "batch") -> list[AsyncResult]:  # type: ignore[type-arg]
     """Claim every due reservation (up to CLAIM_MAX) and enqueue its check."""
-    due: list[Reservation] = ledger.claim_due(settings.runware_reconcile_s, CLAIM_MAX)
+    # A check waits for a slot like any call; one that has not reported within the time a job
+    # may take to come back is taken for lost, and queued again.
+    due: list[Reservation] = ledger.claim_due(settings.runware_reservation_s, CLAIM_MAX)
     return [
         reconcile_call.apply_async(
             kwargs={

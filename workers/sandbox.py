@@ -73,7 +73,7 @@ class SandboxConfig:
     rate_hang: float = 0.0
     rate_garbage: float = 0.0
     hang_s: float = 5.0
-    retry_after_s: float | None = None  # sent with 429/503 when set
+    retry_after_s: float | None = None  # sent with 429/500/503 when set
     fail_next: list[str] = field(default_factory=list)  # faults for the next requests, in order
     seed: int | None = None
 
@@ -306,9 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, None, raw=b"<html>502 bad gateway</html>")
             return
         headers = {}
+        if fault in ("429", "500", "503") and state.config.retry_after_s is not None:
+            headers["Retry-After"] = f"{state.config.retry_after_s:g}"
         if fault in ("429", "503"):
-            if state.config.retry_after_s is not None:
-                headers["Retry-After"] = f"{state.config.retry_after_s:g}"
             with state.lock:
                 state.throttled_at.append(time.time())
         injected = error(FAULT_CODES[fault], "injected by the sandbox")

@@ -1,20 +1,30 @@
--- The reconciler's claim: reservations due now, each moved one period later so that no other
--- reconciler (nor the next period) takes it while its check runs.
--- KEYS 1: reservations (hash), 2: reservations by due time (zset)
--- ARGV 1: the period (seconds), 2: at most this many
--- Returns a flat list: taskUUID, its reservation (cjson), the due time it was claimed at.
+-- The reconciler's claim: unsettled reservations (due now) that no check is under way for. A
+-- claimed one stays due (it is still unsettled: it counts as such in budgets and reports) and
+-- is marked as being checked until ARGV 1 seconds from now or until its check reports
+-- (Ledger.checked), so that a check waiting for a slot is never queued twice.
+-- KEYS 1: reservations (hash), 2: reservations by due time (zset),
+--      3: checks under way (zset taskUUID -> until when)
+-- ARGV 1: seconds a check may take before another may be queued, 2: at most this many
+-- Returns a flat list: taskUUID, its reservation (cjson), the claim's time (exact, as a string).
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local claimed = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
-  local raw = redis.call('HGET', KEYS[1], id)
-  if raw then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), id)
-    table.insert(claimed, id)
-    table.insert(claimed, raw)
-    table.insert(claimed, redis.call('ZSCORE', KEYS[2], id))
-  else
-    redis.call('ZREM', KEYS[2], id)
+local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
+local ttl, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400)  -- marks of checks that died
+local claimed, offset, page = {}, 0, 500
+while #claimed < 3 * most and offset < 20000 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', offset, page)
+  for _, id in ipairs(due) do
+    if #claimed >= 3 * most then break end
+    local raw = redis.call('HGET', KEYS[1], id)
+    if raw and tonumber(redis.call('ZSCORE', KEYS[3], id) or '0') <= now then
+      redis.call('ZADD', KEYS[3], now + ttl, id)
+      table.insert(claimed, id)
+      table.insert(claimed, raw)
+      table.insert(claimed, stamp)
+    end
   end
+  if #due < page then break end
+  offset = offset + page
 end
 return claimed

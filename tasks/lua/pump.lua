@@ -120,6 +120,7 @@ local function read(raw)
   local props = type(env['properties']) == 'table' and env['properties'] or {}
   local tag = value(props['delivery_tag'])
   local task, id, eta = value(headers['task']), value(headers['id']), value(headers['eta'])
+  local continues = value(headers['enhance_continues']) == '1'
   local kwargs = nil
   local body = value(env['body'])
   if type(body) == 'string' and env['content-type'] == 'application/json'
@@ -139,12 +140,12 @@ local function read(raw)
   if type(id) ~= 'string' then id = nil end
   local due = epoch(eta)
   if type(task) ~= 'string' or not string.find(known, ' ' .. task .. ' ', 1, true) then
-    return 'other', nil, nil, id, tag, due
+    return 'other', nil, nil, id, tag, due, continues
   end
   if not string.find(calls_runware, ' ' .. task .. ' ', 1, true) or not id then
-    return 'pass', nil, nil, id, tag, due
+    return 'pass', nil, nil, id, tag, due, continues
   end
-  if type(kwargs) ~= 'table' then return 'call', 'default', 'i', id, tag, due end  -- unreadable
+  if type(kwargs) ~= 'table' then return 'call', 'default', 'i', id, tag, due, continues end
   local account, priority = kwargs['account'], kwargs['priority']
   if account == nil then account = 'default' end
   if priority == nil then priority = 'interactive' end
@@ -156,7 +157,7 @@ local function read(raw)
   local class = nil
   if priority == 'interactive' then class = 'i' elseif priority == 'batch' then class = 'b' end
   if not class then return 'pass', nil, nil, id, tag, due end
-  return 'call', account, class, id, tag, due
+  return 'call', account, class, id, tag, due, continues
 end
 
 local function to_ready(raw, tag)
@@ -168,12 +169,13 @@ local function to_ready(raw, tag)
 end
 
 local read_count = 0
--- A message whose countdown just ended (a retry, a poll, an ETA) was sent before the jobs now
--- waiting: it goes to the head of its account's list, so that a job already under way (a
--- video being polled) does not wait behind its own account's backlog.
+-- A message whose countdown just ended and that continues a call under way (a poll, marked so
+-- by the task: header enhance_continues '1') goes to the head of its account's list, so that a
+-- video being polled does not wait behind its own account's backlog. A retry starts over: it
+-- queues at the tail like a new job, or failing jobs could keep fresh ones from ever starting.
 local function take_in(raw, was_delayed)
   read_count = read_count + 1
-  local kind, account, class, id, tag, due = read(raw)
+  local kind, account, class, id, tag, due, continues = read(raw)
   if not was_delayed and due and due > now + 0.001 then
     redis.call('ZADD', DELAYED, due, raw)
     return
@@ -188,7 +190,7 @@ local function take_in(raw, was_delayed)
     if kind == 'other' then redis.call('LPUSH', READY, raw) else to_ready(raw, tag) end
   else
     local c = CLASS[class]
-    local push = was_delayed and 'LPUSH' or 'RPUSH'
+    local push = (was_delayed and continues) and 'LPUSH' or 'RPUSH'
     -- "<intake time>|<id length>|<tag length>|<id><tag><message>": ids and tags are the
     -- producer's strings and may contain any character, so they are cut by length.
     tag = tag or ''

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import StartWorker
 from workers.sandbox import Sandbox
 
@@ -73,3 +75,32 @@ def test_weights_and_priority_order_the_calls(start_worker: StartWorker, sandbox
     both = log[: 2 + 24]  # while both A and B were waiting
     a, b = both.count("A"), both.count("B")
     assert 2.2 <= a / b <= 4.0, (a, b, "".join(log))
+
+
+def test_failing_jobs_retry_behind_the_jobs_that_have_not_started(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Every call fails (500) and is retried: a retry queues behind its account's
+    waiting jobs like a new job, so all 10 jobs are tried before any is tried a third time
+    (at the head of the list, two failing jobs kept eight fresh ones from starting)."""
+    # Each call takes 0.2 s and each retry waits 0.5 s (Retry-After): a retry is due while
+    # jobs that have not started still wait.
+    sandbox.configure(rate_500=1.0, latency_s=0.2, retry_after_s=0.5)
+    worker = start_worker(
+        "retries",
+        WORKER_CONCURRENCY="2",
+        RUNWARE_MAX_RETRIES="4",
+        RUNWARE_RETRY_BACKOFF_S="0.01",
+        RUNWARE_RETRY_BACKOFF_MAX_S="0.05",
+    )
+    results = _send(worker, "A", 10, "batch")
+    for result in results:  # every job fails in the end: 500 each time
+        with pytest.raises(Exception, match="HTTP 500"):
+            result.get(timeout=60)  # type: ignore[attr-defined]
+    attempts: dict[str, int] = {}
+    for _, _, uuids in sandbox.state.request_log:
+        for task_uuid in uuids:
+            attempts[task_uuid] = attempts.get(task_uuid, 0) + 1
+            if attempts[task_uuid] == 3:
+                assert len(attempts) == 10, f"a third try with only {len(attempts)} jobs tried"
+    assert sorted(attempts.values()) == [5] * 10  # each tried 1 + RUNWARE_MAX_RETRIES times

@@ -166,7 +166,11 @@ def test_an_unsettled_call_is_claimed_once_and_settled_on_its_day(make: Any) -> 
     assert [r.task_uuid for r in claimed] == [task]
     assert claimed[0].account == "acme"
     assert claimed[0].shape == SHAPE
-    assert ledger.claim_due(60.0) == []  # claimed: no one else takes it this period
+    assert ledger.claim_due(60.0) == []  # its check is under way: no one takes it again
+    held = ledger.holdings().as_json()  # and it is still unsettled meanwhile
+    assert (held["unsettled_calls"], held["reserved_calls"]) == (1, 0)
+    ledger.checked(task)  # the check said "still running"
+    assert [r.task_uuid for r in ledger.claim_due(60.0)] == [task]
     assert ledger.end(task, "acme", 0.0026, ITEMS) is True  # what getResponse said it cost
     assert ledger.day().by_account_micro == {"acme": 2600}
     assert ledger.holdings().as_json()["unsettled_calls"] == 0
@@ -183,8 +187,12 @@ def test_a_claimed_reservation_taken_up_again_is_not_released(make: Any) -> None
     ledger.begin(task, "a", 0.0013, SHAPE)  # the job's own retry
     assert ledger.release(task, claimed.due) is False
     ledger.give_up(task)
-    (claimed,) = ledger.claim_due(60.0)
-    assert ledger.release(task, claimed.due) is True
+    ledger.checked(task)
+    (claimed,) = ledger.claim_due(0.0)  # its check may take no time at all
+    time.sleep(0.01)
+    later = ledger.claim_due(60.0)  # so it is taken for lost: claimed again
+    assert [r.task_uuid for r in later] == [task]
+    assert ledger.release(task, claimed.due) is True  # the first claim's check may release it
 
 
 def test_hundreds_of_unsettled_reservations_wait_for_reconciliation_not_refuse(
@@ -219,6 +227,7 @@ def test_a_reservation_not_taken_up_becomes_due_after_the_reservation_time(make:
     task = _uuid()
     ledger.begin(task, "a", 0.0013, SHAPE)
     assert ledger.claim_due(1.0) == []
+    assert ledger.holdings().as_json()["reserved_calls"] == 1
     time.sleep(0.45)
     assert [r.task_uuid for r in ledger.claim_due(1.0)] == [task]
 

@@ -21,6 +21,7 @@ from celery import Celery
 from config.keys import KOMBU_UNACKED, FairKeys
 from config.settings import Settings, load_settings
 from tasks import dispatcher as dispatcher_module
+from tasks.base import CONTINUES_HEADER
 from tasks.dispatcher import Dispatcher, Intake
 from tasks.limiter import Limiter, Permit, carry_over_old_overrides
 from workers.services import RedisServer
@@ -419,16 +420,19 @@ def test_overrides_set_before_an_upgrade_are_carried_over(fleet: Any) -> None:
     assert carry_over_old_overrides(f.client, f.settings) == 0  # once
 
 
-def test_a_job_back_from_its_countdown_goes_ahead_of_its_accounts_backlog(fleet: Any) -> None:
-    """A retry or a poll (a countdown that ended) was sent before the jobs waiting now: it is
-    not sent to the back of its own account's backlog."""
+def test_a_poll_back_from_its_countdown_goes_ahead_of_its_accounts_backlog(fleet: Any) -> None:
+    """A poll (a countdown that ended, marked by the task as continuing a call under way) is
+    not sent to the back of its own account's backlog; a retry or any other countdown is."""
     f = fleet(threads=2, runware_rate_limit="10/s").start()
-    f.producer.send_task(
-        "tasks.enhance_prompt",
-        kwargs={"prompt": "the poll", "account": "a", "priority": "batch"},
-        countdown=0.5,
-    )
+    for prompt, continues in (("the poll", "1"), ("the retry", "0")):
+        f.producer.send_task(
+            "tasks.enhance_prompt",
+            kwargs={"prompt": prompt, "account": "a", "priority": "batch"},
+            countdown=0.5,
+            headers={CONTINUES_HEADER: continues},
+        )
     f.send("a", 30)
     order = [t.prompt for t in f.wait_for(12, timeout=10)]
-    # Due after 0.5 s (about the 6th grant at 10/s), it goes next, not after the 30.
+    # Due after 0.5 s (about the 6th grant at 10/s), the poll goes next, not after the 30.
     assert "the poll" in order, order
+    assert "the retry" not in order, order
