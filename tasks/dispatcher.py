@@ -71,6 +71,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def live_workers(client: redis.Redis, keys: FairKeys) -> list[str]:
+    """The worker processes whose heartbeat has not expired (by Redis's clock)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.zrange(keys.workers_seen, 0, -1, withscores=True)
+        (seconds, micro), seen = pipe.execute()
+    now = seconds + micro / 1e6
+    return [(w.decode() if isinstance(w, bytes) else str(w)) for w, expiry in seen if expiry > now]
+
+
 class Dispatcher(threading.Thread):
     """This process's candidate for the fleet's dispatcher, and its heartbeat: it registers the
     process's worker threads, takes the dispatcher role when the lock is free, and pumps."""
@@ -82,6 +92,7 @@ class Dispatcher(threading.Thread):
         intake: Intake,
         threads: int,
         limiter: Limiter | None = None,
+        ident: str | None = None,
     ) -> None:
         super().__init__(name="fair-dispatcher", daemon=True)
         self.redis = client
@@ -90,7 +101,7 @@ class Dispatcher(threading.Thread):
         self.threads = threads
         self.limiter = limiter  # told when the fleet has cool-down strikes to clear
         self.keys = FairKeys(settings.key_prefix)
-        self.id = worker_id()
+        self.id = ident or worker_id()
         self._stopped = threading.Event()
         self._pump = scripts.register(client, "pump")
         self._heartbeat = scripts.register(client, "heartbeat")

@@ -61,6 +61,14 @@ def call_shape(body: dict[str, Any]) -> str:
 
 
 _today: tuple[int, str] = (-1, "")
+_holder: list[str] = [""]  # this worker process's id in the fleet's heartbeats (tasks/dispatcher)
+
+
+def set_holder(worker: str) -> None:
+    """Name the worker process whose calls this process makes (set before the pool forks, so
+    that a prefork child names its parent): a reservation records it, and the reconciler does
+    not wait for a reservation whose holder has stopped heartbeating."""
+    _holder[0] = worker
 
 
 def utc_day(moment: datetime | None = None) -> str:
@@ -224,6 +232,7 @@ class Ledger:
             settings.runware_reservation_s,
             day,
             shape,
+            _holder[0],
         ]
         answer = self._run(self._begin, keys, args)
         status = int(answer[0])
@@ -317,16 +326,20 @@ class Ledger:
             self.redis.zadd(self.keys.reservations_due, {task_uuid: time.time()}, xx=True)
 
     # --- reconciliation ------------------------------------------------------------------------
-    def claim_due(self, check_s: float, limit: int = 500) -> list[Reservation]:
+    def claim_due(
+        self, check_s: float, limit: int = 500, alive: list[str] | None = None
+    ) -> list[Reservation]:
         """Take up to `limit` unsettled reservations that no check is under way for, for a
         check with Runware; each stays unsettled, and is not claimed again until its check
-        reports (`checked`) or `check_s` seconds pass. Their `due` is the time of the claim."""
+        reports (`checked`) or `check_s` seconds pass. Their `due` is the time of the claim.
+        `alive`: every live worker process; a reservation any other holds is unsettled now."""
         keys = [
             self.keys.reservations,
             self.keys.reservations_due,
             self.keys.reservations_checked,
         ]
-        flat = self._run(self._claim, keys, [check_s, limit])
+        args: list[str | int | float] = [check_s, limit, "0" if alive is None else "1"]
+        flat = self._run(self._claim, keys, [*args, *(alive or [])])
         return [
             Reservation.parse(_text(flat[i]), flat[i + 1], float(flat[i + 2]))
             for i in range(0, len(flat), 3)

@@ -23,14 +23,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 
 from config.celery import app
+from config.keys import FairKeys
 from config.settings import Settings, get_settings
 from tasks.base import RunwareTask
+from tasks.dispatcher import live_workers
 from tasks.errors import PermanentError, TransientError
 from tasks.ledger import DAY_S, Ledger, Reservation, get_ledger
+from tasks.limiter import broker_redis
 from tasks.runware import get_client
 
 logger = logging.getLogger(__name__)
@@ -94,10 +98,17 @@ def _check(
 
 
 def enqueue_due(ledger: Ledger, settings: Settings, priority: str = "batch") -> list[AsyncResult]:  # type: ignore[type-arg]
-    """Claim every due reservation (up to CLAIM_MAX) and enqueue its check."""
+    """Claim every due reservation (up to CLAIM_MAX), and every one held by a worker process
+    that stopped heartbeating, and enqueue its check."""
+    try:
+        alive: list[str] | None = live_workers(
+            broker_redis(settings), FairKeys(settings.key_prefix)
+        )
+    except redis.RedisError:  # not known now: those wait for RUNWARE_RESERVATION_S
+        alive = None
     # A check waits for a slot like any call; one that has not reported within the time a job
     # may take to come back is taken for lost, and queued again.
-    due: list[Reservation] = ledger.claim_due(settings.runware_reservation_s, CLAIM_MAX)
+    due: list[Reservation] = ledger.claim_due(settings.runware_reservation_s, CLAIM_MAX, alive)
     return [
         reconcile_call.apply_async(
             kwargs={

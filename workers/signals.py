@@ -12,9 +12,9 @@ from celery import signals
 from config import redis as redis_urls
 from config.keys import FairKeys
 from config.settings import get_settings
-from tasks import runware
+from tasks import ledger, runware
 from tasks.base import RunwareTask
-from tasks.dispatcher import Dispatcher, Intake
+from tasks.dispatcher import Dispatcher, Intake, worker_id
 from tasks.limiter import broker_redis, carry_over_old_overrides, get_limiter
 from tasks.reconcile import Reconciler
 from workers import logs, metrics
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 _intake_queues: list[str] = ["celery"]
 _dispatcher: list[Dispatcher] = []
 _reconciler: list[Reconciler] = []
+_ident: list[str] = []
 
 
 @signals.setup_logging.connect
@@ -48,6 +49,10 @@ def size_pools(sender: Any = None, **_: Any) -> None:
     concurrency = _concurrency(sender)
     runware.configure_pool(concurrency)
     redis_urls.configure_concurrency(concurrency)
+    # This process's id in the fleet's heartbeats, known before the pool forks: a reservation
+    # records the process holding its call (a prefork child names its parent).
+    _ident.append(worker_id())
+    ledger.set_holder(_ident[-1])
 
 
 @signals.celeryd_after_setup.connect
@@ -83,7 +88,9 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     client = broker_redis(settings)
     if carry_over_old_overrides(client, settings):
         logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
-    dispatcher = Dispatcher(client, settings, intake, threads, get_limiter())
+    ident = _ident[-1] if _ident else worker_id()
+    ledger.set_holder(ident)
+    dispatcher = Dispatcher(client, settings, intake, threads, get_limiter(), ident)
     dispatcher.start()
     _dispatcher.append(dispatcher)
     reconciler = Reconciler(settings)

@@ -3,7 +3,8 @@
 --      8, 9: the highest real cost per shape seen today and yesterday (hashes)
 -- ARGV 3: account, 4: the configured estimate (micro), 5: the fleet's daily budget (micro, -1:
 --      none), 6: the account's (micro, -1: none), 7: seconds until a reservation whose job shows
---      no sign of life is due for reconciliation, 8: today (YYYY-MM-DD), 9: the call's shape
+--      no sign of life is due for reconciliation, 8: today (YYYY-MM-DD), 9: the call's shape,
+--      10: the worker process making the call ('' unknown: its death is noticed by time only)
 -- Returns {3, record} when the task already finished (nothing reserved);
 --         {1, poll marker or '', alone 0|1, estimate} when the call may go (reserved);
 --         {0, 1 fleet | 2 account, spent or reserved, estimate, of which unsettled} refused.
@@ -16,6 +17,10 @@ local due = now + tonumber(ARGV[7])
 local held = reservation()
 if held then  -- a retry, poll or redelivery of a call this task already reserved for
   redis.call('ZADD', KEYS[3], due, uuid)
+  if held.w ~= ARGV[10] then
+    held.w = ARGV[10]
+    redis.call('HSET', KEYS[2], uuid, cjson.encode(held))
+  end
   return {1, marker, alone, held.e}
 end
 
@@ -50,7 +55,7 @@ if account_budget >= 0 then
       + tonumber(redis.call('HGET', KEYS[4], 'acct:' .. account) or '0')
   if spent + estimate > account_budget then return {0, 2, spent, estimate, unsettled(account)} end
 end
-redis.call('HSET', KEYS[2], uuid, cjson.encode({e = estimate, a = account, d = ARGV[8], s = shape, t = now}))
+redis.call('HSET', KEYS[2], uuid, cjson.encode({e = estimate, a = account, d = ARGV[8], s = shape, t = now, w = ARGV[10]}))
 redis.call('ZADD', KEYS[3], due, uuid)
 redis.call('HINCRBY', KEYS[4], 'total', estimate)
 redis.call('HINCRBY', KEYS[4], 'acct:' .. account, estimate)

@@ -4,13 +4,28 @@
 -- (Ledger.checked), so that a check waiting for a slot is never queued twice.
 -- KEYS 1: reservations (hash), 2: reservations by due time (zset),
 --      3: checks under way (zset taskUUID -> until when)
--- ARGV 1: seconds a check may take before another may be queued, 2: at most this many
+-- ARGV 1: seconds a check may take before another may be queued, 2: at most this many,
+--      3: '1' when ARGV 4... list every live worker process (from their heartbeats): the calls
+--      held by any other process are unsettled now (a killed worker's calls are not waited for
+--      until RUNWARE_RESERVATION_S), '0' when the live ones are not known
 -- Returns a flat list: taskUUID, its reservation (cjson), the claim's time (exact, as a string).
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local ttl, most = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400)  -- marks of checks that died
+if ARGV[3] == '1' then
+  local alive = {}
+  for i = 4, #ARGV do alive[ARGV[i]] = true end
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    local holder = cjson.decode(all[i + 1]).w
+    if holder and holder ~= '' and not alive[holder] then
+      local score = tonumber(redis.call('ZSCORE', KEYS[2], all[i]) or '0')
+      if score > now then redis.call('ZADD', KEYS[2], now, all[i]) end
+    end
+  end
+end
 local claimed, offset, page = {}, 0, 500
 while #claimed < 3 * most and offset < 20000 do
   local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', offset, page)

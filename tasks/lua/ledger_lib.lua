@@ -8,7 +8,7 @@
 -- KEYS common to every ledger script:
 --   1 the task's record: "<cost micro>|<items JSON>" of a finished call (its cost is recorded)
 --   2 reservations: hash taskUUID -> cjson {e = estimate micro, a = account, d = day,
---     s = shape, t = when it was made}
+--     s = shape, t = when it was made, w = the worker process that holds the call}
 --   3 reservations by the time they are due for reconciliation (zset)
 --   4 reserved sums: hash 'total' and 'acct:<account>' -> micro (a zero sum is removed)
 -- ARGV common: 1 taskUUID, 2 the ledger's key prefix. A day's totals live at

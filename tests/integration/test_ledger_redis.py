@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from config.settings import load_settings
+from tasks import ledger as ledger_module
 from tasks.errors import BudgetExceeded, TransientError
 from tasks.ledger import Ledger, call_shape
 from workers.services import RedisServer
@@ -241,3 +242,22 @@ def test_a_budget_refusal_that_unsettled_money_does_not_explain_is_final(make: A
     ledger.give_up(task)
     with pytest.raises(BudgetExceeded):  # 0.0026 spent: 0.0013 cannot fit, settled or not
         ledger.begin(_uuid(), "a", 0.0013, SHAPE)
+
+
+def test_the_calls_of_a_worker_that_stopped_heartbeating_are_unsettled_at_once(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = make()
+    monkeypatch.setattr(ledger_module, "_holder", ["host:1:dead"])
+    task = _uuid()
+    ledger.begin(task, "a", 0.0013, SHAPE)
+    assert ledger.claim_due(60.0, alive=["host:1:dead"]) == []  # its worker is alive
+    assert ledger.claim_due(60.0) == []  # who is alive is not known: wait for the time
+    (claimed,) = ledger.claim_due(60.0, alive=["host:2:heir"])
+    assert claimed.task_uuid == task
+    # The job comes back on the heir: the call is its again, and no longer unsettled.
+    monkeypatch.setattr(ledger_module, "_holder", ["host:2:heir"])
+    ledger.begin(task, "a", 0.0013, SHAPE)
+    ledger.checked(task)
+    assert ledger.claim_due(60.0, alive=["host:2:heir"]) == []
+    assert ledger.holdings().as_json()["reserved_calls"] == 1

@@ -58,25 +58,38 @@ def _outcomes(results: list[Any], timeout: float = 120) -> list[dict[str, Any] |
 def test_a_killed_workers_billed_calls_reach_the_ledger_exactly_once(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
-    """Runware accepts (bills) 6 calls and holds them; the worker is SIGKILLed. A new worker
-    takes the jobs up again: each gets 409, recovers its answer with getResponse, and the ledger
-    equals the bill. The budget fits the 6 calls exactly: a job refused by its own earlier
-    reservation would fail BudgetExceeded."""
+    """Runware accepts (bills) 6 calls and holds them for 4 s; the worker is SIGKILLed and a new
+    one starts. The dead worker's heartbeat lapses (6 s), so the new worker's reconciler settles
+    its calls with getResponse within a period of their end, long before the jobs come back
+    (visibility timeout 30 s); then each job finds its result recorded and makes no call. The
+    budget fits the 6 calls exactly: a job refused by its own reservation would fail."""
     jobs = 6
-    env = {**RECONCILE, "RUNWARE_TIMEOUT_S": "7", "RUNWARE_DAILY_BUDGET_USD": f"{jobs * 0.0013}"}
-    sandbox.configure(rate_hang=1.0, hang_s=6.0)
+    env = {
+        **RECONCILE,
+        "CELERY_VISIBILITY_TIMEOUT_S": "30",
+        "RUNWARE_RESERVATION_S": "40",
+        "RUNWARE_TIMEOUT_S": "7",
+        "RUNWARE_DAILY_BUDGET_USD": f"{jobs * 0.0013}",
+    }
+    sandbox.configure(rate_hang=1.0, hang_s=4.0)
     doomed = start_worker("doomed", **env)
     results = [doomed.send(prompt=f"held {n}") for n in range(jobs)]
     _wait_until(lambda: len(sandbox.state.accepted) == jobs, 30, "all calls accepted")
     doomed.process.kill()
+    killed = time.monotonic()
     sandbox.configure(rate_hang=0.0)
     heir = start_worker("heir", same_db_as=doomed, **env)
-    outcomes = _outcomes(results)
-    assert all(isinstance(o, dict) for o in outcomes), outcomes
     billed = sandbox.state.billed_micro
     assert billed == jobs * PRICE
+    # The calls end 4 s after they arrived; the heartbeat lapses 6 s after the kill; then one
+    # reconciliation period (2 s) and the checks' own round trips.
+    _wait_until(lambda: _ledger_micro(heir.redis_url) == billed, 12, "ledger == bill")
+    assert time.monotonic() - killed < 20  # settled by reconciliation, not by redelivery (30 s)
+    outcomes = _outcomes(results)
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
     assert set(sandbox.state.accepted) == {o["taskUUID"] for o in outcomes}  # type: ignore[index]
-    _wait_until(lambda: _ledger_micro(heir.redis_url) == billed, 5, "ledger == bill")
+    assert sandbox.state.by_type.get("promptEnhance") == jobs  # none sent again
+    assert _ledger_micro(heir.redis_url) == billed
     report = json.loads(run_cli(heir.redis_url, "cost", "--json", check=True).stdout)
     assert report["unsettled_calls"] == 0
     assert report["reserved_calls"] == 0
