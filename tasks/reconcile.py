@@ -32,7 +32,7 @@ from config.keys import FairKeys
 from config.settings import Settings, get_settings
 from tasks.base import RunwareTask
 from tasks.dispatcher import live_workers
-from tasks.errors import PermanentError, TransientError
+from tasks.errors import AuthenticationError, PermanentError, TransientError
 from tasks.ledger import DAY_S, Ledger, Reservation, get_ledger
 from tasks.limiter import broker_redis
 from tasks.runware import get_client
@@ -40,6 +40,7 @@ from tasks.runware import get_client
 logger = logging.getLogger(__name__)
 
 CLAIM_MAX = 500  # reservations claimed per period and process
+ACCOUNT_STATUSES = (402, 403)  # refusals about the account, which say nothing of the call
 # A call Runware still reports unfinished this long after it started is not waited for longer.
 GIVE_UP_S = DAY_S
 
@@ -69,9 +70,15 @@ def _check(
 ) -> dict[str, Any]:
     try:
         done, outcome = get_client().get_response(taskUUID)
-    except PermanentError as exc:  # Runware does not have it, or it failed there: not billed
-        released = ledger.release(taskUUID, claimed)
-        logger.info("Unsettled call %s: %s; reservation dropped=%s.", taskUUID, exc, released)
+    except PermanentError as exc:
+        if isinstance(exc, AuthenticationError) or exc.status in ACCOUNT_STATUSES:
+            # About our key or account, not the call: Runware could not be asked.
+            logger.warning("Unsettled call %s could not be checked (%s).", taskUUID, exc)
+            return {"taskUUID": taskUUID, "state": "unknown", "cost": None, "reason": str(exc)}
+        # Runware does not have it, or it failed there: not billed.
+        if not ledger.release(taskUUID, claimed):  # its job took it up again meanwhile
+            return {"taskUUID": taskUUID, "state": "running", "cost": None}
+        logger.info("Unsettled call %s was not billed (%s); reservation dropped.", taskUUID, exc)
         return {"taskUUID": taskUUID, "state": "released", "cost": 0.0, "reason": str(exc)}
     except TransientError as exc:
         logger.warning("Unsettled call %s could not be checked (%s); next period.", taskUUID, exc)

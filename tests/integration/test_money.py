@@ -289,3 +289,21 @@ def test_a_finished_calls_cost_and_items_live_as_long_as_each_other(
     again = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)
     assert again["text"] == first["text"]
     assert sandbox.state.requests == 1
+
+
+def test_a_check_refused_for_the_key_keeps_the_call_unsettled(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """A refusal about the key or the account says nothing of the call: it stays unsettled
+    (held at its estimate) rather than being released as never billed."""
+    worker = start_worker("nokey", RUNWARE_API_KEY="")
+    client = redis.Redis.from_url(worker.redis_url)
+    ledger = Ledger(client, load_settings(_env_file=None))
+    task = str(uuid.uuid4())
+    ledger.begin(task, "default", 0.0013, "promptEnhance m")
+    ledger.give_up(task)
+    summary = json.loads(run_cli(worker.redis_url, "reconcile", "--json", check=True).stdout)
+    assert (summary["checked"], summary["unknown"], summary["released"]) == (1, 1, 0)
+    report = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
+    assert report["unsettled_calls"] == 1
+    client.close()
