@@ -5,7 +5,8 @@ overwrites a SUCCESS, and then writes and publishes. Here one Lua script does th
 the write, atomically (so the check cannot race another worker either), which saves a round trip
 on every job. Everything else (reading results, groups, chords) is Celery's own.
 
-Selected in config/celery.py with Celery's `module:Class+redis://...` backend URL form.
+Selected in config/celery.py with Celery's `module:Class+redis://...` backend URL form
+(`SentinelResultStore+sentinel://...` behind Redis Sentinel).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
@@ -70,3 +71,7 @@ class ResultStore(RedisBackend):
 
     def _store_once(self, key: bytes | str, value: bytes | str, expires: int) -> None:
         self._store(keys=[key], args=[value, expires])
+
+
+class SentinelResultStore(ResultStore, SentinelBackend):
+    """The same one-trip writes to the current master of a Sentinel group."""

@@ -16,6 +16,8 @@ def result_backend_url(url: str) -> str:
     """A Redis URL (any form config/redis.py takes) as Celery's `module:Class+url` form for
     config/backend.py's ResultStore (one round trip per state write); any other backend URL as
     it is."""
+    if redis_urls.is_sentinel(url):
+        return f"config.backend:SentinelResultStore+{url}"
     if redis_urls.is_redis(url):
         return f"config.backend:ResultStore+{redis_urls.backend_url(url)}"
     return url
@@ -26,6 +28,8 @@ def configure(app: Celery, settings: Settings) -> None:
     transport.register()  # the project's transport for kombu's Redis URL schemes
     broker_url, broker_ssl = redis_urls.broker_options(settings.broker_url)
     keys = FairKeys(settings.key_prefix)
+    # A sentinel:// URL's group, as Celery documents it (`master_name`, `sentinel_kwargs`).
+    group = settings.sentinel.transport_options() if settings.sentinel else {}
     app.conf.update(
         broker_url=broker_url,
         broker_use_ssl=broker_ssl,
@@ -57,9 +61,11 @@ def configure(app: Celery, settings: Settings) -> None:
             "fair_leases_key": keys.leases,
             "fair_busy_key": keys.busy,
             "fair_wake_key": keys.wake,
+            **group,
         },
         result_backend_transport_options={
-            "visibility_timeout": settings.celery_visibility_timeout_s
+            "visibility_timeout": settings.celery_visibility_timeout_s,
+            **group,
         },
         # A job is acknowledged after it ran, so a killed worker's jobs are delivered again.
         task_acks_late=True,

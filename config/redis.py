@@ -7,6 +7,10 @@ Accepted forms (redis-py's, and the same for every client):
   (`ssl_cert_reqs=required|optional|none`, `ssl_ca_certs=PATH`, `ssl_certfile=PATH`,
   `ssl_keyfile=PATH`, `ssl_check_hostname=true|false`); certificates are verified unless told
 - `unix://[[user]:password@]/path/to/redis.sock[?db=N]`
+- `sentinel://[[user]:password@]host[:port][/db];sentinel://host2[:port]...` (kombu's and
+  Celery's form): the master of the group named by REDIS_SENTINEL_MASTER, found through these
+  sentinels (default port 26379) and followed after a failover; the URL's password is the
+  master's, REDIS_SENTINEL_PASSWORD the sentinels' own (`Sentinel`)
 
 kombu and Celery's result backend spell some of these differently (TLS options as
 `broker_use_ssl` and `redis_backend_use_ssl`, sockets as `socket://`); `broker_options`,
@@ -16,12 +20,17 @@ kombu and Celery's result backend spell some of these differently (TLS options a
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
+import redis.sentinel
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SENTINEL_SCHEME = "sentinel://"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
+SENTINEL_PORT = 26379
+_TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 _SSL_OPTIONS = (
     "ssl_cert_reqs",
     "ssl_ca_certs",
@@ -52,16 +61,69 @@ def is_redis(url: str) -> bool:
     return url.startswith(REDIS_SCHEMES)
 
 
-def client(url: str) -> redis.Redis:
+def is_sentinel(url: str) -> bool:
+    return url.startswith(SENTINEL_SCHEME)
+
+
+@dataclass(frozen=True)
+class Sentinel:
+    """How to find the master behind sentinel:// URLs: its group's name, and the sentinels'
+    own password if they have one."""
+
+    master: str
+    password: str | None = None
+
+    def transport_options(self) -> dict[str, Any]:
+        """kombu's and Celery's transport options for this group (`master_name`,
+        `sentinel_kwargs`)."""
+        options: dict[str, Any] = {"master_name": self.master}
+        if self.password:
+            options["sentinel_kwargs"] = {"password": self.password}
+        return options
+
+
+def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], int, str | None, str | None]:
+    """A sentinel:// URL's sentinels (host, port), database, and the master's user and
+    password (given on the first address, as kombu and Celery read them)."""
+    hosts: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for n, chunk in enumerate(part for part in url.split(";") if part.strip()):
+        parts = urlsplit(chunk.strip())
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ValueError(f"not a sentinel address: {chunk.strip().split('@')[-1]!r}")
+        hosts.append((parts.hostname, parts.port or SENTINEL_PORT))
+        if n == 0:
+            path = parts.path.strip("/")
+            db = int(path) if path else 0
+            username = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password) if parts.password else None
+    return hosts, db, username, password
+
+
+def client(url: str, sentinel: Sentinel | None = None) -> redis.Redis:
     """A redis-py client for `url` (any form above), with timeouts on connect and on every
-    command, and a pool sized for this process."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
+    command, and a pool sized for this process. A sentinel:// URL needs `sentinel`: the client
+    then talks to the group's current master, and finds the new one after a failover."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(
+            url, health_check_interval=30, max_connections=pool_size(), **_TIMEOUTS
+        )
+    if sentinel is None:
+        raise ValueError("a sentinel:// URL needs the master's name (REDIS_SENTINEL_MASTER)")
+    hosts, db, username, password = sentinel_parts(url)
+    own: dict[str, Any] = dict(_TIMEOUTS)
+    if sentinel.password:
+        own["password"] = sentinel.password
+    group = redis.sentinel.Sentinel(hosts, sentinel_kwargs=own, **_TIMEOUTS)  # type: ignore[no-untyped-call]
+    master: redis.Redis = group.master_for(  # type: ignore[no-untyped-call]
+        sentinel.master,
+        db=db,
+        username=username,
+        password=password,
         health_check_interval=30,
         max_connections=pool_size(),
     )
+    return master
 
 
 def _query(url: str) -> dict[str, str]:
@@ -107,6 +169,8 @@ def _socket_form(url: str) -> tuple[str, str]:
 
 def broker_options(url: str) -> tuple[str, dict[str, Any] | None]:
     """The broker URL as kombu takes it, and its TLS options (`broker_use_ssl`)."""
+    if is_sentinel(url):
+        return url, None
     if url.startswith("unix://"):
         socket_url, db = _socket_form(url)
         return f"redis+{socket_url}?virtual_host={db}", None
@@ -116,6 +180,8 @@ def broker_options(url: str) -> tuple[str, dict[str, Any] | None]:
 def backend_url(url: str) -> str:
     """The result backend URL as Celery's Redis backend takes it; a rediss:// URL's TLS options
     go to `redis_backend_use_ssl` (`ssl_options`)."""
+    if is_sentinel(url):
+        return url
     if url.startswith("unix://"):
         socket_url, db = _socket_form(url)
         return f"{socket_url}?virtual_host={db}"

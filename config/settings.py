@@ -200,7 +200,15 @@ class Settings(BaseSettings):
     # --- Redis and Celery ------------------------------------------------------------------
     redis_url: str = Field(
         default="redis://localhost:6379/0",
-        description="a redis:// or rediss:// URL, broker and result backend unless overridden",
+        description="a redis://, rediss://, unix:// or sentinel:// URL, broker and result "
+        "backend unless overridden",
+    )
+    redis_sentinel_master: str | None = Field(
+        default=None,
+        description="the master's name in Sentinel, needed by sentinel:// URLs",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="the sentinels' own password, where they have one"
     )
     celery_broker_url: str | None = Field(
         default=None, description="a broker URL overriding REDIS_URL for the broker"
@@ -295,9 +303,30 @@ class Settings(BaseSettings):
         if not redis_urls.is_redis(self.broker_url):
             name = "CELERY_BROKER_URL" if self.celery_broker_url else "REDIS_URL"
             raise ValueError(
-                f"{name} must be a Redis URL (redis://, rediss:// or unix://) for the broker: "
+                f"{name} must be a Redis URL (redis://, rediss://, unix:// or sentinel://) for "
+                "the broker: "
                 "the fair intake keeps the queues and the fleet's limits in the broker's Redis"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sentinel_has_a_master(self) -> Settings:
+        """A sentinel:// URL names the sentinels, not the master: without the group's name no
+        client can find it."""
+        for name, url in (
+            ("REDIS_URL", self.redis_url),
+            ("CELERY_BROKER_URL", self.celery_broker_url),
+            ("CELERY_RESULT_BACKEND", self.celery_result_backend),
+            ("LIMITER_REDIS_URL", self.limiter_redis_url),
+        ):
+            if url is None or not redis_urls.is_sentinel(url):
+                continue
+            if not self.redis_sentinel_master:
+                raise ValueError(f"{name} is a sentinel:// URL: set REDIS_SENTINEL_MASTER too")
+            try:
+                redis_urls.sentinel_parts(url)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         return self
 
     @model_validator(mode="after")
@@ -340,6 +369,16 @@ class Settings(BaseSettings):
         return self.celery_broker_url or self.redis_url
 
     @property
+    def sentinel(self) -> redis_urls.Sentinel | None:
+        """The Sentinel group of sentinel:// URLs (REDIS_SENTINEL_MASTER), if one is set."""
+        if not self.redis_sentinel_master:
+            return None
+        password = self.redis_sentinel_password
+        return redis_urls.Sentinel(
+            self.redis_sentinel_master, password.get_secret_value() if password else None
+        )
+
+    @property
     def limiter_url(self) -> str:
         """Where the limiter and ledger keep their state: LIMITER_REDIS_URL, else REDIS_URL."""
         return self.limiter_redis_url or self.redis_url
@@ -367,7 +406,8 @@ def _one_line(error: ValidationError) -> str:
         field = str(item["loc"][0])
         info = Settings.model_fields.get(field)
         accepts = info.description if info is not None and info.description else "see README"
-        shown: Any = "<hidden>" if "key" in field or "secret" in field else item.get("input")
+        hidden = any(word in field for word in ("key", "secret", "password"))
+        shown: Any = "<hidden>" if hidden else item.get("input")
         parts.append(
             f"{field.upper()}={shown!r} is not accepted ({item['msg']}); expected {accepts}"
         )

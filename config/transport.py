@@ -106,7 +106,25 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above, on the current master of a Sentinel group (kombu's own discovery)."""
+
+    from_transport_options = tuple(
+        dict.fromkeys(
+            (*Channel.from_transport_options, *kombu_redis.SentinelChannel.from_transport_options)
+        )
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with the channel above."""
+
+    Channel = SentinelChannel
+
+
 def register() -> None:
-    """Use this transport for redis://, rediss:// and redis+socket:// broker URLs."""
+    """Use these transports for redis://, rediss://, redis+socket:// and sentinel:// broker
+    URLs."""
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = "config.transport:Transport"
+    TRANSPORT_ALIASES["sentinel"] = "config.transport:SentinelTransport"

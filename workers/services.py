@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class RedisServer:
         *,
         tls: TLSFiles | None = None,
         unix_socket: bool = False,
+        args: tuple[str, ...] = (),
     ) -> None:
         if tls is not None and unix_socket:
             raise ValueError("a RedisServer listens on TLS or on a unix socket, not both")
@@ -99,6 +100,7 @@ class RedisServer:
             if len(self.socket_path.encode()) > 100:  # sun_path holds 104 to 108 bytes
                 raise ValueError(f"unix socket path too long: {self.socket_path}")
         self.process: subprocess.Popen[bytes] | None = None
+        self.args = args  # more redis-server arguments (`--replicaof HOST PORT`, ...)
 
     def url(self, db: int = 0) -> str:
         """redis://[:PW@]127.0.0.1:PORT/DB; for TLS
@@ -166,6 +168,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         # Bad arguments are reported on stdout, before the log file opens.
         with open(Path(self.directory) / "redis.out", "wb") as output:
             self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
@@ -207,6 +210,126 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+class SentinelServer:
+    """A private `redis-server --sentinel` watching the master `name` at 127.0.0.1:`master_port`
+    (quorum 2; the master is taken for down after `down_after_ms`)."""
+
+    def __init__(self, master_port: int, name: str = "enhance", down_after_ms: int = 1000) -> None:
+        self.port = free_port()
+        self.master_port = master_port
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.directory = tempfile.mkdtemp(prefix="enhance-sentinel-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """This sentinel in a sentinel:// URL."""
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> SentinelServer:
+        config = Path(self.directory) / "sentinel.conf"  # Sentinel rewrites its own file
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"logfile {self.directory}/sentinel.log\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 2\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.name} 5000\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+        with open(Path(self.directory) / "sentinel.out", "wb") as output:
+            self.process = subprocess.Popen(
+                [redis_server_binary(), str(config), "--sentinel"],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while not redis_answers(f"redis://127.0.0.1:{self.port}", timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.cleanup()
+                raise RuntimeError(f"redis-server --sentinel did not start on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def master(self) -> tuple[str, int] | None:
+        """The master this sentinel names now."""
+        client = redis.Redis(port=self.port, socket_timeout=1.0)
+        with contextlib.closing(client):
+            found = client.execute_command(  # type: ignore[no-untyped-call]
+                "SENTINEL", "get-master-addr-by-name", self.name
+            )
+        return (found[0].decode(), int(found[1])) if found else None
+
+    def cleanup(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class SentinelGroup:
+    """A primary, a replica and three sentinels, all private processes: what a Redis with
+    Sentinel failover is, for the tests and benchmarks. `url` is its sentinel:// URL."""
+
+    def __init__(self, name: str = "enhance") -> None:
+        self.name = name
+        self.primary = RedisServer()
+        self.replica: RedisServer | None = None
+        self.sentinels: list[SentinelServer] = []
+
+    @property
+    def url(self) -> str:
+        """The sentinel:// URL of the group, database 0, as Celery users write it."""
+        return ";".join(f"{s.address}/0" for s in self.sentinels)
+
+    def start(self, timeout: float = 30.0) -> SentinelGroup:
+        deadline = time.monotonic() + timeout
+        try:
+            self.primary.start()
+            self.replica = RedisServer(
+                args=("--replicaof", "127.0.0.1", str(self.primary.port))
+            ).start()
+            _wait(self._replicating, deadline, "the replica did not follow the primary")
+            self.sentinels = [
+                SentinelServer(self.primary.port, self.name).start() for _ in range(3)
+            ]
+            _wait(self._known, deadline, "the sentinels did not find each other")
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _replicating(self) -> bool:
+        assert self.replica is not None
+        client = redis.Redis(port=self.replica.port, socket_timeout=1.0)
+        with contextlib.closing(client):
+            return bool(client.info("replication").get("master_link_status") == "up")
+
+    def _known(self) -> bool:
+        for sentinel in self.sentinels:
+            client = redis.Redis(port=sentinel.port, socket_timeout=1.0)
+            with contextlib.closing(client):
+                fields: Any = client.sentinel_master(self.name)  # a dict, parsed by redis-py
+            if int(fields["num-other-sentinels"]) != 2 or int(fields["num-slaves"]) != 1:
+                return False
+        return True
+
+    def cleanup(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.cleanup()
+        if self.replica is not None:
+            self.replica.cleanup()
+        self.primary.cleanup()
+
+
+def _wait(check: Callable[[], bool], deadline: float, failure: str) -> None:
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.1)
 
 
 class WorkerProcess:

@@ -210,3 +210,15 @@ def test_the_celery_app_for_a_plain_url(app_for: AppFor) -> None:
     assert _transport(app) is Transport
     assert app.conf.broker_use_ssl is None
     assert app.conf.redis_backend_use_ssl is None
+
+
+def test_a_sentinel_url_names_its_sentinels_database_and_the_masters_password() -> None:
+    hosts, db, user, password = redis_urls.sentinel_parts(
+        f"sentinel://app:{QUOTED}@s1:26379/4;sentinel://s2/4;sentinel://10.0.0.3:26380/4"
+    )
+    assert hosts == [("s1", 26379), ("s2", 26379), ("10.0.0.3", 26380)]
+    assert (db, user, password) == (4, "app", PASSWORD)
+    # kombu and Celery take the sentinel:// form as it is.
+    url = "sentinel://s1:26379/0;sentinel://s2:26379/0"
+    assert redis_urls.broker_options(url) == (url, None)
+    assert redis_urls.backend_url(url) == url

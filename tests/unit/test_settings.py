@@ -61,7 +61,33 @@ def test_a_broker_that_is_not_redis_is_refused_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"CELERY_BROKER_URL must be a Redis URL"):
         load_settings(_env_file=None, celery_broker_url="amqp://guest@localhost//")
     with pytest.raises(ConfigError, match=r"REDIS_URL must be a Redis URL"):
-        load_settings(_env_file=None, redis_url="sentinel://h1:26379")
+        load_settings(_env_file=None, redis_url="amqp://h1:5672")
+
+
+def test_a_sentinel_url_needs_the_masters_name() -> None:
+    url = "sentinel://:pw@h1:26379/2;sentinel://h2:26380/2"
+    with pytest.raises(
+        ConfigError, match=r"REDIS_URL is a sentinel:// URL: set REDIS_SENTINEL_MAS"
+    ):
+        load_settings(_env_file=None, redis_url=url)
+    settings = load_settings(
+        _env_file=None,
+        redis_url=url,
+        redis_sentinel_master="mymaster",
+        redis_sentinel_password="sentinel-secret",
+    )
+    assert settings.sentinel is not None
+    assert settings.sentinel.transport_options() == {
+        "master_name": "mymaster",
+        "sentinel_kwargs": {"password": "sentinel-secret"},
+    }
+    assert "sentinel-secret" not in repr(settings)
+    with pytest.raises(ConfigError, match=r"LIMITER_REDIS_URL: not a sentinel address"):
+        load_settings(
+            _env_file=None,
+            limiter_redis_url="sentinel://h1:26379;redis://h2:6379",
+            redis_sentinel_master="m",
+        )
 
 
 def test_a_reservation_must_outlast_the_time_a_job_takes_to_come_back() -> None:

@@ -1,0 +1,113 @@
+"""Redis Sentinel with real processes: a primary, a replica and three sentinels
+(`redis-server --sentinel`), workers on the sentinel:// URL, and the primary SIGKILLed mid-run.
+Sentinel promotes the replica; the broker, the result backend, the fair intake, the limits, the
+ledger and the CLI follow it without a restart."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.conftest import FAST_REDELIVERY, run_cli, worker_env
+from tests.load.common import max_in_window
+from workers.sandbox import Sandbox
+from workers.services import SentinelGroup, WorkerProcess
+
+MASTER = "enhance"
+PRICE = 1300
+
+
+@pytest.fixture
+def group() -> Iterator[SentinelGroup]:
+    started = SentinelGroup(MASTER).start()
+    yield started
+    started.cleanup()
+
+
+def _until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.1)
+
+
+def _collect(result: Any, deadline: float) -> Any:
+    """A result, read again when the failover cuts the producer's connection under the read
+    (Celery's result consumer raises the ConnectionError; the result is in the new master)."""
+    while True:
+        try:
+            return result.get(timeout=max(1.0, deadline - time.monotonic()))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            assert time.monotonic() < deadline, "no result before the deadline"
+            time.sleep(0.5)
+
+
+def _ledger_micro(client: redis.Redis) -> int:
+    return sum(int(client.hget(k, "total") or 0) for k in client.scan_iter("enhance:ledger:day:*"))
+
+
+def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
+    group: SentinelGroup, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs, rate = 200, 20
+    sandbox.configure(latency_s=0.05)
+    env = worker_env(
+        group.url,
+        sandbox,
+        **FAST_REDELIVERY,
+        REDIS_SENTINEL_MASTER=MASTER,
+        RUNWARE_RATE_LIMIT=str(rate),
+        RUNWARE_MAX_RETRIES="10",
+        RUNWARE_RECONCILE_S="2",
+        RUNWARE_RETRY_AFTER_MAX_S="2",
+        RUNWARE_POLL_MAX_INTERVAL_S="1",
+        RUNWARE_RESERVATION_S="15",
+        LOG_LEVEL="INFO",
+    )
+    workers = [WorkerProcess(env, name=f"sentinel{n}").start() for n in range(2)]
+    # A producer as Celery documents it for Sentinel: nothing of this project's in it.
+    producer = Celery(broker=group.url, backend=group.url)
+    producer.conf.broker_transport_options = {"master_name": MASTER}
+    producer.conf.result_backend_transport_options = {"master_name": MASTER}
+    try:
+        results = [
+            producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"failover {n}"})
+            for n in range(jobs)
+        ]
+        _until(lambda: len(sandbox.state.accepted) >= jobs // 3, 60, "a third of the calls")
+        killed = time.time()
+        group.primary.process.kill()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 180
+        outcomes = [_collect(r, deadline) for r in results]
+        assert group.replica is not None
+        assert group.sentinels[0].master() == ("127.0.0.1", group.replica.port)
+        # Every job done, each taskUUID accepted once, and nothing else accepted.
+        assert all(isinstance(o, dict) and o.get("text") for o in outcomes)
+        uuids = {o["taskUUID"] for o in outcomes}
+        assert len(uuids) == jobs
+        assert set(sandbox.state.accepted) == uuids
+        assert sandbox.state.billed_micro == jobs * PRICE
+        # The ledger, on the new primary, equals the bill once the unsettled calls are settled.
+        client = redis.Redis(port=group.replica.port)
+        _until(lambda: _ledger_micro(client) == jobs * PRICE, 30, "ledger == bill")
+        client.close()
+        monkeypatch.setenv("REDIS_SENTINEL_MASTER", MASTER)  # the CLI follows the master too
+        report = json.loads(run_cli(group.url, "cost", "--json", check=True).stdout)
+        assert round(report["total_usd"] * 1_000_000) == jobs * PRICE
+        # The limit held through the failover: at most one second's worth of calls more.
+        times = sandbox.state.call_times
+        assert max_in_window(times) <= 2 * rate
+        around = [t for t in times if killed - 5 <= t <= killed + 30]
+        gaps = [b - a for a, b in itertools.pairwise(around)]
+        assert max(gaps, default=0.0) < 30  # the fleet called again after the failover
+    finally:
+        producer.close()
+        for worker in workers:
+            worker.stop()
