@@ -222,7 +222,7 @@ def _text(value: bytes | str) -> str:
 
 def broker_redis(settings: Settings) -> redis.Redis:
     """A client of the broker's Redis, where the fair queues and the limits live."""
-    return redis_urls.client(settings.broker_url)
+    return redis_urls.client(settings.broker_url, settings.sentinel)
 
 
 def _make_limiter() -> Limiter:

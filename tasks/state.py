@@ -46,7 +46,7 @@ def redis_client(settings: Settings) -> redis.Redis:
     """A client of the state Redis (LIMITER_REDIS_URL, default REDIS_URL: the ledger, poll
     markers and dead letters), with timeouts on every command and a pool sized for the
     worker's real concurrency (config/redis.py)."""
-    return redis_urls.client(settings.limiter_url)
+    return redis_urls.client(settings.limiter_url, settings.sentinel)
 
 
 def hold_through_outage(call: Callable[[], T], what: str, outage_s: float) -> T:
