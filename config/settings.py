@@ -210,6 +210,19 @@ class Settings(BaseSettings):
     redis_sentinel_password: SecretStr | None = Field(
         default=None, description="the sentinels' own password, where they have one"
     )
+    redis_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="replicas that must hold a call's recorded cost before its job is "
+        "acknowledged (Redis WAIT), an integer 0..16; 1 behind Sentinel",
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="milliseconds a job's end waits for those replicas, 1..10000",
+    )
     celery_broker_url: str | None = Field(
         default=None, description="a broker URL overriding REDIS_URL for the broker"
     )

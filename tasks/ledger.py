@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,8 @@ from tasks.errors import BudgetExceeded, TransientError
 from tasks.scripts import register
 from tasks.scripts import run as run_script
 from tasks.state import hold_through_outage, per_process, redis_client
+
+logger = logging.getLogger(__name__)
 
 MICRO = 1_000_000
 DAY_S = 86_400
@@ -308,7 +311,31 @@ class Ledger:
         recorded = bool(int(self._run(self._end, keys, args)))
         if recorded:
             metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
+        self._replicate(task_uuid)
         return recorded
+
+    def _replicate(self, task_uuid: str) -> None:
+        """With REDIS_WAIT_REPLICAS, hold the job's acknowledgement until that many replicas
+        have the recorded cost: a failover that loses the last writes of the old primary can
+        then lose the job's acknowledgement (it runs again, and finds its record), never the
+        record of a call that will not run again."""
+        wanted, timeout_ms = self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms
+        if not wanted:
+            return
+        try:
+            acknowledged = int(self.redis.wait(wanted, timeout_ms))
+        except redis.RedisError as exc:
+            acknowledged, why = 0, f"{type(exc).__name__}"
+        else:
+            why = f"{acknowledged} did within {timeout_ms} ms"
+        if acknowledged < wanted:
+            logger.warning(
+                "The cost of taskUUID %s is not confirmed by %d replica(s) (%s): a failover now "
+                "could lose it until the reconciler finds it again.",
+                task_uuid,
+                wanted,
+                why,
+            )
 
     def release(self, task_uuid: str, claimed: float | None = None) -> bool:
         """Drop this task's reservation: Runware refused the call or never had it. With

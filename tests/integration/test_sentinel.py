@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,10 +18,12 @@ import pytest
 import redis
 from celery import Celery
 
+from config.settings import load_settings
+from tasks.ledger import Ledger
 from tests.conftest import FAST_REDELIVERY, run_cli, worker_env
 from tests.load.common import max_in_window
 from workers.sandbox import Sandbox
-from workers.services import SentinelGroup, WorkerProcess
+from workers.services import RedisServer, SentinelGroup, WorkerProcess
 
 MASTER = "enhance"
 PRICE = 1300
@@ -63,6 +68,7 @@ def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
         sandbox,
         **FAST_REDELIVERY,
         REDIS_SENTINEL_MASTER=MASTER,
+        REDIS_WAIT_REPLICAS="1",
         RUNWARE_RATE_LIMIT=str(rate),
         RUNWARE_MAX_RETRIES="10",
         RUNWARE_RECONCILE_S="2",
@@ -111,3 +117,51 @@ def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
         producer.close()
         for worker in workers:
             worker.stop()
+
+
+def test_a_recorded_cost_reaches_a_replica_before_the_job_is_acknowledged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Of the writes a failover can lose (the old primary acknowledged them, the replica never
+    got them), the one that matters most is a call's recorded cost: a lost acknowledgement only
+    runs the job again (it finds its record, or Runware answers 409 and getResponse recovers
+    it), a lost reservation comes back as unsettled, but a lost record of a call whose job was
+    acknowledged is spend no one would see. REDIS_WAIT_REPLICAS holds the job's end until a
+    replica has it, and says so when none confirms in time."""
+    primary = RedisServer().start()
+    replica = RedisServer(
+        args=("--replicaof", "127.0.0.1", str(primary.port), "--enable-debug-command", "yes")
+    ).start()
+    client = redis.Redis(port=primary.port)
+    copy = redis.Redis(port=replica.port)
+    try:
+        _until(lambda: copy.info("replication")["master_link_status"] == "up", 15, "replicating")
+        settings = load_settings(
+            _env_file=None, redis_wait_replicas=1, redis_wait_timeout_ms=300, key_prefix="w"
+        )
+        ledger = Ledger(client, settings)
+        items = [{"text": "a fox", "cost": 0.0013}]
+        with caplog.at_level(logging.WARNING, logger="tasks.ledger"):
+            task = str(uuid.uuid4())
+            ledger.begin(task, "a", 0.0013, "shape")
+            ledger.end(task, "a", 0.0013, items)
+            assert copy.get(f"w:ledger:task:{task}") is not None  # on the replica already
+            assert "not confirmed" not in caplog.text
+            # A replica that stops applying the stream (blocked for 1 s): the end says so.
+            stall = threading.Thread(
+                target=lambda: redis.Redis(port=replica.port).execute_command(  # type: ignore[no-untyped-call]
+                    "DEBUG", "SLEEP", "1"
+                )
+            )
+            stall.start()
+            time.sleep(0.1)
+            late = str(uuid.uuid4())
+            ledger.begin(late, "a", 0.0013, "shape")
+            ledger.end(late, "a", 0.0013, items)
+            stall.join()
+        assert f"The cost of taskUUID {late} is not confirmed by 1 replica(s)" in caplog.text
+    finally:
+        client.close()
+        copy.close()
+        replica.cleanup()
+        primary.cleanup()
