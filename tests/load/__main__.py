@@ -13,6 +13,7 @@ BENCHMARKS = {
     "fairness": ("tests.load.bench_fairness", "fair share between accounts, priority, weights"),
     "throughput": ("tests.load.bench_throughput", "the project's worker against a bare Celery one"),
     "chaos": ("tests.load.bench_chaos", "SIGKILLs at any instant, a Redis restart: nothing lost"),
+    "failover": ("tests.load.bench_failover", "Redis Sentinel failover under a global rate"),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",
