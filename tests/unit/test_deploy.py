@@ -405,3 +405,27 @@ def test_dockerfile() -> None:
     [*_, user] = _docker("USER")
     assert user.split(":")[0] not in ("root", "0")
     assert [json.loads(cmd) for cmd in _docker("CMD")] == [shlex.split(WORKER)]
+
+
+def test_the_sentinel_override_wires_every_app_to_the_sentinels() -> None:
+    override = _load_all(DEPLOY / "docker-compose.sentinel.yml")[0]
+    schema_file = files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert [error.message for error in validator.iter_errors(override)] == []
+    services = override["services"]
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert len(sentinels) == 3
+    monitor = re.search(
+        r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", services[sentinels[0]]["command"][2]
+    )
+    assert monitor is not None
+    group, primary, port, quorum = monitor.groups()
+    assert (primary, int(port), int(quorum)) == ("redis", REDIS, 2)  # the base file's redis
+    assert services["redis-replica"]["command"][-3:] == ["--replicaof", "redis", str(REDIS)]
+    for app in ("worker", "flower"):
+        env = _env(services[app]["environment"])
+        assert env["REDIS_URL"] == ";".join(f"sentinel://{s}:26379/0" for s in sentinels)
+        assert env["REDIS_SENTINEL_MASTER"] == group
+        Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[call-arg]
+        assert app in SERVICES  # an override of the base file's service
