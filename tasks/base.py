@@ -202,7 +202,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         done, outcome = client.get_response(task_uuid, alone=started.alone)
         if done:
             return outcome
-        elapsed = max(0.0, time.time() - submitted)
+        elapsed = max(0.0, started.now - submitted)  # both by Redis's clock
         if elapsed > job.timeout_s:
             pending.clear(task_uuid)
             raise TaskTimeout(

@@ -102,6 +102,7 @@ class Started:
     submitted: float | None = None
     alone: bool = False  # its last request was refused without naming a task: send it alone
     estimate_micro: int = 0
+    now: float = 0.0  # Redis's clock at the start (hosts' own clocks may disagree)
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ class Ledger:
             submitted=float(marker) if marker else None,
             alone=bool(int(answer[2])),
             estimate_micro=int(answer[3]),
+            now=float(answer[4]),
         )
 
     def _refusal(
@@ -350,7 +352,8 @@ class Ledger:
         unsettled at once (the reconciler settles it). One attempt: if Redis is down, the
         reservation becomes due by itself after RUNWARE_RESERVATION_S."""
         with contextlib.suppress(redis.RedisError):
-            self.redis.zadd(self.keys.reservations_due, {task_uuid: time.time()}, xx=True)
+            seconds, micro = self.redis.time()  # Redis's clock, as the claim reads it
+            self.redis.zadd(self.keys.reservations_due, {task_uuid: seconds + micro / 1e6}, xx=True)
 
     # --- reconciliation ------------------------------------------------------------------------
     def claim_due(
@@ -383,9 +386,10 @@ class Ledger:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.reservations)
             pipe.zrange(self.keys.reservations_due, 0, -1, withscores=True)
-            raw, scores = pipe.execute()
+            pipe.time()
+            raw, scores, (seconds, micro) = pipe.execute()
         due = {_text(k): float(v) for k, v in scores}
-        now = time.time()
+        now = seconds + micro / 1e6
         held = Holdings()
         for key, value in raw.items():
             task_uuid = _text(key)

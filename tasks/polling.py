@@ -12,8 +12,6 @@ back-off and the deadline); it survives redeliveries because the taskUUID does.
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from config.keys import StateKeys
@@ -31,10 +29,12 @@ class PendingCalls:
 
     def mark(self, task_uuid: str, ttl_s: float) -> float:
         """Record the submission now (kept if already recorded); return its time."""
-        now = time.time()
         key = self.keys.pending(task_uuid)
 
         def mark() -> float:
+            # Redis's clock: the task's deadline is checked by whichever host polls it next.
+            seconds, micro = self.redis.time()
+            now = seconds + micro / 1e6
             self.redis.set(key, repr(now), nx=True, ex=max(60, int(ttl_s) + 300))
             raw = self.redis.get(key)
             return now if raw is None else float(raw)

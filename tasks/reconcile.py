@@ -92,13 +92,14 @@ def _check(
             recorded,
         )
         return {"taskUUID": taskUUID, "state": "settled", "cost": outcome.cost}
-    if started is not None and time.time() - started > GIVE_UP_S:
+    # (Both by Redis's clock: the reservation's start, and the claim.)
+    if started is not None and claimed is not None and claimed - started > GIVE_UP_S:
         ledger.release(taskUUID, claimed)
         logger.warning(
             "Runware still reports call %s unfinished %.0f h after it started; its reservation "
             "is dropped.",
             taskUUID,
-            (time.time() - started) / 3600,
+            (claimed - started) / 3600,
         )
         return {"taskUUID": taskUUID, "state": "released", "cost": 0.0}
     return {"taskUUID": taskUUID, "state": "running", "cost": None}

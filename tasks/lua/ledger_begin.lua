@@ -6,7 +6,8 @@
 --      no sign of life is due for reconciliation, 8: today (YYYY-MM-DD), 9: the call's shape,
 --      10: the worker process making the call ('' unknown: its death is noticed by time only)
 -- Returns {3, record} when the task already finished (nothing reserved);
---         {1, poll marker or '', alone 0|1, estimate} when the call may go (reserved);
+--         {1, poll marker or '', alone 0|1, estimate, now} when the call may go (reserved;
+--           now: Redis's clock, which every host shares);
 --         {0, 1 fleet | 2 account, spent or reserved, estimate, of which unsettled} refused.
 local account, shape = ARGV[3], ARGV[9]
 local done = redis.call('GET', KEYS[1])
@@ -21,7 +22,7 @@ if held then  -- a retry, poll or redelivery of a call this task already reserve
     held.w = ARGV[10]
     redis.call('HSET', KEYS[2], uuid, cjson.encode(held))
   end
-  return {1, marker, alone, held.e}
+  return {1, marker, alone, held.e, tostring(now)}
 end
 
 -- The estimate: the configured one, or the highest real cost of this shape seen lately.
@@ -59,4 +60,4 @@ redis.call('HSET', KEYS[2], uuid, cjson.encode({e = estimate, a = account, d = A
 redis.call('ZADD', KEYS[3], due, uuid)
 redis.call('HINCRBY', KEYS[4], 'total', estimate)
 redis.call('HINCRBY', KEYS[4], 'acct:' .. account, estimate)
-return {1, marker, alone, estimate}
+return {1, marker, alone, estimate, tostring(now)}
