@@ -14,6 +14,7 @@ BENCHMARKS = {
     "throughput": ("tests.load.bench_throughput", "the project's worker against a bare Celery one"),
     "chaos": ("tests.load.bench_chaos", "SIGKILLs at any instant, a Redis restart: nothing lost"),
     "failover": ("tests.load.bench_failover", "Redis Sentinel failover under a global rate"),
+    "capacity": ("tests.load.bench_capacity", "limiter and ledger decisions one Redis carries"),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",
