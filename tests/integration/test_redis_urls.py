@@ -126,7 +126,10 @@ def tls_redis(certificates: Certificates) -> Iterator[RedisServer]:
 def _assert_rate_held(sandbox: Sandbox, jobs: int) -> None:
     times = sandbox.state.call_times
     assert len(times) == jobs  # RUNWARE_BATCH_MAX=1: one request per job
-    assert max_in_window(times) <= 10 + 1  # the rate plus the burst of 1
+    # The rate plus the burst of 1, plus one call sent late: grants are spaced, sends may not
+    # be (a worker's first call loads its scripts and opens its connections before it leaves,
+    # and can reach the API right before the next one). No limit at all would show `jobs`.
+    assert max_in_window(times) <= 10 + 2
 
 
 def _assert_limits_cli_works(url: str) -> None:
@@ -180,7 +183,7 @@ def test_a_worker_on_a_tls_only_redis(
     producer = Celery(broker=plain, backend=plain)
     producer.conf.broker_use_ssl = verify
     producer.conf.redis_backend_use_ssl = verify
-    _run_rate_limited_jobs(worker, producer, url, sandbox, 15)
+    _run_rate_limited_jobs(worker, producer, url, sandbox, 25)
 
 
 def test_a_worker_on_a_unix_socket_redis_with_a_password(sandbox: Sandbox) -> None:
@@ -195,7 +198,7 @@ def test_a_worker_on_a_unix_socket_redis_with_a_password(sandbox: Sandbox) -> No
         path = urlsplit(url).path
         socket_url = f"redis+socket://:{quote(SOCKET_PASSWORD, safe='')}@{path}?virtual_host=3"
         producer = Celery(broker=socket_url, backend=socket_url)
-        _run_rate_limited_jobs(worker, producer, url, sandbox, 12)
+        _run_rate_limited_jobs(worker, producer, url, sandbox, 25)
     log = worker.log()
     assert SOCKET_PASSWORD not in log
     assert quote(SOCKET_PASSWORD, safe="") not in log
