@@ -15,6 +15,7 @@ BENCHMARKS = {
     "chaos": ("tests.load.bench_chaos", "SIGKILLs at any instant, a Redis restart: nothing lost"),
     "failover": ("tests.load.bench_failover", "Redis Sentinel failover under a global rate"),
     "capacity": ("tests.load.bench_capacity", "limiter and ledger decisions one Redis carries"),
+    "partition": ("tests.load.bench_partition", "worker hosts in network namespaces, one cut off"),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",
