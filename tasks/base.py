@@ -127,9 +127,12 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     def job_uuid(self, task_id: str | None = None, kwargs: dict[str, Any] | None = None) -> str:
         """The taskUUID a job uses: its `taskUUID` argument, or the one made from its task id."""
         given = (self.request.kwargs or {} if kwargs is None else kwargs).get("taskUUID")
-        if isinstance(given, str) and given:
-            return given
-        return stable_task_uuid(str(task_id or self.request.id))
+        return self.call_uuid(given if isinstance(given, str) else None, task_id)
+
+    def call_uuid(self, given: str | None, task_id: str | None = None) -> str:
+        """The one rule for a call's taskUUID: the one given, else one made from the Celery
+        task id (so that every retry and redelivery of the job reuses it)."""
+        return given or stable_task_uuid(str(task_id or self.request.id))
 
     def dead_letter(
         self, exc: BaseException, task_id: str, args: list[Any], kwargs: dict[str, Any]

@@ -9,7 +9,7 @@ from config.settings import get_settings
 from tasks.base import RunwareJob, RunwareTask
 from tasks.errors import PermanentError, WorkerError
 from tasks.runware import TaskOutcome
-from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance, stable_task_uuid
+from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance
 
 
 def enhance_result(request: EnhanceRequest, outcome: TaskOutcome) -> EnhanceResult:
@@ -39,7 +39,7 @@ def _enhance(task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     def work() -> dict[str, Any]:
         task.keyword_only(args)
         request = parse_enhance(kwargs)
-        task_uuid = request.taskUUID or stable_task_uuid(str(task.request.id))
+        task_uuid = task.call_uuid(request.taskUUID)
         settings = get_settings()
         job = RunwareJob(
             body=request.runware_task(task_uuid),

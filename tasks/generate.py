@@ -16,7 +16,6 @@ from tasks.schemas import (
     VideoRequest,
     VideoResult,
     parse_generation,
-    stable_task_uuid,
     upstream_prompt,
 )
 
@@ -84,7 +83,7 @@ def _generate(
             unit, timeout_s = settings.runware_video_cost_usd, settings.runware_video_timeout_s
             deliver_async = True  # video is always asynchronous
             fields, listed, result_model = VIDEO_FIELDS, "videos", VideoResult
-        task_uuid = request.taskUUID or stable_task_uuid(str(task.request.id))
+        task_uuid = task.call_uuid(request.taskUUID)
         outcome = task.call_runware(
             RunwareJob(
                 body=request.runware_task(task_uuid),

@@ -409,11 +409,6 @@ class Ledger:
         return {shape: micro / MICRO for shape, micro in sorted(seen.items())}
 
     # --- reading -------------------------------------------------------------------------------
-    def billed(self, task_uuid: str) -> float | None:
-        """The recorded cost of a taskUUID in USD, or None if none is recorded."""
-        raw = self.redis.get(self.keys.record(task_uuid))
-        return None if raw is None else int(_text(raw).partition("|")[0]) / MICRO
-
     def day(self, day: str | None = None) -> DayTotals:
         """The settled totals of one UTC day (default today)."""
         name = day or utc_day()

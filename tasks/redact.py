@@ -25,14 +25,18 @@ def _api_key() -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
+def mask(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced by <redacted>."""
+    if secret and secret in text:
+        return text.replace(secret, "<redacted>")
+    return text
+
+
 def redact(text: str) -> str:
     """`text` with URL query strings, URL credentials and the API key masked."""
     text = _URL_QUERY.sub(r"\1?<redacted>", text)
     text = _URL_USERINFO.sub(r"\1<redacted>@", text)
-    key = _api_key()
-    if key and key in text:
-        text = text.replace(key, "<redacted>")
-    return text
+    return mask(text, _api_key())
 
 
 @signals.before_task_publish.connect

@@ -32,6 +32,7 @@ from tasks.errors import (
     TransientError,
 )
 from tasks.limiter import Permit, get_limiter
+from tasks.redact import mask
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +160,8 @@ class RunwareClient:
         self.session.close()
 
     def redact(self, text: str) -> str:
-        """`text` with the API key, should any server echo it, replaced by ***."""
-        if self._key and self._key in text:
-            return text.replace(self._key, "***")
-        return text
+        """`text` with this client's API key, should any server echo it, masked."""
+        return mask(text, self._key)
 
     # --- calls ---------------------------------------------------------------------------------
     def run(self, task: dict[str, Any], alone: bool = False) -> TaskOutcome:

@@ -123,7 +123,7 @@ def test_both_error_shapes_are_read() -> None:
 
 
 def test_an_echoed_key_is_redacted(client: RunwareClient) -> None:
-    assert client.redact(f"bad key {SECRET}!") == "bad key ***!"
+    assert client.redact(f"bad key {SECRET}!") == "bad key <redacted>!"
 
 
 def _batching_client(sandbox: Sandbox, gate: Any = None) -> RunwareClient:
