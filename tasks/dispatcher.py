@@ -43,6 +43,7 @@ from config.settings import Settings
 from tasks import metrics, scripts
 from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
+from tasks.state import seconds as redis_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ def live_workers(client: redis.Redis, keys: FairKeys) -> list[str]:
     with client.pipeline(transaction=False) as pipe:
         pipe.time()
         pipe.zrange(keys.workers_seen, 0, -1, withscores=True)
-        (seconds, micro), seen = pipe.execute()
-    now = seconds + micro / 1e6
+        clock, seen = pipe.execute()
+    now = redis_seconds(clock)
     return [(w.decode() if isinstance(w, bytes) else str(w)) for w, expiry in seen if expiry > now]
 
 

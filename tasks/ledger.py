@@ -39,6 +39,7 @@ from tasks.errors import BudgetExceeded, TransientError
 from tasks.scripts import register
 from tasks.scripts import run as run_script
 from tasks.state import hold_through_outage, per_process, redis_client
+from tasks.state import seconds as redis_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +353,8 @@ class Ledger:
         unsettled at once (the reconciler settles it). One attempt: if Redis is down, the
         reservation becomes due by itself after RUNWARE_RESERVATION_S."""
         with contextlib.suppress(redis.RedisError):
-            seconds, micro = self.redis.time()  # Redis's clock, as the claim reads it
-            self.redis.zadd(self.keys.reservations_due, {task_uuid: seconds + micro / 1e6}, xx=True)
+            now = redis_seconds(self.redis.time())  # Redis's clock, as the claim reads it
+            self.redis.zadd(self.keys.reservations_due, {task_uuid: now}, xx=True)
 
     # --- reconciliation ------------------------------------------------------------------------
     def claim_due(
@@ -387,9 +388,9 @@ class Ledger:
             pipe.hgetall(self.keys.reservations)
             pipe.zrange(self.keys.reservations_due, 0, -1, withscores=True)
             pipe.time()
-            raw, scores, (seconds, micro) = pipe.execute()
+            raw, scores, clock = pipe.execute()
         due = {_text(k): float(v) for k, v in scores}
-        now = seconds + micro / 1e6
+        now = redis_seconds(clock)
         held = Holdings()
         for key, value in raw.items():
             task_uuid = _text(key)

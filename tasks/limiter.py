@@ -29,6 +29,7 @@ from config.keys import PRIORITY_CLASSES, FairKeys
 from config.settings import Settings, get_settings, parse_rate
 from tasks import scripts
 from tasks.state import per_process
+from tasks.state import seconds as redis_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,8 @@ class Limiter:
         pipe.zcard(keys.leases)
         pipe.get(keys.cooldown)
         pipe.time()
-        raw_overrides, in_flight, cooldown, (sec, usec) = pipe.execute()
-        now = sec + usec / 1e6
+        raw_overrides, in_flight, cooldown, clock = pipe.execute()
+        now = redis_seconds(clock)
         overrides = {_text(k): float(v) for k, v in raw_overrides.items()}
         return {
             "settings": {

@@ -17,6 +17,7 @@ import redis
 from config.keys import StateKeys
 from config.settings import Settings, get_settings
 from tasks.state import hold_through_outage, per_process, redis_client
+from tasks.state import seconds as redis_seconds
 
 
 class PendingCalls:
@@ -33,8 +34,7 @@ class PendingCalls:
 
         def mark() -> float:
             # Redis's clock: the task's deadline is checked by whichever host polls it next.
-            seconds, micro = self.redis.time()
-            now = seconds + micro / 1e6
+            now = redis_seconds(self.redis.time())
             self.redis.set(key, repr(now), nx=True, ex=max(60, int(ttl_s) + 300))
             raw = self.redis.get(key)
             return now if raw is None else float(raw)

@@ -42,6 +42,13 @@ def per_process(make: Callable[[], T]) -> Callable[[], T]:
     return get
 
 
+def seconds(time_reply: tuple[int, int]) -> float:
+    """Redis's TIME reply (seconds, microseconds) as epoch seconds: the clock every host of the
+    fleet shares, where hosts' own clocks may disagree."""
+    whole, micro = time_reply
+    return whole + micro / 1e6
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A client of the state Redis (LIMITER_REDIS_URL, default REDIS_URL: the ledger, poll
     markers and dead letters), with timeouts on every command and a pool sized for the

@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,16 @@ def _clean_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
         api_key=SECRET,
         video_render_s=1.0,
     )
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll `check` every 0.1 s until it is true; the seconds that took. Fails the test, naming
+    `what`, after `timeout` seconds."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout}s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 def run_cli(

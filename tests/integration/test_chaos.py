@@ -12,17 +12,9 @@ from celery import Celery
 
 from config.keys import FairKeys
 from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker, worker_env
+from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
 from workers.services import RedisServer, WorkerProcess
-
-
-def _ledger_total_micro(url: str) -> int:
-    client = redis.Redis.from_url(url)
-    total = sum(
-        int(client.hget(key, "total") or 0) for key in client.scan_iter("enhance:ledger:day:*")
-    )
-    client.close()
-    return total
 
 
 def _requests_behind(failures: list[str], sandbox: Sandbox) -> str:
@@ -55,7 +47,7 @@ def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox
     assert len(uuids) == 30
     assert set(sandbox.state.accepted) == uuids
     assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
-    assert _ledger_total_micro(doomed.redis_url) == sandbox.state.billed_micro == 30 * 1300
+    assert ledger_micro(doomed.redis_url) == sandbox.state.billed_micro == 30 * 1300
 
 
 def _holder(client: redis.Redis, live: list[RunningWorker]) -> RunningWorker:
@@ -122,7 +114,7 @@ def test_sigkill_at_any_instant_loses_nothing(start_worker: StartWorker, sandbox
     assert len(uuids) == 60
     assert set(sandbox.state.accepted) == uuids
     assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
-    assert _ledger_total_micro(first.redis_url) == sandbox.state.billed_micro == 60 * 1300
+    assert ledger_micro(first.redis_url) == sandbox.state.billed_micro == 60 * 1300
     logs = "".join(w.process.log() for w in started)
     recovered = sum(int(n) for n in re.findall(r"(\d+) granted job\(s\) were lost", logs))
     assert 1 <= recovered <= 1 + 4, recovered  # the vanished consumer's, at most 1 per kill
@@ -182,4 +174,4 @@ def test_a_faulty_api(start_worker: StartWorker, sandbox: Sandbox) -> None:
     assert statuses.get("429", 0) + statuses.get("503", 0) + statuses.get("500", 0) > 0
     retries = worker.process.log().count("will retry")
     assert 0 < retries <= 200 * 10
-    assert _ledger_total_micro(worker.redis_url) == sandbox.state.billed_micro == 200 * 1300
+    assert ledger_micro(worker.redis_url) == sandbox.state.billed_micro == 200 * 1300

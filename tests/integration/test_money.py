@@ -13,8 +13,8 @@ import redis
 
 from config.settings import load_settings
 from tasks.ledger import Ledger, call_shape
-from tests.conftest import FAST_REDELIVERY, StartWorker, run_cli
-from tests.load.common import max_in_window
+from tests.conftest import FAST_REDELIVERY, StartWorker, run_cli, wait_until
+from tests.load.common import ledger_micro, max_in_window
 from workers.sandbox import Sandbox
 
 PRICE = 1300  # the sandbox's micro-dollars per enhanced version
@@ -26,21 +26,6 @@ RECONCILE = {
     "RUNWARE_POLL_MAX_INTERVAL_S": "1",
     "RUNWARE_RESERVATION_S": "15",
 }
-
-
-def _ledger_micro(redis_url: str) -> int:
-    client = redis.Redis.from_url(redis_url)
-    total = sum(int(client.hget(k, "total") or 0) for k in client.scan_iter("enhance:ledger:day:*"))
-    client.close()
-    return total
-
-
-def _wait_until(check: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"not within {timeout}s: {what}"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def _outcomes(results: list[Any], timeout: float = 120) -> list[dict[str, Any] | str]:
@@ -74,7 +59,7 @@ def test_a_killed_workers_billed_calls_reach_the_ledger_exactly_once(
     sandbox.configure(rate_hang=1.0, hang_s=4.0)
     doomed = start_worker("doomed", **env)
     results = [doomed.send(prompt=f"held {n}") for n in range(jobs)]
-    _wait_until(lambda: len(sandbox.state.accepted) == jobs, 30, "all calls accepted")
+    wait_until(lambda: len(sandbox.state.accepted) == jobs, 30, "all calls accepted")
     doomed.process.kill()
     killed = time.monotonic()
     sandbox.configure(rate_hang=0.0)
@@ -83,13 +68,13 @@ def test_a_killed_workers_billed_calls_reach_the_ledger_exactly_once(
     assert billed == jobs * PRICE
     # The calls end 4 s after they arrived; the heartbeat lapses 6 s after the kill; then one
     # reconciliation period (2 s) and the checks' own round trips.
-    _wait_until(lambda: _ledger_micro(heir.redis_url) == billed, 12, "ledger == bill")
+    wait_until(lambda: ledger_micro(heir.redis_url) == billed, 12, "ledger == bill")
     assert time.monotonic() - killed < 20  # settled by reconciliation, not by redelivery (30 s)
     outcomes = _outcomes(results)
     assert all(isinstance(o, dict) for o in outcomes), outcomes
     assert set(sandbox.state.accepted) == {o["taskUUID"] for o in outcomes}  # type: ignore[index]
     assert sandbox.state.by_type.get("promptEnhance") == jobs  # none sent again
-    assert _ledger_micro(heir.redis_url) == billed
+    assert ledger_micro(heir.redis_url) == billed
     report = json.loads(run_cli(heir.redis_url, "cost", "--json", check=True).stdout)
     assert report["unsettled_calls"] == 0
     assert report["reserved_calls"] == 0
@@ -109,14 +94,14 @@ def test_calls_their_jobs_gave_up_on_are_settled_by_the_reconciler(
     sandbox.configure(rate_hang=0.0)  # (or the reconciler's polls would time out too)
     billed = sandbox.state.billed_micro
     assert billed == jobs * 2 * PRICE
-    _wait_until(lambda: _ledger_micro(worker.redis_url) == billed, 10, "settled")
+    wait_until(lambda: ledger_micro(worker.redis_url) == billed, 10, "settled")
     report = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
     assert report["unsettled_calls"] == 0
     assert round(report["total_usd"] * 1_000_000) == billed
     # Asked again, nothing is recorded twice.
     again = json.loads(run_cli(worker.redis_url, "reconcile", "--json", check=True).stdout)
     assert again["checked"] == 0
-    assert _ledger_micro(worker.redis_url) == billed
+    assert ledger_micro(worker.redis_url) == billed
 
 
 def test_reconcile_on_the_command_line_settles_what_it_can_now(
@@ -166,7 +151,7 @@ def test_hundreds_of_unsettled_reservations_do_not_refuse_a_job_that_fits(
     assert result["cost"] == 0.0013
     assert sandbox.state.billed_micro == PRICE
     drained = lambda: client.hgetall("enhance:ledger:resv:sum") == {}  # noqa: E731
-    _wait_until(drained, 30, "every reservation released, no zeroed field left")
+    wait_until(drained, 30, "every reservation released, no zeroed field left")
     client.close()
 
 
@@ -232,7 +217,7 @@ def test_a_budget_is_passed_by_at_most_one_wave_of_under_estimates(
     )
     assert refused > 0
     assert second <= budget
-    assert _ledger_micro(worker.redis_url) == sandbox.state.billed_micro
+    assert ledger_micro(worker.redis_url) == sandbox.state.billed_micro
 
 
 def test_a_shared_request_refused_without_a_task_stays_within_the_limit(
@@ -269,7 +254,7 @@ def test_an_answer_without_text_fails_once_and_is_billed(
     assert "PermanentError" in outcome
     assert "without any enhanced text" in outcome
     assert sandbox.state.requests == 1
-    assert _ledger_micro(worker.redis_url) == sandbox.state.billed_micro == PRICE
+    assert ledger_micro(worker.redis_url) == sandbox.state.billed_micro == PRICE
 
 
 def test_a_finished_calls_cost_and_items_live_as_long_as_each_other(

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -20,8 +19,8 @@ from celery import Celery
 
 from config.settings import load_settings
 from tasks.ledger import Ledger
-from tests.conftest import FAST_REDELIVERY, run_cli, worker_env
-from tests.load.common import max_in_window
+from tests.conftest import FAST_REDELIVERY, run_cli, wait_until, worker_env
+from tests.load.common import ledger_micro, max_in_window, result_across_failover
 from workers.sandbox import Sandbox
 from workers.services import RedisServer, SentinelGroup, WorkerProcess
 
@@ -34,28 +33,6 @@ def group() -> Iterator[SentinelGroup]:
     started = SentinelGroup(MASTER).start()
     yield started
     started.cleanup()
-
-
-def _until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.1)
-
-
-def _collect(result: Any, deadline: float) -> Any:
-    """A result, read again when the failover cuts the producer's connection under the read
-    (Celery's result consumer raises the ConnectionError; the result is in the new master)."""
-    while True:
-        try:
-            return result.get(timeout=max(1.0, deadline - time.monotonic()))
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            assert time.monotonic() < deadline, "no result before the deadline"
-            time.sleep(0.5)
-
-
-def _ledger_micro(client: redis.Redis) -> int:
-    return sum(int(client.hget(k, "total") or 0) for k in client.scan_iter("enhance:ledger:day:*"))
 
 
 def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
@@ -87,11 +64,11 @@ def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
             producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"failover {n}"})
             for n in range(jobs)
         ]
-        _until(lambda: len(sandbox.state.accepted) >= jobs // 3, 60, "a third of the calls")
+        wait_until(lambda: len(sandbox.state.accepted) >= jobs // 3, 60, "a third of the calls")
         killed = time.time()
         group.primary.process.kill()  # type: ignore[union-attr]
         deadline = time.monotonic() + 180
-        outcomes = [_collect(r, deadline) for r in results]
+        outcomes = [result_across_failover(r, deadline) for r in results]
         assert group.replica is not None
         assert group.sentinels[0].master() == ("127.0.0.1", group.replica.port)
         # Every job done, each taskUUID accepted once, and nothing else accepted.
@@ -102,7 +79,7 @@ def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
         assert sandbox.state.billed_micro == jobs * PRICE
         # The ledger, on the new primary, equals the bill once the unsettled calls are settled.
         client = redis.Redis(port=group.replica.port)
-        _until(lambda: _ledger_micro(client) == jobs * PRICE, 30, "ledger == bill")
+        wait_until(lambda: ledger_micro(client) == jobs * PRICE, 30, "ledger == bill")
         client.close()
         monkeypatch.setenv("REDIS_SENTINEL_MASTER", MASTER)  # the CLI follows the master too
         report = json.loads(run_cli(group.url, "cost", "--json", check=True).stdout)
@@ -135,7 +112,9 @@ def test_a_recorded_cost_reaches_a_replica_before_the_job_is_acknowledged(
     client = redis.Redis(port=primary.port)
     copy = redis.Redis(port=replica.port)
     try:
-        _until(lambda: copy.info("replication")["master_link_status"] == "up", 15, "replicating")
+        wait_until(
+            lambda: copy.info("replication")["master_link_status"] == "up", 15, "replicating"
+        )
         settings = load_settings(
             _env_file=None, redis_wait_replicas=1, redis_wait_timeout_ms=300, key_prefix="w"
         )

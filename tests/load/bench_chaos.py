@@ -42,7 +42,7 @@ import redis
 
 from config.keys import FairKeys
 from tests.load.bench_fairness import PRICE_MICRO, read_results, send_backlog
-from tests.load.common import KEY
+from tests.load.common import KEY, ledger_micro
 from workers.services import RedisServer, SandboxProcess, WorkerProcess
 
 DISPATCHER_KEY = FairKeys("enhance").dispatcher  # "hostname:PID:..." of the holder
@@ -172,12 +172,6 @@ def wait_completed(
         fleet.replace_exited()
         done = completed(client, ids)
     return done
-
-
-def ledger_micro(client: redis.Redis) -> int:
-    return sum(
-        int(client.hget(key, "total") or 0) for key in client.scan_iter("enhance:ledger:day:*")
-    )
 
 
 def whereabouts(client: redis.Redis, task_id: str) -> str:

@@ -21,36 +21,23 @@ import itertools
 import time
 from typing import Any
 
-import redis
 from celery import Celery
 
-from tests.load.common import KEY, max_in_window
+from tests.load.common import KEY, ledger_micro, max_in_window, result_across_failover
 from workers.services import SandboxProcess, SentinelGroup, WorkerProcess
 
 MASTER = "enhance"
 PRICE_MICRO = 1300
 
 
-def _ledger_micro(port: int) -> int:
-    client = redis.Redis(port=port, socket_timeout=2.0)
+def _outcome(result: Any, deadline: float) -> Any:
+    """A job's result, its error, or None when it has none by the deadline."""
     try:
-        return sum(
-            int(client.hget(k, "total") or 0) for k in client.scan_iter("enhance:ledger:day:*")
-        )
-    finally:
-        client.close()
-
-
-def _collect(result: Any, deadline: float) -> Any:
-    while True:
-        try:
-            return result.get(timeout=max(1.0, deadline - time.monotonic()))
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.5)
-        except Exception as exc:  # a failed job: reported as such
-            return exc
+        return result_across_failover(result, deadline)
+    except TimeoutError:
+        return None
+    except Exception as exc:  # a failed job: reported as such
+        return exc
 
 
 def main() -> None:
@@ -105,7 +92,7 @@ def main() -> None:
                 promoted = time.time() - killed
             time.sleep(0.05)
         deadline = time.monotonic() + 300
-        outcomes = [_collect(r, deadline) for r in results]
+        outcomes = [_outcome(r, deadline) for r in results]
         done = [o for o in outcomes if isinstance(o, dict) and o.get("text")]
         stats = sandbox.stats()
         accepted: dict[str, int] = stats["accepted"]
@@ -113,9 +100,10 @@ def main() -> None:
         twice = sum(1 for n in accepted.values() if n > 1) + len(set(accepted) - uuids)
         bill = int(stats["billed_micro"])
         settle_by = time.monotonic() + 60
-        while _ledger_micro(group.replica.port) != bill and time.monotonic() < settle_by:
+        new_primary = f"redis://127.0.0.1:{group.replica.port}/0"
+        while ledger_micro(new_primary) != bill and time.monotonic() < settle_by:
             time.sleep(0.2)
-        ledger = _ledger_micro(group.replica.port)
+        ledger = ledger_micro(new_primary)
         times: list[float] = stats["call_times"]
         after = [t for t in times if killed <= t <= killed + 10]
         around = sorted(t for t in times if killed - 2 <= t <= killed + 60)

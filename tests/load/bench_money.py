@@ -69,9 +69,8 @@ import redis
 from celery import Celery
 
 from config.keys import StateKeys
-from tests.load.bench_chaos import ledger_micro
 from tests.load.bench_fairness import read_results
-from tests.load.common import KEY, fleet, max_in_window, private_redis
+from tests.load.common import KEY, fleet, ledger_micro, max_in_window, private_redis
 from workers.services import SandboxProcess, WorkerProcess
 
 ENHANCE = "tasks.enhance_prompt"

@@ -25,7 +25,7 @@ import time
 import redis
 from celery import Celery
 
-from tests.load.common import KEY, max_in_window
+from tests.load.common import KEY, ledger_micro, max_in_window
 from workers.services import SandboxProcess, WorkerProcess, redis_server_binary
 
 NET = "10.77.0"
@@ -75,10 +75,6 @@ class HostWorker(WorkerProcess):
 
     def command(self) -> list[str]:
         return ["ip", "netns", "exec", self.host, *super().command()]
-
-
-def _ledger_micro(client: redis.Redis) -> int:
-    return sum(int(client.hget(k, "total") or 0) for k in client.scan_iter("enhance:ledger:day:*"))
 
 
 def _taken(worker: WorkerProcess) -> int:
@@ -171,7 +167,7 @@ def main() -> None:
         twice = sum(1 for n in accepted.values() if n > 1) + max(0, len(accepted) - done)
         bill = int(stats["billed_micro"])
         settle_by = time.monotonic() + 30
-        while _ledger_micro(client) != bill and time.monotonic() < settle_by:
+        while ledger_micro(client) != bill and time.monotonic() < settle_by:
             time.sleep(0.2)
         times = sorted(stats["call_times"])
         seconds = [
@@ -181,7 +177,7 @@ def main() -> None:
         print(
             f"partition: 3 worker hosts x {args.concurrency} at {args.rate}/s, the third cut off "
             f"for {args.cut_for:g} s; {done}/{args.jobs} jobs completed ({failed} failed); "
-            f"taskUUIDs billed twice or without a result: {twice}; ledger {_ledger_micro(client)}"
+            f"taskUUIDs billed twice or without a result: {twice}; ledger {ledger_micro(client)}"
             f" micro vs bill {bill} micro; busiest second {max_in_window(times)} calls; jobs the"
             f" cut-off worker took: {before} before the cut, {_taken(cut_off) - before} after"
         )

@@ -8,8 +8,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 from celery import Celery
 
+from config.keys import StateKeys
 from workers.services import RedisServer, SandboxProcess, WorkerProcess
 
 KEY = "bench-key"
@@ -82,3 +84,27 @@ def rate_report(times: list[float]) -> dict[str, float]:
 def private_redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+def ledger_micro(target: redis.Redis | str, prefix: str = "enhance") -> int:
+    """The ledger's recorded spend over every day, in micro-dollars, from a client or a URL."""
+    client = redis.Redis.from_url(target) if isinstance(target, str) else target
+    try:
+        days = client.scan_iter(StateKeys(prefix).day("*"))
+        return sum(int(client.hget(key, "total") or 0) for key in days)
+    finally:
+        if isinstance(target, str):
+            client.close()
+
+
+def result_across_failover(result: Any, deadline: float) -> Any:
+    """A job's result, read again when a Redis failover cuts the producer's connection under the
+    read (Celery's result consumer raises the ConnectionError; the result is on the new master).
+    A failed job raises its error; no result by `deadline` (monotonic) raises TimeoutError."""
+    while True:
+        try:
+            return result.get(timeout=max(1.0, deadline - time.monotonic()))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            if time.monotonic() >= deadline:
+                raise TimeoutError("no result before the deadline") from None
+            time.sleep(0.5)
