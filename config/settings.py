@@ -9,7 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+import pydantic
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config import redis as redis_urls
@@ -409,8 +410,9 @@ class Settings(BaseSettings):
         return self.celery_result_backend or self.redis_url
 
 
-def _one_line(error: ValidationError) -> str:
-    """Render a settings ValidationError as one line per bad variable, never echoing a secret."""
+def _one_line(error: pydantic.ValidationError) -> str:
+    """Render pydantic's ValidationError of the settings as one line per bad variable, never
+    echoing a secret."""
     parts: list[str] = []
     for item in error.errors():
         if not item["loc"]:  # a check across several settings: its message names them
@@ -431,7 +433,7 @@ def load_settings(**overrides: Any) -> Settings:
     """Build Settings from the environment (plus overrides), raising ConfigError on a bad value."""
     try:
         return Settings(**overrides)
-    except ValidationError as exc:
+    except pydantic.ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
 

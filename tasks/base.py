@@ -1,9 +1,17 @@
 """The shared Task class: the retry policy, the budget and the call to Runware, written once.
 
+A task is written as a body that validates its arguments, calls `call_runware` and returns its
+result (a dict); it raises what went wrong and does nothing else. Celery runs every job through
+`RunwareTask.__call__`, which applies the policy to the body, so a task cannot forget it:
 - ValidationError, PermanentError and other WorkerErrors fail the task at once, logged once at
-  ERROR with a message that says what was wrong.
+  ERROR with a message that says what was wrong. What is worth a retry is decided in one place,
+  tasks/errors.py's `for_policy` (and `runware_error` for Runware's answers).
 - TransientError retries with exponential back-off and full jitter, capped, honouring Retry-After,
-  at most RUNWARE_MAX_RETRIES times; then the task fails with the last error and the retry count.
+  at most RUNWARE_MAX_RETRIES times (the task's `retry_limit`, `retry_backoff_s` and
+  `retry_backoff_max_s` options override the settings); then the task fails with the last error
+  and the retry count.
+- Every job's outcome is logged once (taskUUID, duration, cost or reason) and counted in the
+  metrics (tasks/metrics.py); a job that fails for good is kept as a dead letter.
 - Waiting for Runware to finish an async task is not failing: the job is re-scheduled with a
   countdown (kept in Redis by the fair intake, not in a worker) and its retry budget is
   untouched. A job reaches a worker only once the fleet granted it a slot (tasks/dispatcher.py),
@@ -17,7 +25,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,14 +42,16 @@ from tasks.errors import (
     TransientError,
     ValidationError,
     WorkerError,
+    for_policy,
 )
 from tasks.ledger import Started, call_shape, get_ledger
+from tasks.limiter import Limiter, get_limiter
 from tasks.polling import get_pending
 from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
 from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+N = TypeVar("N", int, float)
 # Read by the fair intake (tasks/lua/pump.lua) when a job's countdown ends.
 CONTINUES_HEADER = "enhance_continues"
 
@@ -76,13 +85,50 @@ class RunwareJob:
 
 
 class RunwareTask(Task):  # type: ignore[type-arg]
-    """Base of every task that calls Runware."""
+    """Base of every task that calls Runware: `@app.task(bind=True, base=RunwareTask, name=...)`.
+
+    Per-task options (given to `@app.task`) change the policy for that task only."""
 
     # Our own errors are expected outcomes: Celery logs them without a traceback; we log them once.
     throws = (WorkerError,)
     typing = False
-    # Celery's own retry cap (default 3) would cut our policy short: RUNWARE_MAX_RETRIES bounds it.
+    # Celery's own retry cap (default 3) would cut our policy short: `retry_limit` bounds it.
     max_retries = None
+    # The retry policy; None takes the setting named beside it.
+    retry_limit: int | None = None  # RUNWARE_MAX_RETRIES
+    retry_backoff_s: float | None = None  # RUNWARE_RETRY_BACKOFF_S
+    retry_backoff_max_s: float | None = None  # RUNWARE_RETRY_BACKOFF_MAX_S
+    # A job that fails for good returns {"prompt", "error"} (and is kept as a dead letter)
+    # instead of failing: for the items of a batch, so that one failure does not sink its chord.
+    failure_as_result = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body (`run`) under the retry policy. Celery's worker calls this with the
+        job's request already pushed, so it calls `run` directly (`Task.__call__` would push
+        an empty request over it)."""
+        started = time.monotonic()
+        try:
+            result = self.run(*args, **kwargs)
+        except (Ignore, Retry):
+            raise
+        except Exception as exc:
+            error = for_policy(exc)
+            if error is None:  # a bug: failed with its traceback, never retried
+                raise
+            if isinstance(error, TransientError):
+                error = self._retry_or_give_up(error, started)  # raises Retry while it may
+            else:
+                self._log_outcome(logging.ERROR, "failed", started, reason=str(error))
+            if self.failure_as_result:
+                self.dead_letter(error, str(self.request.id), list(args), kwargs)
+                return {"prompt": kwargs.get("prompt"), "error": str(error)}
+            if error is exc:
+                raise
+            raise error from None
+        if isinstance(result, dict) and "error" not in result:
+            metrics.JOBS.labels(self.name, "success").inc()
+            self._log_outcome(logging.INFO, "succeeded", started, cost=result.get("cost"))
+        return result
 
     def keyword_only(self, args: tuple[Any, ...]) -> None:
         """Refuse positional arguments with a message that says how to call the task."""
@@ -159,14 +205,14 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         up); Runware refusing the call drops it (nothing was billed); anything else may leave a
         call Runware accepted, so the reservation is left unsettled for the reconciler.
         """
-        ledger = get_ledger()
+        ledger, limiter = get_ledger(), get_limiter()
         task_uuid, shape = job.task_uuid, call_shape(job.body)
         started = ledger.begin(task_uuid, job.account, job.estimate_usd, shape)
         if started.finished is not None:  # a redelivered or resent job whose call finished
             logger.info("taskUUID %s already finished; returning its result.", task_uuid)
             return TaskOutcome(task_uuid, started.finished)
         try:
-            outcome = self._submit_or_poll(job, started)
+            outcome = self._submit_or_poll(job, started, limiter)
         except (Ignore, Retry):
             raise
         except TransientError as exc:
@@ -182,13 +228,14 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         ledger.end(task_uuid, job.account, outcome.cost, outcome.items, shape)
         return outcome
 
-    def _submit_or_poll(self, job: RunwareJob, started: Started) -> TaskOutcome:
-        """One call to Runware (a run holds one slot): submit the task, or poll it."""
+    def _submit_or_poll(self, job: RunwareJob, started: Started, limiter: Limiter) -> TaskOutcome:
+        """One call to Runware (a run holds one slot): submit the task, or poll it; the fleet
+        hears how it went (`Limiter.heard`)."""
         client, pending = get_client(), get_pending()
         task_uuid, submitted = job.task_uuid, started.submitted
         if submitted is None:
             try:
-                outcome = client.run(job.body, alone=started.alone)
+                outcome = limiter.heard(lambda: client.run(job.body, alone=started.alone))
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it with a poll, in
                 # a run of its own (with a slot of its own), never by sending it again.
@@ -202,7 +249,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             raise self.reschedule(
                 pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
             )
-        done, outcome = client.get_response(task_uuid, alone=started.alone)
+        done, outcome = limiter.heard(lambda: client.get_response(task_uuid, alone=started.alone))
         if done:
             return outcome
         elapsed = max(0.0, started.now - submitted)  # both by Redis's clock
@@ -217,39 +264,21 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         )
 
     # --- the retry policy ----------------------------------------------------------------------
-    def guarded(self, call: Callable[[], T]) -> T:
-        """Run `call`, turning a TransientError into a retry and any WorkerError into a failure;
-        log the job's outcome once, with its taskUUID, duration and cost."""
-        started = time.monotonic()
-        try:
-            try:
-                result = call()
-            except redis.RedisError as exc:
-                raise TransientError(
-                    f"Redis (limits or ledger) failed: {type(exc).__name__}: {exc}"
-                ) from None
-        except TransientError as exc:
-            raise self._retry_or_give_up(exc, started) from None
-        except WorkerError as exc:
-            self._log_outcome(logging.ERROR, "failed", started, reason=str(exc))
-            raise
-        if isinstance(result, dict) and "error" not in result:
-            metrics.JOBS.labels(self.name, "success").inc()
-            self._log_outcome(logging.INFO, "succeeded", started, cost=result.get("cost"))
-        return result
-
-    def _retry_or_give_up(self, exc: TransientError, started: float) -> BaseException:
+    def _retry_or_give_up(self, exc: TransientError, started: float) -> TransientError:
+        """Raise the retry of this job; or, once its retries are spent, return the error it
+        fails with."""
         settings = get_settings()
         retries = int(self.request.retries or 0)
-        if retries >= settings.runware_max_retries:
+        limit = _or(self.retry_limit, settings.runware_max_retries)
+        if retries >= limit:
             reason = f"{exc} (gave up after {retries} retries)"
             get_ledger().give_up(self.job_uuid())  # Runware may have billed an attempt
             self._log_outcome(logging.ERROR, "gave up", started, reason=reason)
             return type(exc)(reason, code=exc.code, status=exc.status, retry_after=exc.retry_after)
         countdown = backoff_seconds(
             retries,
-            settings.runware_retry_backoff_s,
-            settings.runware_retry_backoff_max_s,
+            _or(self.retry_backoff_s, settings.runware_retry_backoff_s),
+            _or(self.retry_backoff_max_s, settings.runware_retry_backoff_max_s),
             exc.retry_after,
             settings.runware_retry_after_max_s,
         )
@@ -260,11 +289,11 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             self.name,
             countdown,
             retries + 1,
-            settings.runware_max_retries,
+            limit,
             exc,
             extra={"task_id": self.request.id, "taskUUID": self.job_uuid(), "outcome": "retry"},
         )
-        return self.retry(
+        raise self.retry(
             exc=exc, countdown=countdown, max_retries=None, headers=self._headers(continues=False)
         )
 
@@ -310,3 +339,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             f"{cost:.6f}" if isinstance(cost, int | float) else "?",
             extra=fields,
         )
+
+
+def _or(option: N | None, setting: N) -> N:
+    """A task's own option when it has one, else the setting."""
+    return setting if option is None else option

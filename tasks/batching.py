@@ -4,7 +4,7 @@ same time share one HTTP round trip (Runware's body is an array of tasks).
 A request leaves when it holds RUNWARE_BATCH_MAX tasks, or RUNWARE_BATCH_WINDOW_MS after its
 first task arrived; but when this process is not busy (fewer than one other call expected within
 the window, judged from the recent arrival rate) it leaves at once, so a lone job waits for
-nothing. Each task keeps everything that is its own: its limiter permit, its ledger entry, its
+nothing. Each task keeps everything that is its own: its slot, its ledger entry, its
 result and its error (a task's error in a batch belongs to that task only).
 
 One open batch per task type, so a quick promptEnhance never waits for a slow image.

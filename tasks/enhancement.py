@@ -7,7 +7,7 @@ from typing import Any
 from config.celery import app
 from config.settings import get_settings
 from tasks.base import RunwareJob, RunwareTask
-from tasks.errors import PermanentError, WorkerError
+from tasks.errors import PermanentError
 from tasks.runware import TaskOutcome
 from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance
 
@@ -35,23 +35,19 @@ def enhance_result(request: EnhanceRequest, outcome: TaskOutcome) -> EnhanceResu
 
 def _enhance(task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The body shared by enhance_prompt and enhance_batch_item: validate, reserve, call, bill."""
-
-    def work() -> dict[str, Any]:
-        task.keyword_only(args)
-        request = parse_enhance(kwargs)
-        task_uuid = task.call_uuid(request.taskUUID)
-        settings = get_settings()
-        job = RunwareJob(
-            body=request.runware_task(task_uuid),
-            account=request.account,
-            priority=request.priority,
-            estimate_usd=settings.runware_enhance_cost_usd * request.promptVersions,
-            deliver_async=request.deliveryMethod == "async",
-            timeout_s=settings.runware_poll_timeout_s,
-        )
-        return enhance_result(request, task.call_runware(job)).model_dump()
-
-    return task.guarded(work)
+    task.keyword_only(args)
+    request = parse_enhance(kwargs)
+    task_uuid = task.call_uuid(request.taskUUID)
+    settings = get_settings()
+    job = RunwareJob(
+        body=request.runware_task(task_uuid),
+        account=request.account,
+        priority=request.priority,
+        estimate_usd=settings.runware_enhance_cost_usd * request.promptVersions,
+        deliver_async=request.deliveryMethod == "async",
+        timeout_s=settings.runware_poll_timeout_s,
+    )
+    return enhance_result(request, task.call_runware(job)).model_dump()
 
 
 @app.task(bind=True, base=RunwareTask, name="tasks.enhance_prompt")
@@ -68,12 +64,8 @@ def enhance_prompt(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
     return _enhance(self, args, kwargs)
 
 
-@app.task(bind=True, base=RunwareTask, name="tasks.enhance_batch_item")
+@app.task(bind=True, base=RunwareTask, name="tasks.enhance_batch_item", failure_as_result=True)
 def enhance_batch_item(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """One prompt of `enhance_batch`: like enhance_prompt, but a final failure is returned as
-    `{"prompt", "error"}` so that it does not sink the batch's chord."""
-    try:
-        return _enhance(self, args, kwargs)
-    except WorkerError as exc:  # already logged by the retry policy; kept as a dead letter
-        self.dead_letter(exc, str(self.request.id), list(args), kwargs)
-        return {"prompt": kwargs.get("prompt"), "error": str(exc)}
+    `{"prompt", "error"}` (and kept as a dead letter) so that it does not sink the chord."""
+    return _enhance(self, args, kwargs)

@@ -67,50 +67,46 @@ def _generate(
     task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str
 ) -> dict[str, Any]:
     """The body shared by generate_image and generate_video: validate, call, build the result."""
-
-    def work() -> dict[str, Any]:
-        arguments, upstream_cost = _generation_arguments(task, args, kwargs)
-        settings = get_settings()
-        request: ImageRequest | VideoRequest
-        result_model: type[ImageResult] | type[VideoResult]
-        if kind == "image":
-            request = parse_image(arguments)
-            unit, timeout_s = settings.runware_image_cost_usd, settings.runware_poll_timeout_s
-            deliver_async = request.deliveryMethod == "async"
-            fields, listed, result_model = IMAGE_FIELDS, "images", ImageResult
-        else:
-            request = parse_video(arguments)
-            unit, timeout_s = settings.runware_video_cost_usd, settings.runware_video_timeout_s
-            deliver_async = True  # video is always asynchronous
-            fields, listed, result_model = VIDEO_FIELDS, "videos", VideoResult
-        task_uuid = task.call_uuid(request.taskUUID)
-        outcome = task.call_runware(
-            RunwareJob(
-                body=request.runware_task(task_uuid),
-                account=request.account,
-                priority=request.priority,
-                estimate_usd=unit * request.numberResults,
-                deliver_async=deliver_async,
-                timeout_s=timeout_s,
-            )
+    arguments, upstream_cost = _generation_arguments(task, args, kwargs)
+    settings = get_settings()
+    request: ImageRequest | VideoRequest
+    result_model: type[ImageResult] | type[VideoResult]
+    if kind == "image":
+        request = parse_image(arguments)
+        unit, timeout_s = settings.runware_image_cost_usd, settings.runware_poll_timeout_s
+        deliver_async = request.deliveryMethod == "async"
+        fields, listed, result_model = IMAGE_FIELDS, "images", ImageResult
+    else:
+        request = parse_video(arguments)
+        unit, timeout_s = settings.runware_video_cost_usd, settings.runware_video_timeout_s
+        deliver_async = True  # video is always asynchronous
+        fields, listed, result_model = VIDEO_FIELDS, "videos", VideoResult
+    task_uuid = task.call_uuid(request.taskUUID)
+    outcome = task.call_runware(
+        RunwareJob(
+            body=request.runware_task(task_uuid),
+            account=request.account,
+            priority=request.priority,
+            estimate_usd=unit * request.numberResults,
+            deliver_async=deliver_async,
+            timeout_s=timeout_s,
         )
-        made = [{k: item[k] for k in fields if k in item} for item in outcome.items]
-        if not made:  # answered and billed: the same taskUUID can only answer the same
-            raise PermanentError(
-                f"Runware answered task {task_uuid} without any {kind}", code="noResult"
-            )
-        result = result_model.model_validate(
-            {
-                "taskUUID": task_uuid,
-                "positivePrompt": request.positivePrompt,
-                listed: made,
-                "cost": outcome.cost,
-                "totalCost": _total(outcome.cost, upstream_cost),
-            }
+    )
+    made = [{k: item[k] for k in fields if k in item} for item in outcome.items]
+    if not made:  # answered and billed: the same taskUUID can only answer the same
+        raise PermanentError(
+            f"Runware answered task {task_uuid} without any {kind}", code="noResult"
         )
-        return result.model_dump()
-
-    return task.guarded(work)
+    result = result_model.model_validate(
+        {
+            "taskUUID": task_uuid,
+            "positivePrompt": request.positivePrompt,
+            listed: made,
+            "cost": outcome.cost,
+            "totalCost": _total(outcome.cost, upstream_cost),
+        }
+    )
+    return result.model_dump()
 
 
 @app.task(bind=True, base=RunwareTask, name="tasks.generate_image")

@@ -5,10 +5,10 @@ a slot: a lease named by the message's delivery tag, counted against RUNWARE_MAX
 against the fleet's worker threads, and taken on the fleet's rate timeline. The thread makes its
 one call to Runware; the slot goes back when the job is acknowledged (config/transport.py), and
 by itself after RUNWARE_LEASE_S if its worker died. What the fleet must hear is how the call
-went (`Limiter.note`): a 429 or 503 starts a fleet-wide cool-down (RUNWARE_COOLDOWN_S, doubling
-per strike up to RUNWARE_COOLDOWN_MAX_S, at least Retry-After) that the dispatcher respects; a
-success clears the strikes (a round trip made only while there are strikes, which each worker
-learns from its heartbeat).
+went (`Limiter.heard` wraps the call): a 429 or 503 starts a fleet-wide cool-down
+(RUNWARE_COOLDOWN_S, doubling per strike up to RUNWARE_COOLDOWN_MAX_S, at least Retry-After)
+that the dispatcher respects; a success clears the strikes (a round trip made only while there
+are strikes, which each worker learns from its heartbeat).
 
 Run-time overrides of the limits live in Redis and are read by every dispatcher step, so they
 take effect without restarting workers (`enhance-worker limits ...`).
@@ -16,11 +16,9 @@ take effect without restarting workers (`enhance-worker limits ...`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 
@@ -28,20 +26,14 @@ from config import redis as redis_urls
 from config.keys import PRIORITY_CLASSES, FairKeys
 from config.settings import Settings, get_settings, parse_rate
 from tasks import scripts
+from tasks.errors import RateLimited, WorkerError
 from tasks.state import per_process
 from tasks.state import seconds as redis_seconds
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
-
-
-@dataclass
-class Permit:
-    """One call's slot, as the client sees it: it records how the call went."""
-
-    outcome: str = "none"  # ok | throttled | none (no answer: timeout, connection error)
-    retry_after: float | None = None
 
 
 class Limiter:
@@ -56,20 +48,28 @@ class Limiter:
         # process's heartbeat, tasks/dispatcher.py, and from this process's own throttled calls).
         self.strikes = False
 
-    @contextlib.contextmanager
-    def use(self, permit: Permit) -> Iterator[Permit]:
-        """One call in the slot the dispatcher granted; the fleet hears how it went after it."""
+    def heard(self, call: Callable[[], T]) -> T:
+        """Make one call to Runware (in the slot the dispatcher granted) and tell the fleet how
+        it went: throttled (the request's strike, once per request), answered, or no answer."""
         try:
-            yield permit
-        finally:
-            self.note(permit)
+            result = call()
+        except RateLimited as exc:
+            self.note("throttled" if exc.strike else "none", exc.retry_after)
+            raise
+        except WorkerError as exc:
+            # Any other answer of Runware's (it has a status) shows it is not throttling us.
+            self.note("ok" if getattr(exc, "status", None) else "none")
+            raise
+        self.note("ok")
+        return result
 
-    def note(self, permit: Permit) -> None:
-        """Tell the fleet how a call went, when that changes anything: a throttled call starts
-        or lengthens the cool-down; a success clears the strikes, if there are any."""
-        if permit.outcome == "throttled":
+    def note(self, outcome: str, retry_after: float | None = None) -> None:
+        """Tell the fleet how a call went (`ok`, `throttled`, or `none` for no answer), when
+        that changes anything: a throttled call starts or lengthens the cool-down; an answer
+        clears the strikes, if there are any."""
+        if outcome == "throttled":
             self.strikes = True
-        elif not (permit.outcome == "ok" and self.strikes):
+        elif not (outcome == "ok" and self.strikes):
             return
         else:
             self.strikes = False
@@ -79,10 +79,10 @@ class Limiter:
                 self._outcome(
                     keys=[keys.cooldown, keys.strikes],
                     args=[
-                        permit.outcome,
+                        outcome,
                         settings.runware_cooldown_s,
                         settings.runware_cooldown_max_s,
-                        permit.retry_after or 0,
+                        retry_after or 0,
                         settings.runware_retry_after_max_s,
                     ],
                 )

@@ -34,7 +34,7 @@ from tasks.base import RunwareTask
 from tasks.dispatcher import live_workers
 from tasks.errors import AuthenticationError, PermanentError, TransientError
 from tasks.ledger import DAY_S, Ledger, Reservation, get_ledger
-from tasks.limiter import broker_redis
+from tasks.limiter import broker_redis, get_limiter
 from tasks.runware import get_client
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _check(
     ledger: Ledger, taskUUID: str, account: str, claimed: float | None, started: float | None
 ) -> dict[str, Any]:
     try:
-        done, outcome = get_client().get_response(taskUUID)
+        done, outcome = get_limiter().heard(lambda: get_client().get_response(taskUUID))
     except PermanentError as exc:
         if isinstance(exc, AuthenticationError) or exc.status in ACCOUNT_STATUSES:
             # About our key or account, not the call: Runware could not be asked.

@@ -1,19 +1,21 @@
 """The Runware REST client: one requests.Session per process, a timeout on every call, and the
-mapping from HTTP status and body to results, TransientError or PermanentError.
+mapping from HTTP status and body to results and errors (the table itself is
+tasks/errors.py's `runware_error`).
 
-It knows the wire protocol only; retries, limits and costs live elsewhere.
+A client: tasks in, answers and errors out. It knows the wire protocol only. Slots, the
+fleet's cool-down, retries, resends and costs belong to the layer above (tasks/base.py,
+tasks/limiter.py); that layer also decides which tasks may share a request (`alone`), and the
+client never sends a task twice. Concurrent calls of this process's threads share one HTTP
+request (tasks/batching.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -24,21 +26,12 @@ from requests.adapters import HTTPAdapter
 from config.settings import Settings, get_settings
 from tasks import metrics
 from tasks.batching import Coalescer
-from tasks.errors import (
-    AuthenticationError,
-    ConflictTaskUUID,
-    PermanentError,
-    RateLimited,
-    TransientError,
-)
-from tasks.limiter import Permit, get_limiter
+from tasks.errors import AuthenticationError, RateLimited, TransientError, runware_error
 from tasks.redact import mask
 
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "enhance-worker/0.1 (+celery)"
-# Error codes that name a passing condition even when Runware reports them in a 200 body.
-TRANSIENT_CODES = frozenset({"timeoutProvider", "serverError", "providerError", "timeout"})
 PENDING_STATUSES = frozenset({"processing", "pending", "queued", "scheduled", "waiting"})
 # Task types that share requests (tasks/batching.py): quick ones of even duration. Image and
 # video inference go alone, so that one slow generation never holds up another's answer.
@@ -93,16 +86,6 @@ class _Answer:
         return not any(error.get("taskUUID") for error in errors)
 
 
-# Wraps one call: the client records the call's outcome on the Permit, the fleet hears it.
-Gate = Callable[[Permit], AbstractContextManager[Permit]]
-
-
-@contextlib.contextmanager
-def _no_limits(permit: Permit) -> Iterator[Permit]:
-    """No limits: nobody to tell (used where no limiter is wired in)."""
-    yield permit
-
-
 def _retry_after(response: requests.Response) -> float | None:
     """Seconds from a Retry-After header (delta or HTTP date), if there is a usable one."""
     raw = response.headers.get("Retry-After")
@@ -139,9 +122,8 @@ def _errors_of(body: Any) -> list[dict[str, Any]]:
 class RunwareClient:
     """A Runware REST client for one process. Thread-safe: the pool is sized to the concurrency."""
 
-    def __init__(self, settings: Settings, pool_size: int = 10, gate: Gate | None = None) -> None:
+    def __init__(self, settings: Settings, pool_size: int = 10) -> None:
         self._settings = settings
-        self._gate: Gate = gate or _no_limits
         self._url = settings.runware_api_url
         self._timeout = (settings.runware_connect_timeout_s, settings.runware_timeout_s)
         key = settings.runware_api_key
@@ -166,8 +148,7 @@ class RunwareClient:
     # --- calls ---------------------------------------------------------------------------------
     def run(self, task: dict[str, Any], alone: bool = False) -> TaskOutcome:
         """Send one task object and return its items (sync delivery) or its acknowledgement,
-        in one request (shared with other tasks of this process unless `alone`). The job holds
-        the slot the fleet granted it; the fleet hears how the call went."""
+        in one request (shared with other tasks of this process unless `alone`)."""
         return self._post(task, str(task["taskUUID"]), alone)
 
     def get_response(self, task_uuid: str, alone: bool = False) -> tuple[bool, TaskOutcome]:
@@ -192,27 +173,20 @@ class RunwareClient:
                 "RUNWARE_API_KEY is not set: set it to your Runware API key", code="missingApiKey"
             )
         kind = str(task.get("taskType", "?"))
-        with self._gate(Permit()) as permit:
-            started = time.monotonic()
-            metrics.RUNWARE_IN_FLIGHT.inc()
-            try:
-                if kind in BATCHED_TASK_TYPES:
-                    answer = self._batcher.call(kind, task, alone)
-                else:
-                    answer = self._send([task])
-            finally:
-                metrics.RUNWARE_IN_FLIGHT.dec()
-                metrics.RUNWARE_LATENCY.labels(kind).observe(time.monotonic() - started)
-            if answer.failure is not None:
-                code, what = answer.failure
-                metrics.RUNWARE_CALLS.labels(kind, code).inc()
-                raise TransientError(f"Runware {kind} {task_uuid}: {what}", code=code)
-            if answer.status in (429, 503):
-                # One strike per request; the request's other tasks just give their slots back.
-                permit.outcome = "throttled" if answer.claim_strike() else "none"
-                permit.retry_after = answer.retry_after
+        started = time.monotonic()
+        metrics.RUNWARE_IN_FLIGHT.inc()
+        try:
+            if kind in BATCHED_TASK_TYPES:
+                answer = self._batcher.call(kind, task, alone)
             else:
-                permit.outcome = "ok"
+                answer = self._send([task])
+        finally:
+            metrics.RUNWARE_IN_FLIGHT.dec()
+            metrics.RUNWARE_LATENCY.labels(kind).observe(time.monotonic() - started)
+        if answer.failure is not None:
+            code, what = answer.failure
+            metrics.RUNWARE_CALLS.labels(kind, code).inc()
+            raise TransientError(f"Runware {kind} {task_uuid}: {what}", code=code)
         outcome = "ok" if answer.status == 200 else f"http_{answer.status}"
         metrics.RUNWARE_CALLS.labels(kind, outcome).inc()
         if answer.unattributed_rejection():
@@ -306,14 +280,7 @@ class RunwareClient:
 
     def _per_task_error(self, errors: list[dict[str, Any]], task_uuid: str) -> Exception:
         code, text = self._describe(errors)
-        message = f"Runware rejected task {task_uuid}: {text}"
-        if code in TRANSIENT_CODES:
-            return TransientError(message, code=code, status=200)
-        if code in {"invalidApiKey", "missingApiKey"}:
-            return AuthenticationError(message, code=code, status=200)
-        if code == "conflictTaskUUID":
-            return ConflictTaskUUID(message)
-        return PermanentError(message, code=code, status=200)
+        return runware_error(f"Runware rejected task {task_uuid}: {text}", 200, code)
 
     def _status_error(
         self,
@@ -322,19 +289,13 @@ class RunwareClient:
         kind: str,
         task_uuid: str,
     ) -> Exception:
-        status = answer.status
         code, text = self._describe(errors)
-        message = f"Runware {kind} {task_uuid}: HTTP {status}, {text}"
-        if status in (401, 403):
-            hint = " (check RUNWARE_API_KEY)"
-            return AuthenticationError(message + hint, code=code, status=status)
-        if status == 409:
-            return ConflictTaskUUID(message)
-        if status in (429, 503):
-            return RateLimited(message, code=code, status=status, retry_after=answer.retry_after)
-        if status == 408 or status >= 500:
-            return TransientError(message, code=code, status=status, retry_after=answer.retry_after)
-        return PermanentError(message, code=code, status=status)
+        message = f"Runware {kind} {task_uuid}: HTTP {answer.status}, {text}"
+        error = runware_error(message, answer.status, code, answer.retry_after)
+        if isinstance(error, RateLimited):
+            # One strike per request; the request's other tasks just give their slots back.
+            error.strike = answer.claim_strike()
+        return error
 
 
 # --- one client per process, created lazily after fork -----------------------------------------
@@ -367,6 +328,6 @@ def get_client() -> RunwareClient:
         return current[1]
     with _lock:
         if _client is None or _client[0] != pid:
-            _client = (pid, RunwareClient(get_settings(), _pool_size, gate=get_limiter().use))
+            _client = (pid, RunwareClient(get_settings(), _pool_size))
             logger.debug("Created the Runware HTTP session for process %s.", pid)
         return _client[1]

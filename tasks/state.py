@@ -3,7 +3,8 @@ outages are met.
 
 Every command has a timeout. While that Redis cannot be reached, callers hold their work and try
 again with back-off for a bounded time (fail closed: no Runware call without a grant, no call
-without a budget check), then give up with a TransientError so the task retries later.
+without a budget check), then let the Redis error go up: the retry policy (tasks/errors.py's
+`for_policy`) makes it a retry of the job.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import redis
 
 from config import redis as redis_urls
 from config.settings import Settings
-from tasks.errors import TransientError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +57,8 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def hold_through_outage(call: Callable[[], T], what: str, outage_s: float) -> T:
-    """Run `call`; while Redis is unreachable, wait and retry for up to `outage_s` seconds."""
+    """Run `call`; while Redis is unreachable, wait and retry for up to `outage_s` seconds,
+    then raise the last Redis error."""
     delay = 0.05
     deadline = time.monotonic() + outage_s
     while True:
@@ -65,9 +66,7 @@ def hold_through_outage(call: Callable[[], T], what: str, outage_s: float) -> T:
             return call()
         except OUTAGE_ERRORS as exc:
             if time.monotonic() > deadline:
-                raise TransientError(
-                    f"the {what}'s Redis is unreachable ({type(exc).__name__}); no call was made"
-                ) from None
+                raise
             logger.warning(
                 "The %s's Redis is unreachable (%s); holding calls, retrying in %.2fs.",
                 what,

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import requests
 from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
 
 from workers.sandbox import Sandbox, SandboxConfig
-from workers.services import RedisServer, WorkerProcess
+from workers.sandbox.services import RedisServer, WorkerProcess
 
 # A key nobody would type: every scan for leaks looks for this exact string.
 SECRET = "rw-test-9f3c7e1d4b2a-do-not-leak"
@@ -169,6 +171,17 @@ def main_worker(redis_server: RedisServer, sandbox: Sandbox) -> Iterator[Running
 
 
 StartWorker = Callable[..., RunningWorker]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_metrics(port: int) -> Samples:
+    """A worker's /metrics, as {(sample name, sorted labels): value}."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @pytest.fixture
@@ -177,11 +190,14 @@ def start_worker(redis_server: RedisServer, sandbox: Sandbox) -> Iterator[StartW
     started: list[RunningWorker] = []
 
     def start(
-        name: str = "extra", same_db_as: RunningWorker | None = None, **overrides: str
+        name: str = "extra",
+        same_db_as: RunningWorker | None = None,
+        app: str = "workers",
+        **overrides: str,
     ) -> RunningWorker:
         url = same_db_as.redis_url if same_db_as else redis_server.url(next(_dbs))
         env = worker_env(url, sandbox, **overrides)
-        process = WorkerProcess(env, name=f"{name}{len(started)}").start()
+        process = WorkerProcess(env, name=f"{name}{len(started)}", app=app).start()
         running = RunningWorker(process, url)
         started.append(running)
         return running

@@ -2,7 +2,7 @@
 
 `workers.app` is the shared Celery app with every task module registered and the worker
 life-cycle hooks connected. It is built on first access, so tools that only need a helper module
-(`workers.services`, `workers.sandbox`) do not read the configuration by importing this package.
+(the harness in `workers.sandbox`) do not read the configuration by importing this package.
 """
 
 from __future__ import annotations

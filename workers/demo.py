@@ -51,7 +51,7 @@ def _runware_endpoint(settings: Settings) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def _redis(settings: Settings) -> Iterator[str]:
-    from workers.services import RedisServer, redis_answers
+    from workers.sandbox.services import RedisServer, redis_answers
 
     if redis_answers(settings.broker_url):
         print(f"Using the Redis that answers at {settings.broker_url.split('@')[-1]}.")
@@ -73,7 +73,7 @@ def run_demo(timeout: float = 120.0) -> int:
         return 2
     from config.celery import app, result_backend_url
     from tasks.enhancement import enhance_prompt
-    from workers.services import WorkerProcess
+    from workers.sandbox.services import WorkerProcess
 
     queue = f"enhance-demo-{uuid.uuid4().hex[:8]}"
     with _redis(settings) as url, _runware_endpoint(settings) as runware_env:

@@ -14,7 +14,7 @@ from config.keys import FairKeys
 from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker, worker_env
 from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
-from workers.services import RedisServer, WorkerProcess
+from workers.sandbox.services import RedisServer, WorkerProcess
 
 
 def _requests_behind(failures: list[str], sandbox: Sandbox) -> str:

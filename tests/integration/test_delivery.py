@@ -23,7 +23,7 @@ from tests.conftest import (
     worker_env,
 )
 from workers.sandbox import Sandbox
-from workers.services import RedisServer, WorkerProcess
+from workers.sandbox.services import RedisServer, WorkerProcess
 
 
 def _cli(redis_url: str, *args: str) -> str:

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from workers.services import free_port, redis_answers
+from workers.sandbox.services import free_port, redis_answers
 
 
 def _alive(pid: int) -> bool:

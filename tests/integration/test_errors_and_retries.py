@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from tests.conftest import RunningWorker, StartWorker
+from tests.conftest import RunningWorker, StartWorker, scrape_metrics
 from workers.sandbox import Sandbox
+from workers.sandbox.services import free_port
 
 
 def _retries_logged(worker: RunningWorker, task_id: str) -> int:
@@ -129,3 +130,37 @@ def test_more_retries_than_celerys_default_cap(start_worker: StartWorker, sandbo
     sandbox.configure(fail_next=["503"] * 5)
     assert worker.send(prompt="persistent").get(timeout=60)["text"]
     assert sandbox.state.requests == 6
+
+
+def test_a_task_of_ones_own_gets_the_policy_without_asking(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """`tests.shout` (tests/integration/own_task_app.py) has no retry, log or metrics code in
+    its body: the base class gives it all three, and its own `retry_limit=5` beats the setting."""
+    port = free_port()
+    worker = start_worker(
+        "own",
+        app="tests.integration.own_task_app",
+        METRICS_PORT=str(port),
+        RUNWARE_BATCH_MAX="1",  # one task per request: each fault hits this job
+        RUNWARE_MAX_RETRIES="1",
+    )
+    sandbox.configure(fail_next=["500", "500", "500"])
+    result = worker.app.send_task("tests.shout", kwargs={"prompt": "a quiet lake"})
+    value = result.get(timeout=60)
+    assert value["text"].startswith("A QUIET LAKE")
+    log = worker.process.log()
+    assert log.count("(tests.shout) will retry") == 3
+    assert f"(tests.shout) succeeded: taskUUID={value['taskUUID']}" in log
+    m = scrape_metrics(port)
+    assert m[("enhance_job_retries_total", (("task", "tests.shout"),))] == 3
+    assert m[("enhance_jobs_total", (("outcome", "success"), ("task", "tests.shout")))] == 1
+    # And a final failure: its outcome line, its metric and its dead letter.
+    sandbox.configure(fail_next=["400"])
+    failed = worker.app.send_task("tests.shout", kwargs={"prompt": "a loud lake"})
+    with pytest.raises(Exception, match="HTTP 400"):
+        failed.get(timeout=30)
+    assert f"Task {failed.id} (tests.shout) failed:" in worker.process.log()
+    m = scrape_metrics(port)
+    assert m[("enhance_jobs_total", (("outcome", "failure"), ("task", "tests.shout")))] == 1
+    assert m[("enhance_dead_letters_total", (("task", "tests.shout"),))] == 1

@@ -13,7 +13,7 @@ from config.backend import ResultStore
 from config.celery import result_backend_url
 from tests.conftest import StartWorker
 from workers.sandbox import Sandbox
-from workers.services import RedisServer
+from workers.sandbox.services import RedisServer
 
 
 def test_a_busy_worker_sends_several_jobs_per_request(

@@ -16,7 +16,7 @@ from config.settings import load_settings
 from tasks import ledger as ledger_module
 from tasks.errors import BudgetExceeded, TransientError
 from tasks.ledger import Ledger, call_shape
-from workers.services import RedisServer
+from workers.sandbox.services import RedisServer
 
 _prefixes = itertools.count()
 SHAPE = call_shape({"taskType": "promptEnhance", "model": "m", "promptVersions": 1})

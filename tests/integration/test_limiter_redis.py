@@ -23,8 +23,8 @@ from config.settings import Settings, load_settings
 from tasks import dispatcher as dispatcher_module
 from tasks.base import CONTINUES_HEADER
 from tasks.dispatcher import Dispatcher, Intake
-from tasks.limiter import Limiter, Permit, carry_over_old_overrides
-from workers.services import RedisServer
+from tasks.limiter import Limiter, carry_over_old_overrides
+from workers.sandbox.services import RedisServer
 
 _prefixes = itertools.count()
 RUNWARE = frozenset({"tasks.enhance_prompt"})
@@ -97,7 +97,7 @@ class Fleet:
                 )
             )
             time.sleep(self.hold_s)
-            self.limiter.note(Permit(outcome="ok"))
+            self.limiter.note("ok")
             pipe = own.pipeline()  # the acknowledgement, as config/transport.py makes it
             pipe.zrem(self.keys.leases, tag)
             pipe.zrem(self.keys.busy, tag)
@@ -212,9 +212,9 @@ def test_a_dead_holders_slot_returns_after_its_lease(fleet: Any) -> None:
 def test_a_throttled_call_pauses_every_grant(fleet: Any) -> None:
     f = fleet(threads=2, runware_cooldown_s=0.5, runware_cooldown_max_s=1.0)
     elsewhere = Limiter(f.client, f.settings)  # another worker process's
-    elsewhere.note(Permit(outcome="throttled"))
+    elsewhere.note("throttled")
     assert f.limiter.state()["cooldown_s"] == pytest.approx(0.5, abs=0.05)
-    elsewhere.note(Permit(outcome="throttled"))
+    elsewhere.note("throttled")
     assert f.limiter.state()["cooldown_s"] == pytest.approx(1.0, abs=0.05)  # doubled
     started = time.monotonic()
     f.start()

@@ -13,7 +13,7 @@ from celery import Celery
 from tests.conftest import StartWorker, worker_env
 from tests.load.common import max_in_window
 from workers.sandbox import Sandbox
-from workers.services import RedisServer, WorkerProcess
+from workers.sandbox.services import RedisServer, WorkerProcess
 
 
 def _wait_for(predicate: object, timeout: float = 20.0) -> None:

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SECRET, RunningWorker, StartWorker, run_cli
+from tests.conftest import SECRET, RunningWorker, StartWorker, run_cli, scrape_metrics
 from workers.sandbox import Sandbox
-from workers.services import RedisServer, free_port
+from workers.sandbox.services import RedisServer, free_port
 
 FLOWER_AUTH = ("ops", "pw-flower-7e2a")
 
@@ -99,15 +98,6 @@ def test_flower_shows_each_job_with_its_result(
     assert SECRET not in workers
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> None:
     port = free_port()
     # One task per request: the injected 400 then belongs to exactly one job.
@@ -122,7 +112,7 @@ def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> Non
         except Exception:
             outcomes.append("failed")
     assert outcomes.count("ok") == 4
-    m = _scrape(port)
+    m = scrape_metrics(port)
     calls = "enhance_runware_calls_total"
     assert m[(calls, (("outcome", "ok"), ("task_type", "promptEnhance")))] == 4
     assert m[(calls, (("outcome", "http_503"), ("task_type", "promptEnhance")))] == 1
@@ -163,7 +153,7 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
         "tasks.enhance_prompt", kwargs={"prompt": "later", "account": "bulk"}, countdown=30
     )
     time.sleep(1.2)
-    m = _scrape(port)
+    m = scrape_metrics(port)
     waiting = m[("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch")))]
     assert 10 <= waiting <= 17  # 20, less the 3 to 7 granted in 1.2 s at 5/s
     assert m[("enhance_queue_depth", (("queue", "celery"),))] >= waiting
@@ -172,7 +162,7 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     assert m[("enhance_delayed_jobs", ())] == 1  # the countdown waits in Redis
     assert all(r.get(timeout=30)["text"] for r in bulk)
     later.revoke()
-    m = _scrape(port)
+    m = scrape_metrics(port)
     assert m[("enhance_queue_depth", (("queue", "celery"),))] == 0
     assert ("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch"))) not in m
 

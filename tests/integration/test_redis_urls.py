@@ -27,7 +27,7 @@ from celery import Celery
 from tests.conftest import run_cli, worker_env
 from tests.load.common import max_in_window
 from workers.sandbox import Sandbox
-from workers.services import (
+from workers.sandbox.services import (
     READY,
     RedisServer,
     TLSFiles,

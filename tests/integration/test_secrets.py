@@ -6,7 +6,7 @@ import redis
 
 from tests.conftest import SECRET, RunningWorker, StartWorker
 from workers.sandbox import Sandbox
-from workers.services import RedisServer
+from workers.sandbox.services import RedisServer
 
 
 def _all_redis_bytes(server: RedisServer) -> tuple[int, bytes]:

@@ -22,7 +22,7 @@ from tasks.ledger import Ledger
 from tests.conftest import FAST_REDELIVERY, run_cli, wait_until, worker_env
 from tests.load.common import ledger_micro, max_in_window, result_across_failover
 from workers.sandbox import Sandbox
-from workers.services import RedisServer, SentinelGroup, WorkerProcess
+from workers.sandbox.services import RedisServer, SentinelGroup, WorkerProcess
 
 MASTER = "enhance"
 PRICE = 1300

@@ -32,7 +32,7 @@ from config.settings import load_settings
 from tasks.dispatcher import Dispatcher, Intake
 from tasks.ledger import Ledger, call_shape
 from tasks.limiter import Limiter
-from workers.services import RedisServer
+from workers.sandbox.services import RedisServer
 
 SHAPE = call_shape({"taskType": "promptEnhance", "model": "m", "promptVersions": 1})
 ITEMS = [{"taskType": "promptEnhance", "text": "a fox, cinematic lighting", "cost": 0.0013}]

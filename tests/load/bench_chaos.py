@@ -43,7 +43,7 @@ import redis
 from config.keys import FairKeys
 from tests.load.bench_fairness import PRICE_MICRO, read_results, send_backlog
 from tests.load.common import KEY, ledger_micro
-from workers.services import RedisServer, SandboxProcess, WorkerProcess
+from workers.sandbox.services import RedisServer, SandboxProcess, WorkerProcess
 
 DISPATCHER_KEY = FairKeys("enhance").dispatcher  # "hostname:PID:..." of the holder
 LOST = re.compile(r"(\d+) granted job\(s\) were lost between the ready queue and a worker")

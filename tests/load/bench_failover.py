@@ -3,7 +3,7 @@
   python -m tests.load failover [--jobs 300] [--rate 20] [--workers 2] [--concurrency 8]
                                 [--kill-after 0.33]
 
-A primary, a replica and three `redis-server --sentinel` processes (workers/services.py's
+A primary, a replica and three `redis-server --sentinel` processes (workers/sandbox/services.py's
 SentinelGroup, down-after 1 s), the sandbox as its own process (30 ms latency), --workers worker
 processes on the sentinel:// URL (REDIS_WAIT_REPLICAS=1, fast redelivery and reconciliation)
 under a global --rate, and a plain Celery producer configured as Celery documents it. Once
@@ -24,7 +24,7 @@ from typing import Any
 from celery import Celery
 
 from tests.load.common import KEY, ledger_micro, max_in_window, result_across_failover
-from workers.services import SandboxProcess, SentinelGroup, WorkerProcess
+from workers.sandbox.services import SandboxProcess, SentinelGroup, WorkerProcess
 
 MASTER = "enhance"
 PRICE_MICRO = 1300

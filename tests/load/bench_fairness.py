@@ -43,7 +43,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.load.common import fleet, max_in_window, private_redis
-from workers.services import SandboxProcess
+from workers.sandbox.services import SandboxProcess
 
 TASK = "tasks.enhance_prompt"
 PRICE_MICRO = 1300  # the sandbox's price of one promptEnhance version

@@ -71,7 +71,7 @@ from celery import Celery
 from config.keys import StateKeys
 from tests.load.bench_fairness import read_results
 from tests.load.common import KEY, fleet, ledger_micro, max_in_window, private_redis
-from workers.services import SandboxProcess, WorkerProcess
+from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 ENHANCE = "tasks.enhance_prompt"
 IMAGE = "tasks.generate_image"

@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 
 from tests.load.common import KEY, ledger_micro, max_in_window
-from workers.services import SandboxProcess, WorkerProcess, redis_server_binary
+from workers.sandbox.services import SandboxProcess, WorkerProcess, redis_server_binary
 
 NET = "10.77.0"
 BRIDGE = "enhbr0"

@@ -17,7 +17,7 @@ import time
 import redis
 
 from tests.load.common import fleet, private_redis, rate_report, run_jobs
-from workers.services import SandboxProcess, WorkerProcess
+from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
 def _print(title: str, figures: dict[str, float]) -> None:

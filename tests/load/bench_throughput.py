@@ -25,7 +25,7 @@ from typing import Any
 from celery import Celery
 
 from tests.load.common import KEY, private_redis
-from workers.services import SandboxProcess, WorkerProcess
+from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
 @dataclass

@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 
 from config.keys import StateKeys
-from workers.services import RedisServer, SandboxProcess, WorkerProcess
+from workers.sandbox.services import RedisServer, SandboxProcess, WorkerProcess
 
 KEY = "bench-key"
 

@@ -23,7 +23,7 @@ from tasks.runware import UNATTRIBUTED, RunwareClient, TaskOutcome, _Answer, _er
 from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
 from workers.sandbox import Sandbox
-from workers.services import RedisServer
+from workers.sandbox.services import RedisServer
 
 
 @pytest.fixture
@@ -126,27 +126,34 @@ def test_an_echoed_key_is_redacted(client: RunwareClient) -> None:
     assert client.redact(f"bad key {SECRET}!") == "bad key <redacted>!"
 
 
-def _batching_client(sandbox: Sandbox, gate: Any = None) -> RunwareClient:
+def _batching_client(sandbox: Sandbox) -> RunwareClient:
     settings = load_settings(
         _env_file=None,
         runware_api_url=sandbox.url,
         runware_api_key=SECRET,
         runware_batch_window_ms=300,
     )
-    return RunwareClient(settings, pool_size=4, gate=gate)
+    return RunwareClient(settings, pool_size=4)
 
 
 def _run_together(
-    client: RunwareClient, tasks: list[dict[str, Any]], alone: bool = False
+    client: RunwareClient,
+    tasks: list[dict[str, Any]],
+    alone: bool = False,
+    limiter: Limiter | None = None,
 ) -> list[object]:
-    """Each task in its own thread, all at once; each one's outcome or exception, in order."""
+    """Each task in its own thread, all at once (each heard by `limiter`, as a worker's are);
+    each one's outcome or exception, in order."""
     answers: list[object] = [None] * len(tasks)
     start = threading.Barrier(len(tasks))
 
     def one(n: int) -> None:
         start.wait()
         try:
-            answers[n] = client.run(tasks[n], alone=alone)
+            if limiter is None:
+                answers[n] = client.run(tasks[n], alone=alone)
+            else:
+                answers[n] = limiter.heard(lambda: client.run(tasks[n], alone=alone))
         except Exception as exc:
             answers[n] = exc
 
@@ -217,9 +224,9 @@ def test_a_throttled_shared_request_counts_one_strike(
         _env_file=None, runware_cooldown_s=0.05, key_prefix=f"strike{uuid.uuid4().hex[:6]}"
     )
     limiter = Limiter(redis.Redis.from_url(redis_server.url(61)), settings)
-    client = _batching_client(sandbox, gate=limiter.use)
+    client = _batching_client(sandbox)
     sandbox.configure(fail_next=["none", "429"])
-    answers = _run_together(client, [_task() for _ in range(6)])
+    answers = _run_together(client, [_task() for _ in range(6)], limiter=limiter)
     client.close()
     throttled = [a for a in answers if isinstance(a, RateLimited)]
     assert len(throttled) >= 2  # one request carried them all

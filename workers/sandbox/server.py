@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from workers.sandbox_tasks import MICRO, accept, check, error, valid_uuid4
+from workers.sandbox.protocol import MICRO, accept, check, error, valid_uuid4
 
 logger = logging.getLogger(__name__)
 

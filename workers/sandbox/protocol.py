@@ -1,5 +1,5 @@
 """What the sandbox knows of each Runware task type: its checks (as Runware makes them) and the
-items it answers with. Kept apart from the HTTP server in workers/sandbox.py."""
+items it answers with. Kept apart from the HTTP server in workers/sandbox/server.py."""
 
 from __future__ import annotations
 
