@@ -1,5 +1,6 @@
 """The Redis key layout of the service, written once: Python, the Lua scripts (which get every
-key through KEYS, but for one: a day's cost totals, named by the reservation a script reads) and
+key through KEYS, but for a day's cost totals, named by the reservation a script reads, and the
+per-account queues, built from a prefix passed in KEYS) and
 the metrics all take their names from here.
 
 Two rules make every key safe from every account label that passes validation:

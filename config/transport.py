@@ -15,9 +15,9 @@
    A Redis client is thread-safe, so this channel keeps one per pool.
 
 Everything else (connections, pools, TLS, acks, the visibility-timeout restore) is kombu's own.
-`register()` (called by config/celery.py) makes it the transport of kombu's `redis`, `rediss`
-and `redis+socket` URL schemes in this process, so that broker URLs keep their usual schemes:
-tools that pick a client by scheme, such as Flower's broker view, keep working.
+`register()` (called by config/celery.py) makes it the transport of kombu's `redis`, `rediss`,
+`redis+socket` and `sentinel` URL schemes in this process, so that broker URLs keep their usual
+schemes: tools that pick a client by scheme, such as Flower's broker view, keep working.
 """
 
 from __future__ import annotations

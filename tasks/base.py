@@ -74,7 +74,6 @@ class RunwareJob:
 
     body: dict[str, Any]  # the task object sent to Runware (taskType, taskUUID, ...)
     account: str
-    priority: str
     estimate_usd: float
     deliver_async: bool
     timeout_s: float  # deadline of an async task, from its submission

@@ -26,7 +26,6 @@ _EWMA = 0.2
 
 @dataclass
 class _Batch(Generic[R]):
-    opened: float
     tasks: list[dict[str, object]] = field(default_factory=list)
     closed: bool = False
     done: threading.Event = field(default_factory=threading.Event)
@@ -65,7 +64,7 @@ class Coalescer(Generic[R]):
             batch = self._open.get(key)
             leader = batch is None
             if batch is None:
-                batch = self._open[key] = _Batch(now)
+                batch = self._open[key] = _Batch()
             batch.tasks.append(task)
             try:
                 if len(batch.tasks) >= self.max_size:

@@ -1,4 +1,5 @@
-"""`tasks.enhance_prompt`: one promptEnhance call, its versions and its cost."""
+"""`tasks.enhance_prompt` (one promptEnhance call, its versions and its cost) and
+`tasks.enhance_batch_item` (the same for one prompt of a batch)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ def _enhance(task: RunwareTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     job = RunwareJob(
         body=request.runware_task(task_uuid),
         account=request.account,
-        priority=request.priority,
         estimate_usd=settings.runware_enhance_cost_usd * request.promptVersions,
         deliver_async=request.deliveryMethod == "async",
         timeout_s=settings.runware_poll_timeout_s,
@@ -57,8 +57,9 @@ def enhance_prompt(self: RunwareTask, *args: Any, **kwargs: Any) -> dict[str, An
     Keyword arguments are Runware's request fields: `prompt` (1..300 characters, required),
     `promptMaxLength` (12..400), `promptVersions` (1..5, default 1), `taskUUID` (UUID v4; made
     from the Celery task id when absent, so every retry and redelivery reuses it),
-    `deliveryMethod` (`sync` or `async`) and `webhookURL`; plus `account` (a label the cost is
-    attributed to, default `default`, never sent to Runware). Returns
+    `deliveryMethod` (`sync` or `async`) and `webhookURL`; plus `account` (the fairness key and
+    the label the cost is attributed to, default `default`) and `priority` (`interactive`, the
+    default, or `batch`), neither sent to Runware. Returns
     `{"taskType", "taskUUID", "prompt", "text", "texts", "cost", "totalCost"}`.
     """
     return _enhance(self, args, kwargs)

@@ -86,7 +86,6 @@ def _generate(
         RunwareJob(
             body=request.runware_task(task_uuid),
             account=request.account,
-            priority=request.priority,
             estimate_usd=unit * request.numberResults,
             deliver_async=deliver_async,
             timeout_s=timeout_s,

@@ -37,7 +37,8 @@ OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
 
 
 class Limiter:
-    """The fleet's limits in the broker's Redis: releasing slots, overrides and their state."""
+    """The fleet's limits in the broker's Redis: a call's outcome told to the fleet (the
+    cool-down), run-time overrides, and their state."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client

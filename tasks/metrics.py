@@ -1,4 +1,4 @@
-"""Prometheus metrics, recorded where things happen (client, limiter, ledger, task outcomes).
+"""Prometheus metrics, recorded where things happen (client, dispatcher, ledger, task outcomes).
 
 Names follow Prometheus conventions (`enhance_` prefix, `_total` counters, base units). The
 worker serves them on METRICS_PORT (workers/metrics.py); with a threads pool that one process is
@@ -53,7 +53,8 @@ RETRIES = Counter(
 )
 RESCHEDULES = Counter(
     "enhance_job_reschedules_total",
-    "Jobs re-scheduled to wait (fleet limits, async polling) without using a retry, by task.",
+    "Jobs re-scheduled to wait (async polling, a 409 answered by a poll) without using a retry, "
+    "by task.",
     ["task"],
 )
 DEAD_LETTERS = Counter(

@@ -1,4 +1,5 @@
-"""Which Runware tasks were submitted and are being polled, and which finished, in Redis.
+"""Markers in Redis: which Runware tasks were submitted and are being polled, and which must
+go to Runware in a request of their own ("send alone").
 
 A finished task's items are kept with its cost in the ledger (tasks/ledger.py), so a job delivered
 again after its worker died returns the known result without calling Runware.

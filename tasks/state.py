@@ -2,9 +2,9 @@
 outages are met.
 
 Every command has a timeout. While that Redis cannot be reached, callers hold their work and try
-again with back-off for a bounded time (fail closed: no Runware call without a grant, no call
-without a budget check), then let the Redis error go up: the retry policy (tasks/errors.py's
-`for_policy`) makes it a retry of the job.
+again with back-off for a bounded time (fail closed: no call without a budget check), then let
+the Redis error go up: the retry policy (tasks/errors.py's `for_policy`) makes it a retry of
+the job.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 class RedisStateCollector(Collector):
     """Gauges that live in Redis, so they describe the whole fleet, read when scraped (one
-    script in the broker's Redis, one pipeline in the state Redis)."""
+    script in the broker's Redis, one read of the state Redis)."""
 
     def __init__(self, settings: Settings, queues: Iterable[str]) -> None:
         self.queues = sorted(set(queues))

@@ -1,11 +1,12 @@
--- The ledger's shared part: every ledger script is this file followed by its own.
+-- The ledger's shared part: every ledger script but ledger_claim.lua is this file followed by
+-- its own.
 --
 -- Money is integer micro-dollars. A call reserves its estimate before it leaves; the reservation
 -- stays until the call's outcome is recorded (its real cost, once) or Runware says it never
 -- accepted it. No reservation expires by time: one whose job stopped following it (a killed
 -- worker, a timeout, retries run out) becomes due and is reconciled with getResponse.
 --
--- KEYS common to every ledger script:
+-- KEYS common to those scripts:
 --   1 the task's record: "<cost micro>|<items JSON>" of a finished call (its cost is recorded)
 --   2 reservations: hash taskUUID -> cjson {e = estimate micro, a = account, d = day,
 --     s = shape, t = when it was made, w = the worker process that holds the call}

@@ -30,7 +30,6 @@ def shout(self: RunwareTask, *, prompt: str) -> dict[str, Any]:
                 "includeCost": True,
             },
             account="default",
-            priority="interactive",
             estimate_usd=0.002,
             deliver_async=False,
             timeout_s=30,

@@ -1,12 +1,14 @@
 """A real HTTP server that speaks Runware's REST protocol, for the demo, the tests and benchmarks.
 
-It checks requests as Runware does (Bearer key, JSON array body, promptEnhance fields and limits,
-unique taskUUIDs), answers one item per version with the same taskUUID and `cost` when asked,
+It checks requests as Runware does (Bearer key, JSON array body, the fields and limits of
+promptEnhance, imageInference and videoInference (workers/sandbox/protocol.py), unique
+taskUUIDs), answers one item per version or image with the same taskUUID and `cost` when asked,
 supports async delivery with getResponse, and can inject latency, 429, 500, 503, hangs and garbled
-bodies. It is never used silently: it announces itself when it starts.
+bodies at a rate, and any of FAULTS (400, 401, 402, 403, 404, "empty", ...) for the next
+requests. It is never used silently: it announces itself when it starts.
 
-Control endpoints (not part of Runware): GET /_sandbox/stats, POST /_sandbox/config (JSON fields
-of SandboxConfig), POST /_sandbox/reset.
+Control endpoints (not part of Runware): GET /_sandbox/health, GET /_sandbox/stats,
+POST /_sandbox/config (JSON fields of SandboxConfig), POST /_sandbox/reset.
 """
 
 from __future__ import annotations

