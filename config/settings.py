@@ -50,6 +50,18 @@ def parse_rate(value: object) -> float | None:
     return number / per if number > 0 else None
 
 
+def format_rate(per_second: float) -> str:
+    """A rate in the unit it was most likely set in: per second from 1/s up; below that, per
+    minute or per hour, whichever makes it a whole number (`20/m`, not 0.333...)."""
+    if per_second >= 1:
+        return f"{per_second:g}/s"
+    for unit, seconds in (("m", 60.0), ("h", 3600.0)):
+        value = per_second * seconds
+        if value >= 1 and abs(value - round(value)) <= 1e-9 * value:
+            return f"{round(value)}/{unit}"
+    return f"{per_second * 60:.4g}/m"
+
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -114,7 +126,7 @@ class Settings(BaseSettings):
         description="seconds a video may take to render before it fails with a timeout, > 0",
     )
 
-    # --- The fleet-wide limits (tasks/limiter.py) -----------------------------------------
+    # --- The fleet-wide limits (tasks/dispatcher.py) -----------------------------------------
     runware_rate_limit: float | None = Field(
         default=None,
         description="Runware calls per second across all workers: N, N/s, N/m or N/h; "
@@ -240,7 +252,7 @@ class Settings(BaseSettings):
         default=200, ge=1, le=1000, description="tasks run at once by a worker, an integer 1..1000"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR (any case)"
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text, or json (one JSON object per line, for log stacks)"
@@ -267,6 +279,28 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         default=None, description="user:password pairs (comma-separated) that Flower requires"
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        # Celery takes `-l info`; the same word is accepted here.
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_password_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        # Flower takes an entry without a colon and then lets nobody in; say so here. (The
+        # message never shows the value: it holds passwords.)
+        if value is None:
+            return None
+        for number, entry in enumerate(value.get_secret_value().split(","), start=1):
+            user, colon, password = entry.partition(":")
+            if not (user.strip() and colon and password):
+                raise ValueError(
+                    f"entry {number} is not user:password (comma-separated pairs, each with "
+                    "a user, a colon and a password)"
+                )
+        return value
 
     @field_validator("runware_api_url")
     @classmethod
@@ -421,11 +455,12 @@ def _one_line(error: pydantic.ValidationError) -> str:
         field = str(item["loc"][0])
         info = Settings.model_fields.get(field)
         accepts = info.description if info is not None and info.description else "see README"
-        hidden = any(word in field for word in ("key", "secret", "password"))
-        shown: Any = "<hidden>" if hidden else item.get("input")
-        parts.append(
-            f"{field.upper()}={shown!r} is not accepted ({item['msg']}); expected {accepts}"
+        hidden = any(word in field for word in ("key", "secret", "password", "auth")) or (
+            info is not None and "SecretStr" in str(info.annotation)
         )
+        shown: Any = "<hidden>" if hidden else item.get("input")
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{field.upper()}={shown!r} is not accepted ({message}); expected {accepts}")
     return "invalid configuration: " + "; ".join(parts)
 
 

@@ -1,6 +1,8 @@
 """Producer helpers: validate first, then enqueue. Nothing is enqueued for a bad argument.
 
-Also the chord callback that gathers a batch.
+`enhance`, `enhance_batch` (a chord, gathered by `tasks.collect_batch`), and the chains
+`enhance_then_image` / `enhance_then_video` (with `tasks.fan_out_generation` and
+`tasks.collect_generation` when several versions each get a generation).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tasks.schemas import (
 MAX_BATCH = 10_000
 
 
-def _request(
+def enhance_request(
     prompt: str,
     max_length: int | None,
     versions: int,
@@ -35,6 +37,7 @@ def _request(
     account: str | None = None,
     priority: str | None = None,
 ) -> EnhanceRequest:
+    """The validated request of one enhancement (ValidationError naming the field otherwise)."""
     arguments: dict[str, object] = {"prompt": prompt, "promptVersions": versions}
     if priority is not None:
         arguments["priority"] = priority
@@ -64,7 +67,7 @@ def enhance(
     enqueued. `.get()` on the result returns `{"taskType", "taskUUID", "prompt", "text",
     "texts", "cost", "totalCost"}`.
     """
-    request = _request(prompt, max_length, versions, task_uuid, account, priority)
+    request = enhance_request(prompt, max_length, versions, task_uuid, account, priority)
     return enhance_prompt.apply_async(kwargs=request.task_kwargs())
 
 
@@ -93,7 +96,7 @@ def enhance_batch(
     for index, prompt in enumerate(prompts):
         try:
             requests.append(
-                _request(prompt, max_length, versions, account=account, priority=priority)
+                enhance_request(prompt, max_length, versions, account=account, priority=priority)
             )
         except ValidationError as exc:
             problems.append(f"prompts[{index}]: {str(exc).split(': ', 1)[1]}")
@@ -123,7 +126,8 @@ GENERATORS: dict[str, Task] = {"image": generate_image, "video": generate_video}
 
 def _enhance_then(kind: str, prompt: str, versions: int, options: dict[str, Any]) -> AsyncResult:  # type: ignore[type-arg]
     account = options.get("account")
-    request = _request(prompt, None, versions, account=account, priority=options.get("priority"))
+    priority = options.get("priority")
+    request = enhance_request(prompt, None, versions, account=account, priority=priority)
     model = ImageRequest if kind == "image" else VideoRequest
     # Check the generation arguments now, with a stand-in prompt, so nothing is enqueued for a
     # bad one; the real prompt is the enhanced text.

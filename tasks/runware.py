@@ -27,7 +27,7 @@ from config.settings import Settings, get_settings
 from tasks import metrics
 from tasks.batching import Coalescer
 from tasks.errors import AuthenticationError, RateLimited, TransientError, runware_error
-from tasks.redact import mask
+from tasks.redact import mask, redact
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ class RunwareClient:
     """A Runware REST client for one process. Thread-safe: the pool is sized to the concurrency."""
 
     def __init__(self, settings: Settings, pool_size: int = 10) -> None:
-        self._settings = settings
         self._url = settings.runware_api_url
+        self._where = redact(self._url)  # the URL as messages may show it
         self._timeout = (settings.runware_connect_timeout_s, settings.runware_timeout_s)
         key = settings.runware_api_key
         self._key = key.get_secret_value() if key is not None else None
@@ -211,10 +211,19 @@ class RunwareClient:
             )
         except requests.Timeout as exc:
             return _Answer(
-                failure=("timeout", f"no answer within the timeout ({type(exc).__name__})")
+                failure=(
+                    "timeout",
+                    f"no answer from {self._where} within the timeout ({type(exc).__name__})",
+                )
             )
         except requests.RequestException as exc:
-            return _Answer(failure=("connection", f"connection failed ({type(exc).__name__})"))
+            return _Answer(
+                failure=(
+                    "connection",
+                    f"connection to {self._where} failed ({type(exc).__name__}); is "
+                    "RUNWARE_API_URL right?",
+                )
+            )
         try:
             body = response.json()
         except ValueError:

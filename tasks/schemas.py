@@ -185,7 +185,7 @@ PositivePromptStr = Annotated[StrictStr, Field(min_length=2, max_length=3000)]
 
 def _multiple_of_64(value: int) -> int:
     if value % 64:
-        raise ValueError(f"must be a multiple of 64 (got {value})")
+        raise ValueError("must be a multiple of 64")
     return value
 
 

@@ -106,12 +106,17 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> float:
 
 
 def run_cli(
-    redis_url: str, *args: str, timeout: float = 180, check: bool = False, **kwargs: Any
+    redis_url: str,
+    *args: str,
+    timeout: float = 180,
+    check: bool = False,
+    env_extra: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> subprocess.CompletedProcess[str]:
     """`enhance-worker ARGS` as a user runs it, against `redis_url`."""
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
-        env={**os.environ, "REDIS_URL": redis_url},
+        env={**os.environ, "REDIS_URL": redis_url, **(env_extra or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,13 +1,32 @@
 """The console command `enhance-worker`: demo, sandbox, enhance, batch, cost, reconcile, failed,
-limits."""
+limits. Every failure is one line with an exit status of its own (workers/preflight.py)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from workers import preflight
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+
+def _ready(worker: bool = False) -> Settings:
+    """The settings, once their Redis answers (and, with `worker`, once a worker runs)."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    preflight.require_redis(settings)
+    if worker:
+        preflight.require_worker(settings)
+    return settings
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -33,7 +52,16 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    sandbox = Sandbox(host=args.host, port=args.port, config=config)
+    try:
+        sandbox = Sandbox(host=args.host, port=args.port, config=config)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise preflight.CommandError(
+            f"port {args.port} on {args.host} is in use (another sandbox?); pick a free one "
+            "with --port",
+            preflight.USAGE,
+        ) from None
     print(f"Runware SANDBOX (not the real Runware API) listening on {sandbox.url}", flush=True)
     try:
         sandbox.serve_forever()
@@ -45,21 +73,48 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_enhance(args: argparse.Namespace) -> int:
-    from tasks import ValidationError, enhance
+    from celery.exceptions import TimeoutError as ResultTimeout
 
+    from tasks import enhance
+    from tasks.pipelines import enhance_request
+
+    options = {
+        "max_length": args.max_length,
+        "versions": args.versions,
+        "account": args.account,
+        "priority": args.priority,
+    }
+    enhance_request(args.prompt, **options)  # bad input: one line, before any Redis is asked
+    settings = _ready(worker=True)
+    async_result = enhance(args.prompt, **options)
     try:
-        async_result = enhance(args.prompt, max_length=args.max_length, versions=args.versions)
-    except ValidationError as exc:
-        print(f"enhance-worker: {exc}", file=sys.stderr)
-        return 2
-    result = async_result.get(timeout=args.timeout)
+        result = async_result.get(timeout=args.timeout)
+    except ResultTimeout:
+        # Stop listening for it now (not in AsyncResult.__del__ at interpreter exit, which
+        # prints a traceback of its own).
+        async_result.backend.remove_pending_result(async_result)  # type: ignore[attr-defined]
+        running = preflight.running_workers(settings)
+        state = (
+            "it is still queued or running, and will finish (and be billed)"
+            if running
+            else "no worker is running any more: it waits in Redis, and runs (and is billed) "
+            f"when one starts; {preflight.START_A_WORKER}"
+        )
+        raise preflight.CommandError(
+            f"no result within {args.timeout:g}s for job {async_result.id}: {state}. Its "
+            f"result stays in the result backend for {settings.celery_result_expires_s}s "
+            f"(CELERY_RESULT_EXPIRES_S)",
+            preflight.NO_WORKER,
+        ) from None
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_limits(args: argparse.Namespace) -> int:
+    from config.settings import format_rate
     from tasks.limiter import get_limiter
 
+    _ready()
     limiter = get_limiter()
     if args.action == "set":
         try:
@@ -90,11 +145,16 @@ def _cmd_limits(args: argparse.Namespace) -> int:
         for name in ("rate", "burst", "max_in_flight"):
             value = overrides.get(name, configured[name])
             source = "override" if name in overrides else "setting"
-            print(f"{name:>14}: {value if value not in (None, 0, 0.0) else 'none'} ({source})")
+            shown = "none" if value in (None, 0, 0.0) else value
+            if name == "rate" and shown != "none":
+                shown = format_rate(value)
+            elif isinstance(shown, float) and shown.is_integer():
+                shown = int(shown)
+            print(f"{name:>14}: {shown} ({source})")
         print(f"{'in flight':>14}: {state['in_flight']}")
         print(f"{'cool-down':>14}: {state['cooldown_s']:.2f}s")
         for name, account in state["accounts"].items():
-            rate = account["rate"] or "fleet"
+            rate = format_rate(account["rate"]) if account["rate"] else "fleet"
             waiting = ", ".join(f"{k} {v}" for k, v in account["waiting"].items())
             print(f"  account {name}: rate {rate}, weight {account['weight']}, waiting {waiting}")
     return 0
@@ -104,33 +164,78 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from config.celery import app
-    from tasks import ValidationError
     from workers import batch
 
     out = Path(args.out)
     if args.resume:
-        pending = batch.read_pending(Path(args.resume))
-        total = len(pending)
-    else:
-        if args.file is None:
-            print("enhance-worker: batch needs FILE (or --resume)", file=sys.stderr)
-            return 2
+        pending_path = Path(args.resume)
+        if not pending_path.exists() and out.exists():
+            print(
+                f"Nothing left to collect: {pending_path} is gone, as it is once every job it "
+                f"listed is in {out}.",
+                file=sys.stderr,
+            )
+            return 0
         try:
-            jobs = batch.read_prompts(Path(args.file), args.versions, args.max_length)
-        except (ValidationError, OSError) as exc:
-            print(f"enhance-worker: {exc}", file=sys.stderr)
-            return 2
-        out.write_text("", encoding="utf-8")
-        pending = batch.enqueue(app, jobs)
-        total = len(jobs)
-        print(f"Enqueued {total} jobs; writing results to {out} as they arrive.", file=sys.stderr)
-    return batch.run_batch(app, pending, total, out)
+            pending = batch.read_pending(pending_path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise preflight.CommandError(
+                f"cannot read {pending_path}: {exc}", preflight.USAGE
+            ) from None
+        have = batch.collected(out)
+        left = [job for job in pending if job[1] not in have]
+        if not left:
+            pending_path.unlink(missing_ok=True)
+            print(
+                f"Nothing left to collect: the {len(pending)} jobs of {pending_path} are all "
+                f"in {out}.",
+                file=sys.stderr,
+            )
+            return 0
+        settings = _ready()
+        print(
+            f"Collecting {len(left)} jobs ({len(pending) - len(left)} already in {out}).",
+            file=sys.stderr,
+        )
+        return batch.run_batch(
+            app,
+            left,
+            len(left),
+            out,
+            workers_running=lambda: preflight.running_workers(settings),
+            stall_s=args.stall_after,
+        )
+    if args.file is None:
+        raise preflight.CommandError("batch needs FILE (or --resume PENDING)", preflight.USAGE)
+    try:
+        jobs = batch.read_prompts(
+            Path(args.file), args.versions, args.max_length, args.account, args.priority
+        )
+    except OSError as exc:
+        raise preflight.CommandError(f"cannot read {args.file}: {exc}", preflight.USAGE) from None
+    settings = _ready(worker=True)
+    held = batch.results_held(out)
+    pending = batch.enqueue(jobs)
+    held_text = f" (it already holds {held} line{'s' if held > 1 else ''})" if held else ""
+    print(
+        f"Enqueued {len(jobs)} jobs; results are appended to {out} as they arrive{held_text}.",
+        file=sys.stderr,
+    )
+    return batch.run_batch(
+        app,
+        pending,
+        len(jobs),
+        out,
+        workers_running=lambda: preflight.running_workers(settings),
+        stall_s=args.stall_after,
+    )
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
     from config.settings import get_settings
     from tasks.ledger import get_ledger
 
+    _ready()
     ledger, settings = get_ledger(), get_settings()
     try:
         totals = ledger.day(args.day)
@@ -174,6 +279,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 def _cmd_reconcile(args: argparse.Namespace) -> int:
     from tasks.reconcile import reconcile_now
 
+    _ready()
     summary = reconcile_now(args.timeout)
     if args.json:
         print(json.dumps(summary.__dict__))
@@ -194,6 +300,7 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 def _cmd_failed(args: argparse.Namespace) -> int:
     from tasks.deadletter import get_dead_letters
 
+    _ready()
     dead = get_dead_letters()
     if args.action == "retry":
         from config.celery import app
@@ -223,8 +330,33 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-25") from None
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share of calls from 0 to 1 (got {text})")
+    return value
+
+
+def _account_options(parser: argparse.ArgumentParser, priority: str) -> None:
+    parser.add_argument(
+        "--account", default=None, help="the account the jobs are fair-shared and billed under"
+    )
+    parser.add_argument(
+        "--priority",
+        choices=("interactive", "batch"),
+        default=priority,
+        help="interactive goes ahead of batch work (default %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enhance-worker", description=__doc__)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print the traceback of a failure"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="start what is missing, enhance three prompts, print costs")
@@ -244,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         sandbox.add_argument(
             f"--rate-{fault}",
             dest=f"rate_{fault}",
-            type=float,
+            type=_share,
             default=0.0,
             help=f"share of calls answered with {fault} (0..1)",
         )
@@ -254,15 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("prompt")
     enhance.add_argument("--versions", type=int, default=1)
     enhance.add_argument("--max-length", type=int, default=None)
-    enhance.add_argument("--timeout", type=float, default=120.0)
+    enhance.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    _account_options(enhance, "interactive")
     enhance.set_defaults(func=_cmd_enhance)
 
     batch = sub.add_parser("batch", help="enhance every line of a file, with progress")
     batch.add_argument("file", nargs="?", help="one prompt a line, or JSONL with task fields")
     batch.add_argument("--versions", type=int, default=1)
     batch.add_argument("--max-length", type=int, default=None)
-    batch.add_argument("--out", default="results.jsonl", help="JSONL results (default %(default)s)")
-    batch.add_argument("--resume", metavar="PENDING", help="collect an interrupted batch's jobs")
+    batch.add_argument(
+        "--out",
+        default="results.jsonl",
+        help="JSONL results, appended to (never truncated; default %(default)s)",
+    )
+    batch.add_argument(
+        "--resume",
+        metavar="PENDING",
+        help="collect an interrupted batch's jobs (those --out does not hold yet)",
+    )
+    batch.add_argument(
+        "--stall-after",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="when nothing finishes for this long, check that a worker runs (default 15)",
+    )
+    _account_options(batch, "batch")
     batch.set_defaults(func=_cmd_batch)
 
     cost = sub.add_parser(
@@ -314,8 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        return preflight.INTERRUPTED
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        status, line = preflight.explain(exc, _settings_if_valid())
+        hint = "" if args.verbose else " (-v: the traceback)"
+        if status == preflight.FAILED and type(exc).__name__ not in preflight.JOB_ERRORS:
+            line += hint
+        print(f"enhance-worker: {line}", file=sys.stderr)
     return status
+
+
+def _settings_if_valid() -> Settings | None:
+    from config.settings import ConfigError, get_settings
+
+    try:
+        return get_settings()
+    except ConfigError:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """`enhance-worker demo`: the main job on embedded defaults.
 
-Starts what is missing (a redis-server when none answers at REDIS_URL, the Runware sandbox when
-RUNWARE_API_KEY is unset), starts a real worker, enhances the seed page's two examples and one
-request with three versions, prints each enhanced prompt with its cost and the total, and stops
-everything it started.
+Starts what it needs (a private redis-server unless REDIS_URL or CELERY_BROKER_URL is set on
+purpose, the Runware sandbox when RUNWARE_API_KEY is unset), starts a real worker, enhances the
+seed page's two examples and one request with three versions, prints each enhanced prompt with
+its cost and the total, and stops everything it started.
+
+It never takes another app's jobs: on a private Redis there are none, and on a Redis set on
+purpose its worker uses a queue and a key prefix of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -51,17 +55,45 @@ def _runware_endpoint(settings: Settings) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def _redis(settings: Settings) -> Iterator[str]:
+    """The Redis of the demo: the one set on purpose (REDIS_URL or CELERY_BROKER_URL), or a
+    private redis-server, so that a Redis that merely answers on the default port (and the
+    jobs of another app in it) is never touched."""
+    from tasks.redact import redact
     from workers.sandbox.services import RedisServer, redis_answers
 
-    if redis_answers(settings.broker_url):
-        print(f"Using the Redis that answers at {settings.broker_url.split('@')[-1]}.")
+    if {"redis_url", "celery_broker_url"} & settings.model_fields_set:
+        if not redis_answers(settings.broker_url):
+            raise ConfigError(
+                f"no Redis answers at {redact(settings.broker_url)} (REDIS_URL); start it, or "
+                "unset REDIS_URL to let the demo start a private redis-server"
+            )
+        print(f"Using the Redis set in REDIS_URL: {redact(settings.broker_url)}.")
         yield settings.broker_url
         return
     with RedisServer() as server:
-        print(
-            f"No Redis answers at REDIS_URL: started a private redis-server on port {server.port}."
-        )
+        print(f"Started a private redis-server on port {server.port} (REDIS_URL is not set).")
         yield server.url()
+
+
+def _show(pending: list[Any], timeout: float) -> int:
+    """Print each result with its cost, and the total; the number of jobs that failed."""
+    total = 0.0
+    failed = 0
+    for number, (kwargs, async_result) in enumerate(zip(SEED_PROMPTS, pending, strict=True), 1):
+        try:
+            result = async_result.get(timeout=timeout)
+        except Exception as exc:
+            failed += 1
+            print(f"{number}. FAILED: {kwargs['prompt']}\n   {type(exc).__name__}: {exc}\n")
+            continue
+        total += float(result["cost"])
+        print(f"{number}. {result['prompt']}")
+        for version, text in enumerate(result["texts"], start=1):
+            label = f"v{version}" if len(result["texts"]) > 1 else "->"
+            print(f"   {label} {text}")
+        print(f"   cost ${result['cost']:.6f} (taskUUID {result['taskUUID']})\n")
+    print(f"Total cost: ${total:.6f} for {len(SEED_PROMPTS) - failed} enhancements.")
+    return failed
 
 
 def run_demo(timeout: float = 120.0) -> int:
@@ -75,37 +107,33 @@ def run_demo(timeout: float = 120.0) -> int:
     from tasks.enhancement import enhance_prompt
     from workers.sandbox.services import WorkerProcess
 
-    queue = f"enhance-demo-{uuid.uuid4().hex[:8]}"
-    with _redis(settings) as url, _runware_endpoint(settings) as runware_env:
+    # A queue and a key prefix of its own: on a shared Redis the demo's worker neither takes
+    # another app's jobs nor joins (or grants jobs to) another fleet.
+    name = f"enhance-demo-{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(_redis(settings))
+        except ConfigError as exc:
+            print(f"enhance-worker: {exc}")
+            return 3
+        runware_env = stack.enter_context(_runware_endpoint(settings))
         app.conf.update(broker_url=url, result_backend=result_backend_url(url))
         env = {
             "REDIS_URL": url,
             "CELERY_BROKER_URL": url,
             "CELERY_RESULT_BACKEND": url,
+            "KEY_PREFIX": name,
             **runware_env,
         }
         with WorkerProcess(
-            env, name="demo", extra_args=["-Q", queue, "--without-mingle", "--without-gossip"]
+            env, name="demo", extra_args=["-Q", name, "--without-mingle", "--without-gossip"]
         ) as worker:
-            print(f"Started a worker (pid {worker.pid}, log {worker.log_path}).\n")
-            pending = [enhance_prompt.apply_async(kwargs=kw, queue=queue) for kw in SEED_PROMPTS]
-            total = 0.0
-            failed = 0
-            for number, (kwargs, async_result) in enumerate(
-                zip(SEED_PROMPTS, pending, strict=True), start=1
-            ):
-                try:
-                    result = async_result.get(timeout=timeout)
-                except Exception as exc:
-                    failed += 1
-                    print(f"{number}. FAILED: {kwargs['prompt']}\n   {type(exc).__name__}: {exc}\n")
-                    continue
-                total += float(result["cost"])
-                print(f"{number}. {result['prompt']}")
-                for version, text in enumerate(result["texts"], start=1):
-                    label = f"v{version}" if len(result["texts"]) > 1 else "->"
-                    print(f"   {label} {text}")
-                print(f"   cost ${result['cost']:.6f} (taskUUID {result['taskUUID']})\n")
-            print(f"Total cost: ${total:.6f} for {len(SEED_PROMPTS) - failed} enhancements.")
+            print(f"Started a worker (pid {worker.pid}).\n")
+            pending = [enhance_prompt.apply_async(kwargs=kw, queue=name) for kw in SEED_PROMPTS]
+            failed = _show(pending, timeout)
         app.close()
+        if failed:
+            print(f"The worker's log is kept at {worker.log_path}.")
+        else:
+            os.unlink(worker.log_path)
     return 1 if failed else 0

@@ -75,8 +75,9 @@ def fresh_http_session(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def announce_ready(sender: Any = None, **_: Any) -> None:
-    """Join the fleet (dispatcher candidate and thread count), start the metrics endpoint, then
-    say the worker is ready (tests and tools wait for it)."""
+    """Join the fleet (dispatcher candidate and thread count; old limit overrides carried over),
+    start the reconciler of unsettled calls and the metrics endpoint, warn when no API key is
+    set, then say the worker is ready (tests and tools wait for it)."""
     settings = get_settings()
     app = sender.app
     threads = _concurrency(sender)
@@ -97,6 +98,12 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     reconciler.start()
     _reconciler.append(reconciler)
     metrics.serve(settings, _intake_queues)
+    if settings.runware_api_key is None:
+        logger.warning(
+            "RUNWARE_API_KEY is not set: every job this worker takes will FAIL with "
+            "AuthenticationError (missingApiKey) without calling Runware. Set RUNWARE_API_KEY "
+            "(and RUNWARE_API_URL for the sandbox), then restart the worker."
+        )
     logger.info(
         "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads, Redis "
         "pools of %d connections).",

@@ -429,3 +429,41 @@ def test_the_sentinel_override_wires_every_app_to_the_sentinels() -> None:
         assert env["REDIS_SENTINEL_MASTER"] == group
         Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[call-arg]
         assert app in SERVICES  # an override of the base file's service
+
+
+def test_the_env_example_is_generated_from_the_settings() -> None:
+    """`./run docs` writes it; a setting added, renamed or re-defaulted without it fails here."""
+    from config.reference import env_example
+
+    assert (DEPLOY / "systemd" / "env.example").read_text() == env_example()
+
+
+def _readme_defaults() -> dict[str, str]:
+    """{variable: default} from every README table row that starts with settings' names."""
+    found: dict[str, str] = {}
+    text = (ROOT / "README.md").read_text()
+    for names, values in re.findall(r"^\| ((?:`[A-Z_0-9]+`(?:, )?)+) \| ([^|]*) \|", text, re.M):
+        variables = re.findall(r"`([A-Z_0-9]+)`", names)
+        cells = [v.strip().strip("`") for v in values.split(",")]
+        if len(cells) != len(variables):
+            cells = [values.strip().strip("`")] * len(variables)
+        found.update(zip(variables, cells, strict=True))
+    return found
+
+
+def test_the_readme_tables_give_the_code_s_defaults() -> None:
+    from config.reference import defaults
+
+    code, readme = defaults(), _readme_defaults()
+    assert len(readme) > 40
+    for variable, shown in readme.items():
+        assert variable in code, f"README documents {variable}, which is not a setting"
+        if shown in {"none", "unset"}:
+            assert code[variable] == "", variable
+        elif re.fullmatch(r"[A-Z_0-9]+|.* .*", shown) is None:  # a literal, not "REDIS_URL"
+            assert shown == code[variable], f"README says {variable}={shown}: {code[variable]}"
+    undocumented = set(code) - readme.keys() - set(re.findall(r"[A-Z_0-9]{6,}", _README))
+    assert undocumented == set()
+
+
+_README = (ROOT / "README.md").read_text()

@@ -254,3 +254,15 @@ def test_a_request_refused_for_another_task_is_retried_for_this_one(client: Runw
     assert caught.value.code == "batchRejected"
     with pytest.raises(PermanentError, match="invalidPrompt"):
         client._parse(answer, "promptEnhance", other)
+
+
+def test_a_connection_error_names_the_url_it_tried() -> None:
+    from workers.sandbox.services import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    settings = load_settings(_env_file=None, runware_api_url=url, runware_api_key=SECRET)
+    client = RunwareClient(settings)
+    with pytest.raises(TransientError, match=f"connection to {url} failed") as caught:
+        client.run(_task())
+    assert "RUNWARE_API_URL" in str(caught.value)
+    client.close()

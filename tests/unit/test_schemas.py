@@ -102,3 +102,12 @@ def test_stable_task_uuid_keeps_a_v4_task_id_and_derives_a_v4_from_others() -> N
     assert uuid.UUID(derived).version == 4
     assert derived == stable_task_uuid("custom-task-id")
     assert derived != stable_task_uuid("another-task-id")
+
+
+def test_a_generation_limit_is_said_once() -> None:
+    from tasks.generate import parse_image
+
+    with pytest.raises(ValidationError) as caught:
+        parse_image({"positivePrompt": "a cat on a mat", "model": "runware:101@1", "width": 1000})
+    assert str(caught.value).count("(got 1000)") == 1
+    assert "width: must be a multiple of 64 (got 1000)" in str(caught.value)

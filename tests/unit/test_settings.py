@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.settings import ConfigError, load_settings
+from config.settings import ConfigError, format_rate, load_settings, parse_rate
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,3 +97,33 @@ def test_a_reservation_must_outlast_the_time_a_job_takes_to_come_back() -> None:
         load_settings(_env_file=None, runware_reservation_s=500, celery_visibility_timeout_s=300)
     assert "(600s: CELERY_VISIBILITY_TIMEOUT_S + the longest of" in str(caught.value)
     assert load_settings(_env_file=None, runware_reservation_s=601).runware_reservation_s == 601
+
+
+def test_a_log_level_in_any_case_is_accepted() -> None:
+    assert load_settings(_env_file=None, log_level="info").log_level == "INFO"
+    with pytest.raises(ConfigError, match="LOG_LEVEL='LOUD'"):
+        load_settings(_env_file=None, log_level="loud")
+
+
+@pytest.mark.parametrize("value", ["justuser9", "ann7:pw1,justuser9", ":s3cr3t9", "user9:"])
+def test_flower_auth_needs_user_colon_password_and_never_shows_it(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None, flower_basic_auth=value)
+    message = str(caught.value)
+    assert "FLOWER_BASIC_AUTH='<hidden>' is not accepted (entry" in message
+    assert "is not user:password" in message
+    for part in filter(None, value.replace(",", ":").split(":")):
+        assert part not in message
+
+
+def test_several_flower_users_are_accepted() -> None:
+    settings = load_settings(_env_file=None, flower_basic_auth="ann:pw1,bob:p:w2")
+    assert settings.flower_basic_auth is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("20/m", "20/m"), ("5", "5/s"), ("2.5/s", "2.5/s"), ("7/h", "7/h"), ("30/m", "30/m")],
+)
+def test_a_rate_is_shown_in_the_unit_it_was_set_in(text: str, shown: str) -> None:
+    assert format_rate(parse_rate(text) or 0.0) == shown
