@@ -49,3 +49,16 @@ def _mask_argument_reprs(headers: dict[str, Any] | None = None, **_: Any) -> Non
         value = headers.get(name)
         if isinstance(value, str):
             headers[name] = redact(value)
+
+
+@signals.task_received.connect
+def _mask_received_reprs(request: Any = None, **_: Any) -> None:
+    """A job published by any other producer (a plain Celery app, `send_task` by name) carries
+    the raw argument reprs: mask them as the worker receives it, before its task-received
+    event tells Flower."""
+    if request is None:
+        return
+    for name in ("_argsrepr", "_kwargsrepr"):
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            setattr(request, name, redact(value))

@@ -179,6 +179,23 @@ StartWorker = Callable[..., RunningWorker]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+def assert_billed_once(
+    sandbox: Sandbox, results: list[Any], price_micro: int = 1300, ledger: int | None = None
+) -> None:
+    """Runware accepted each job's taskUUID and nothing else, and billed N x price (and the
+    ledger, where given, the same). The sandbox answers 409 to a taskUUID it has seen, so a job
+    billed twice shows up as an extra taskUUID (sent again under a new one), never as a count
+    above 1: counting acceptances per taskUUID could not fail."""
+    uuids = {r["taskUUID"] for r in results}
+    assert len(uuids) == len(results), "two jobs share a taskUUID"
+    extra = set(sandbox.state.accepted) - uuids
+    assert not extra, f"Runware accepted {len(extra)} taskUUIDs no result has: billed twice"
+    assert set(sandbox.state.accepted) == uuids
+    assert sandbox.state.billed_micro == len(uuids) * price_micro
+    if ledger is not None:
+        assert ledger == sandbox.state.billed_micro
+
+
 def scrape_metrics(port: int) -> Samples:
     """A worker's /metrics, as {(sample name, sorted labels): value}."""
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text

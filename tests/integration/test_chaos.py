@@ -11,7 +11,13 @@ import redis
 from celery import Celery
 
 from config.keys import FairKeys
-from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker, worker_env
+from tests.conftest import (
+    FAST_REDELIVERY,
+    RunningWorker,
+    StartWorker,
+    assert_billed_once,
+    worker_env,
+)
 from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
@@ -43,11 +49,8 @@ def test_sigkill_with_jobs_in_flight(start_worker: StartWorker, sandbox: Sandbox
     doomed.process.kill()  # SIGKILL to the worker's whole process group
     start_worker("chaos-heir", same_db_as=doomed, **settings)
     results = [p.get(timeout=120) for p in pending]
-    uuids = {r["taskUUID"] for r in results}
-    assert len(uuids) == 30
-    assert set(sandbox.state.accepted) == uuids
-    assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
-    assert ledger_micro(doomed.redis_url) == sandbox.state.billed_micro == 30 * 1300
+    assert len(results) == 30
+    assert_billed_once(sandbox, results, ledger=ledger_micro(doomed.redis_url))
 
 
 def _holder(client: redis.Redis, live: list[RunningWorker]) -> RunningWorker:
@@ -110,11 +113,8 @@ def test_sigkill_at_any_instant_loses_nothing(start_worker: StartWorker, sandbox
     replace(_holder(client, live))
 
     results = [p.get(timeout=90) for p in pending]  # type: ignore[attr-defined]
-    uuids = {r["taskUUID"] for r in results}
-    assert len(uuids) == 60
-    assert set(sandbox.state.accepted) == uuids
-    assert set(sandbox.state.accepted.values()) == {1}  # duplicates: 0
-    assert ledger_micro(first.redis_url) == sandbox.state.billed_micro == 60 * 1300
+    assert len(results) == 60
+    assert_billed_once(sandbox, results, ledger=ledger_micro(first.redis_url))
     logs = "".join(w.process.log() for w in started)
     recovered = sum(int(n) for n in re.findall(r"(\d+) granted job\(s\) were lost", logs))
     assert 1 <= recovered <= 1 + 4, recovered  # the vanished consumer's, at most 1 per kill
@@ -143,8 +143,8 @@ def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
         time.sleep(1.0)
         server.start()
         results = [p.get(timeout=120) for p in pending]
-        assert len({r["taskUUID"] for r in results}) == 40
-        assert set(sandbox.state.accepted.values()) == {1}
+        assert len(results) == 40
+        assert_billed_once(sandbox, results, ledger=ledger_micro(server.url(0)))
         assert worker.process is not None
         assert worker.process.poll() is None  # the same worker, never restarted
     finally:
@@ -167,9 +167,8 @@ def test_a_faulty_api(start_worker: StartWorker, sandbox: Sandbox) -> None:
         except Exception as exc:
             failures.append(str(exc))
     assert not failures, _requests_behind(failures, sandbox)
-    uuids = {r["taskUUID"] for r in results}
-    assert len(uuids) == 200
-    assert set(sandbox.state.accepted.values()) == {1}
+    assert len(results) == 200
+    assert_billed_once(sandbox, results, ledger=ledger_micro(worker.redis_url))
     statuses = sandbox.state.statuses
     assert statuses.get("429", 0) + statuses.get("503", 0) + statuses.get("500", 0) > 0
     retries = worker.process.log().count("will retry")

@@ -19,9 +19,11 @@ from tests.conftest import (
     SECRET,
     RunningWorker,
     StartWorker,
+    assert_billed_once,
     run_cli,
     worker_env,
 )
+from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
 
@@ -66,8 +68,7 @@ def test_soft_shutdown_requeues_running_jobs(start_worker: StartWorker, sandbox:
     assert "Soft Shutdown" in first.process.log()
     start_worker("soft-heir", same_db_as=first, **settings)
     results = [p.get(timeout=60) for p in pending]
-    assert sorted(sandbox.state.accepted) == sorted(r["taskUUID"] for r in results)
-    assert set(sandbox.state.accepted.values()) == {1}
+    assert_billed_once(sandbox, results, ledger=ledger_micro(first.redis_url))
 
 
 def test_failed_jobs_are_listed_with_their_reason_and_can_be_retried(

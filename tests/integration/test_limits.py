@@ -10,7 +10,7 @@ import time
 import redis
 from celery import Celery
 
-from tests.conftest import StartWorker, worker_env
+from tests.conftest import StartWorker, assert_billed_once, worker_env
 from tests.load.common import max_in_window
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
@@ -55,8 +55,7 @@ def test_waiting_for_the_limit_holds_no_thread_and_uses_no_retries(
     )
     pending = [worker.send(prompt=f"wait {n}") for n in range(10)]
     results = [p.get(timeout=60) for p in pending]
-    assert len({r["taskUUID"] for r in results}) == 10
-    assert set(sandbox.state.accepted) == {r["taskUUID"] for r in results}
+    assert_billed_once(sandbox, results)
     assert sandbox.state.requests == 10
     assert "re-scheduled" not in worker.process.log()
     assert max_in_window(sandbox.state.call_times) <= 4 + 1

@@ -15,18 +15,28 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import SECRET, RunningWorker, StartWorker, run_cli, scrape_metrics
+from tests.conftest import (
+    SECRET,
+    RunningWorker,
+    StartWorker,
+    run_cli,
+    scrape_metrics,
+    wait_until,
+)
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, free_port
 
 FLOWER_AUTH = ("ops", "pw-flower-7e2a")
+FLOWER_SECOND = ("oncall", "pw-second-51c9")  # several users, comma-separated
+WEBHOOK_TOKEN = "wh-token-3b8d2f"
 
 
 @pytest.fixture
 def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
     worker = start_worker("flowered")
     port = free_port()
-    env = {**os.environ, "REDIS_URL": worker.redis_url, "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    users = ",".join(":".join(pair) for pair in (FLOWER_AUTH, FLOWER_SECOND))
+    env = {**os.environ, "REDIS_URL": worker.redis_url, "FLOWER_BASIC_AUTH": users}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -53,7 +63,18 @@ def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
         assert process.poll() is None, "Flower exited at start"
         assert time.monotonic() < deadline, "Flower did not start"
         time.sleep(0.1)
-    time.sleep(1.0)  # Flower subscribes to the event stream just after it serves
+    # Flower subscribes to the event stream just after it serves: a probe job it shows as done
+    # proves it hears the events (a fixed sleep raced it).
+    probe = worker.send(prompt="flower probe")
+    probe.get(timeout=30)  # type: ignore[attr-defined]
+    while True:
+        seen = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
+        if seen.get(probe.id, {}).get("state") == "SUCCESS":  # type: ignore[attr-defined]
+            break
+        assert time.monotonic() < deadline + 30, "Flower never showed the probe job"
+        time.sleep(0.1)
+        probe = worker.send(prompt="flower probe")  # one sent before it listened is lost
+        probe.get(timeout=30)  # type: ignore[attr-defined]
     yield worker, url
     process.terminate()
     process.wait(timeout=20)
@@ -64,12 +85,17 @@ def test_flower_shows_each_job_with_its_result(
 ) -> None:
     worker, url = flower
     done = [worker.send(prompt=f"flower {n}", promptVersions=2) for n in range(3)]
+    hook = f"http://127.0.0.1:9/hook?token={WEBHOOK_TOKEN}"  # nothing listens on port 9
+    done.append(worker.send(prompt="flower hooked", webhookURL=hook))
     values = [d.get(timeout=30) for d in done]
     sandbox.configure(fail_next=["400"])
     failed = worker.send(prompt="flower fails")
     with pytest.raises(Exception, match="HTTP 400"):
         failed.get(timeout=30)
     assert requests.get(f"{url}/api/tasks", timeout=5).status_code == 401
+    wrong = (FLOWER_AUTH[0], FLOWER_AUTH[1] + "x")
+    assert requests.get(f"{url}/api/tasks", auth=wrong, timeout=5).status_code == 401
+    assert requests.get(f"{url}/api/tasks", auth=FLOWER_SECOND, timeout=5).status_code == 200
     deadline = time.monotonic() + 20
     while True:
         tasks = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
@@ -83,19 +109,30 @@ def test_flower_shows_each_job_with_its_result(
         shown = tasks[job.id]
         assert shown["name"] == "tasks.enhance_prompt"
         assert value["text"] in shown["result"]
-        assert "'cost': 0.0026" in shown["result"]
+        assert f"'cost': {value['cost']}" in shown["result"]
         assert "flower" in shown["kwargs"]
         assert shown["received"]
         assert shown["succeeded"]
     assert "HTTP 400" in tasks[failed.id]["exception"]
     workers = requests.get(f"{url}/api/workers", auth=FLOWER_AUTH, timeout=10).text
+
     # Flower's broker view reads queue lengths with a client it picks by the broker URL's
     # scheme: the project's transport must keep kombu's `redis` scheme for it.
-    queues = requests.get(f"{url}/api/queues/length", auth=FLOWER_AUTH, timeout=10)
-    assert queues.status_code == 200, queues.text
-    assert {"name": "enhance.ready", "messages": 0} in queues.json()["active_queues"]
-    assert SECRET not in json.dumps(tasks)
-    assert SECRET not in workers
+    # (It lists the queues the workers consume once it has asked them: wait for that.)
+    def ready_queue_shown() -> bool:
+        queues = requests.get(f"{url}/api/queues/length", auth=FLOWER_AUTH, timeout=10)
+        assert queues.status_code == 200, queues.text
+        return {"name": "enhance.ready", "messages": 0} in queues.json()["active_queues"]
+
+    wait_until(ready_queue_shown, 30, "Flower's queue view of enhance.ready")
+    # The webhook URL is shown with its query masked: the scanned text holds the kwargs (the
+    # URL's host is there), not the token.
+    shown_hook = tasks[done[-1].id]["kwargs"]
+    assert "http://127.0.0.1:9/hook?<redacted>" in shown_hook
+    everything = json.dumps(tasks) + workers
+    assert "flower hooked" in everything  # what is not secret is there
+    for secret in (SECRET, WEBHOOK_TOKEN, FLOWER_AUTH[1], FLOWER_SECOND[1]):
+        assert secret not in everything
 
 
 def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> None:

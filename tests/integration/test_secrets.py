@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import redis
 
 from tests.conftest import SECRET, RunningWorker, StartWorker
@@ -10,20 +13,69 @@ from workers.sandbox.services import RedisServer
 
 
 def _all_redis_bytes(server: RedisServer) -> tuple[int, bytes]:
-    """Every key and value in every database of the test Redis, as raw bytes."""
+    """Every key and value in every database of the test Redis, as raw bytes, each value read
+    by its type. (Not DUMP: it compresses values longer than 20 bytes, so a key inside a
+    result-sized value does not appear in its bytes.)"""
     seen = 0
     blob = bytearray()
     client = redis.Redis.from_url(server.url(0))
+    readers = {
+        b"string": lambda key: [client.get(key)],
+        b"hash": lambda key: [b for kv in client.hgetall(key).items() for b in kv],
+        b"list": lambda key: client.lrange(key, 0, -1),
+        b"set": lambda key: list(client.smembers(key)),
+        b"zset": lambda key: [m for m, _ in client.zrange(key, 0, -1, withscores=True)],
+        b"stream": lambda key: [
+            b for _, fields in client.xrange(key) for kv in fields.items() for b in kv
+        ],
+    }
     for db in range(64):
         client.execute_command("SELECT", db)
         for key in client.scan_iter(count=500):
             seen += 1
             blob += key
-            dumped = client.dump(key)
-            if dumped:
-                blob += dumped
+            kind = client.type(key)
+            assert kind in readers, f"no reader for {kind!r} ({key!r})"
+            for value in readers[kind](key):
+                blob += value or b""
     client.close()
     return seen, bytes(blob)
+
+
+def test_the_scan_finds_a_key_planted_in_any_kind_of_value(redis_server: RedisServer) -> None:
+    """The control: a Celery-result-shaped value of 539 bytes with the key inside (which DUMP
+    hid 40 times out of 40), and the key in a hash, a list, a set, a sorted set and a stream."""
+    client = redis.Redis.from_url(redis_server.url(63))
+    result = json.dumps(
+        {
+            "status": "SUCCESS",
+            "result": {"taskUUID": "6fa459ea-ee8a-4ca4-894e-db77e160355e", "note": SECRET},
+            "traceback": None,
+            "children": [],
+            "date_done": "2026-11-26T19:00:00.000000+00:00",
+            "task_id": "d0a4e6c8-0b4c-4b9a-8f43-6c1e7f0f9d21",
+            "padding": "x" * 300,
+        }
+    )
+    assert len(result) >= 539
+    plants: list[tuple[str, Callable[[str], object]]] = [
+        ("string", lambda key: client.set(key, result)),
+        ("hash", lambda key: client.hset(key, "field", "a" * 40 + SECRET)),
+        ("list", lambda key: client.rpush(key, "b" * 40 + SECRET)),
+        ("set", lambda key: client.sadd(key, "c" * 40 + SECRET)),
+        ("zset", lambda key: client.zadd(key, {"d" * 40 + SECRET: 1})),
+        ("stream", lambda key: client.xadd(key, {"e": "f" * 40 + SECRET})),
+    ]
+    try:
+        for kind, plant in plants:
+            key = f"planted:{kind}"
+            plant(key)
+            assert SECRET.encode() in _all_redis_bytes(redis_server)[1], kind
+            client.delete(key)
+        assert SECRET.encode() not in _all_redis_bytes(redis_server)[1]
+    finally:
+        client.flushdb()
+        client.close()
 
 
 def test_the_key_leaks_nowhere(
