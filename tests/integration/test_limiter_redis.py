@@ -24,6 +24,7 @@ from tasks import dispatcher as dispatcher_module
 from tasks.base import CONTINUES_HEADER
 from tasks.dispatcher import Dispatcher, Intake
 from tasks.limiter import Limiter, carry_over_old_overrides
+from tests.conftest import wait_until
 from workers.sandbox.services import RedisServer
 
 _prefixes = itertools.count()
@@ -162,9 +163,9 @@ def test_a_rate_spaces_grants_evenly(fleet: Any) -> None:
     times = [t.at for t in f.wait_for(8)]
     # 10/s: k grants apart are at least k x 100 ms apart; 50 ms of slack for the moment this
     # process sees a grant, which a busy machine delays (a burst of two would be 0 ms apart).
+    # (Lower bounds only: a slow machine can only lengthen the gaps, never shorten them.)
     for (i, early), (j, late) in itertools.combinations(enumerate(times), 2):
         assert late - early >= (j - i) * 0.1 - 0.05, times
-    assert times[-1] - times[0] == pytest.approx(0.7, abs=0.1)
 
 
 def test_grants_never_outrun_the_worker_threads(fleet: Any) -> None:
@@ -213,9 +214,11 @@ def test_a_throttled_call_pauses_every_grant(fleet: Any) -> None:
     f = fleet(threads=2, runware_cooldown_s=0.5, runware_cooldown_max_s=1.0)
     elsewhere = Limiter(f.client, f.settings)  # another worker process's
     elsewhere.note("throttled")
-    assert f.limiter.state()["cooldown_s"] == pytest.approx(0.5, abs=0.05)
+    assert f.client.get(f.keys.strikes) == b"1"
+    assert 0 < f.limiter.state()["cooldown_s"] <= 0.5
     elsewhere.note("throttled")
-    assert f.limiter.state()["cooldown_s"] == pytest.approx(1.0, abs=0.05)  # doubled
+    assert f.client.get(f.keys.strikes) == b"2"
+    assert 0 < f.limiter.state()["cooldown_s"] <= 1.0  # doubled, to the cap
     started = time.monotonic()
     f.start()
     f.send("a", 1)
@@ -272,7 +275,8 @@ def test_a_per_account_rate_slows_that_account_only(fleet: Any) -> None:
     slow = [t.at for t in taken if t.account == "slow"]
     fast = [t.at for t in taken if t.account == "fast"]
     assert slow[-1] - slow[0] >= 0.55  # 4 calls at 5/s take at least 0.6 s
-    assert fast[-1] - fast[0] < 0.4  # and do not hold back the others
+    # The others are not held back: every fast job went before the slow account's last.
+    assert max(fast) < slow[-1], [t.account for t in taken]
 
 
 def test_no_account_label_reaches_another_key(fleet: Any) -> None:
@@ -345,7 +349,8 @@ def test_any_task_id_keeps_its_message_whole(fleet: Any) -> None:
     )
     (taken,) = f.wait_for(1)
     assert taken.prompt == "odd id"
-    assert f.client.zcard(f.keys.leases) == 0  # its slot went back with its acknowledgement
+    # Its slot goes back with its acknowledgement (just after the job is seen as taken).
+    wait_until(lambda: f.client.zcard(f.keys.leases) == 0, 5, "the slot back")
 
 
 def test_jobs_without_a_grant_hold_threads_too(fleet: Any) -> None:

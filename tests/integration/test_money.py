@@ -61,15 +61,16 @@ def test_a_killed_workers_billed_calls_reach_the_ledger_exactly_once(
     results = [doomed.send(prompt=f"held {n}") for n in range(jobs)]
     wait_until(lambda: len(sandbox.state.accepted) == jobs, 30, "all calls accepted")
     doomed.process.kill()
-    killed = time.monotonic()
     sandbox.configure(rate_hang=0.0)
     heir = start_worker("heir", same_db_as=doomed, **env)
     billed = sandbox.state.billed_micro
     assert billed == jobs * PRICE
     # The calls end 4 s after they arrived; the heartbeat lapses 6 s after the kill; then one
     # reconciliation period (2 s) and the checks' own round trips.
-    wait_until(lambda: ledger_micro(heir.redis_url) == billed, 12, "ledger == bill")
-    assert time.monotonic() - killed < 20  # settled by reconciliation, not by redelivery (30 s)
+    wait_until(lambda: ledger_micro(heir.redis_url) == billed, 60, "ledger == bill")
+    # Settled by reconciliation (the heir's log says so), not by the jobs' redelivery.
+    assert heir.process.log().count("Unsettled call ") >= 1
+    assert " settled: cost=$" in heir.process.log()
     outcomes = _outcomes(results)
     assert all(isinstance(o, dict) for o in outcomes), outcomes
     assert set(sandbox.state.accepted) == {o["taskUUID"] for o in outcomes}  # type: ignore[index]

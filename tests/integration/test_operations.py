@@ -296,8 +296,10 @@ def test_ctrl_c_leaves_the_jobs_and_says_how_to_collect_them(
     assert f"enhance-worker batch --resume {pending} --out {out}" in stderr
     resumed = _cli(main_worker, "batch", "--resume", str(pending), "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
-    indexes = sorted(json.loads(line)["index"] for line in out.read_text().splitlines())
-    assert indexes == list(range(40))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(40))  # each once: no line twice
+    assert len({line["taskId"] for line in lines}) == 40
+    assert not pending.exists()  # collected in full
 
 
 def test_the_queue_depth_counts_jobs_not_yet_taken_in(redis_server: RedisServer) -> None:

