@@ -7,6 +7,7 @@ import random
 import re
 import time
 
+import pytest
 import redis
 from celery import Celery
 
@@ -21,6 +22,8 @@ from tests.conftest import (
 from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
+
+pytestmark = pytest.mark.slow  # real worker processes, seconds each: `-m 'not slow'` skips them
 
 
 def _requests_behind(failures: list[str], sandbox: Sandbox) -> str:

@@ -174,6 +174,7 @@ def test_the_batch_summary_groups_failures_by_reason(
 
 
 # --- no silent waits -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_batch_says_when_its_workers_are_gone(
     start_worker: StartWorker, sandbox: Sandbox, tmp_path: Path
 ) -> None:

@@ -96,6 +96,7 @@ def test_a_batch_is_validated_before_anything_is_enqueued(
     assert sandbox.state.requests == 0
 
 
+@pytest.mark.slow
 def test_the_daily_budget_cannot_be_overshot(start_worker: StartWorker, sandbox: Sandbox) -> None:
     """Four worker processes, 20 concurrent jobs of 0.0013 under a 0.01 budget: exactly 7 run."""
     sandbox.configure(latency_s=0.2)
@@ -141,6 +142,7 @@ def test_the_account_budget_holds_per_account(start_worker: StartWorker, sandbox
         assert f"account {account!r}" in refused
 
 
+@pytest.mark.slow
 def test_a_redelivered_job_is_counted_once(start_worker: StartWorker, sandbox: Sandbox) -> None:
     """The worker dies while Runware works on the call; the job is delivered again to another
     worker, which gets 409 for its taskUUID, recovers the result, and the ledger counts it once."""
@@ -164,3 +166,21 @@ def test_a_redelivered_job_is_counted_once(start_worker: StartWorker, sandbox: S
     assert record is not None
     assert record.startswith(b"1300|")
     client.close()
+
+
+def test_a_budget_reserves_every_version(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """promptVersions=3 reserves 3 x the estimate: three such jobs at once under a budget of
+    two refuse the third (reserving one version each would let all three run, past the
+    budget, before any answer taught the real price)."""
+    sandbox.configure(latency_s=0.5)  # all three reserve before the first answer
+    worker = start_worker("versions", RUNWARE_DAILY_BUDGET_USD="0.0079")
+    pending = [worker.send(prompt=f"three ways {n}", promptVersions=3) for n in range(3)]
+    outcomes = []
+    for job in pending:
+        try:
+            job.get(timeout=30)
+            outcomes.append("ok")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+    assert sorted(outcomes) == ["BudgetExceeded", "ok", "ok"]
+    assert sandbox.state.billed_micro == 2 * 3 * 1300

@@ -28,6 +28,8 @@ from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
 
+pytestmark = pytest.mark.slow  # real worker processes, seconds each: `-m 'not slow'` skips them
+
 
 def _cli(redis_url: str, *args: str) -> str:
     return run_cli(redis_url, *args, timeout=60, check=True).stdout

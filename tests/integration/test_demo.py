@@ -9,10 +9,13 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 import redis
 from celery import Celery
 
 from workers.sandbox.services import RedisServer, free_port, redis_answers
+
+pytestmark = pytest.mark.slow  # real worker processes, seconds each: `-m 'not slow'` skips them
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import StartWorker
 from workers.sandbox import Sandbox
 
+pytestmark = pytest.mark.slow  # real worker processes, seconds each: `-m 'not slow'` skips them
+
 
 def _send(worker: object, account: str, count: int, priority: str) -> list[object]:
     return [

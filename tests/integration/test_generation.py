@@ -68,6 +68,7 @@ def test_enhance_then_video_chain_polls(main_worker: RunningWorker, sandbox: San
     assert "re-scheduled in" in main_worker.process.log()
 
 
+@pytest.mark.slow
 def test_a_rendering_video_holds_no_worker_slot(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:

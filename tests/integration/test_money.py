@@ -17,6 +17,8 @@ from tests.conftest import FAST_REDELIVERY, StartWorker, run_cli, wait_until
 from tests.load.common import ledger_micro, max_in_window
 from workers.sandbox import Sandbox
 
+pytestmark = pytest.mark.slow  # real worker processes, seconds each: `-m 'not slow'` skips them
+
 PRICE = 1300  # the sandbox's micro-dollars per enhanced version
 # Quick reconciliation: a call no job follows is checked within about 2 s.
 RECONCILE = {

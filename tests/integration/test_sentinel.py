@@ -24,6 +24,8 @@ from tests.load.common import ledger_micro, max_in_window, result_across_failove
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, SentinelGroup, WorkerProcess
 
+pytestmark = pytest.mark.slow  # real worker processes, seconds each: `-m 'not slow'` skips them
+
 MASTER = "enhance"
 PRICE = 1300
 
