@@ -6,6 +6,7 @@ Nothing here touches a Redis the machine may already run: the suite starts its o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -64,11 +65,14 @@ def redis_server() -> RedisServer:
     return _redis
 
 
+def _sandbox_config() -> SandboxConfig:
+    """The suite's sandbox as every test starts with it."""
+    return SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3, video_render_s=1.0)
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(
-        config=SandboxConfig(api_key=SECRET, seed=7, async_delay_s=0.3, video_render_s=1.0)
-    ) as server:
+    with Sandbox(config=_sandbox_config()) as server:
         yield server
 
 
@@ -79,20 +83,13 @@ def _clean_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     server: Sandbox = request.getfixturevalue("sandbox")
+    # Every setting as the suite started it (costs, delays, hang time and faults included), the
+    # fault generator seeded afresh, and nothing seen or billed.
+    initial = _sandbox_config()
+    server.configure(**{f.name: getattr(initial, f.name) for f in dataclasses.fields(initial)})
+    server.state.random.seed(initial.seed)
     server.state.reset()
     yield
-    server.configure(
-        fail_next=[],
-        rate_429=0.0,
-        rate_500=0.0,
-        rate_503=0.0,
-        rate_hang=0.0,
-        rate_garbage=0.0,
-        latency_s=0.0,
-        retry_after_s=None,
-        api_key=SECRET,
-        video_render_s=1.0,
-    )
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str) -> float:

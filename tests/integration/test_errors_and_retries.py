@@ -18,7 +18,9 @@ def _retries_logged(worker: RunningWorker, task_id: str) -> int:
     )
 
 
-@pytest.mark.parametrize("faults", [["429"], ["503", "500"], ["garbage"], ["429", "503", "500"]])
+@pytest.mark.parametrize(
+    "faults", [["429"], ["503", "500"], ["garbage"], ["429", "503", "500"], ["408", "drop"]]
+)
 def test_transient_faults_are_retried_until_success(
     main_worker: RunningWorker, sandbox: Sandbox, faults: list[str]
 ) -> None:

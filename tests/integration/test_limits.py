@@ -179,3 +179,27 @@ def test_the_rate_counts_tasks_with_retries_and_polls(
     assert sandbox.state.by_type.get("getResponse", 0) >= 12  # every job polled at least once
     assert len(tasks_at) >= 12 + 12 + 2  # submissions, polls and the two retried
     assert max_in_window(tasks_at) <= 5 + 1
+
+
+def test_the_cool_down_pauses_every_worker_process(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Two worker processes, both busy; one call is throttled (429). During the pause no new
+    call leaves either process: it is fleet-wide, not the throttled process's. (A count in a
+    window after an event: a slow machine can only make it smaller.)"""
+    settings = {
+        "RUNWARE_COOLDOWN_S": "0.6",
+        "RUNWARE_COOLDOWN_MAX_S": "0.6",
+        "WORKER_CONCURRENCY": "2",
+        "RUNWARE_BATCH_MAX": "1",
+    }
+    first = start_worker("cool", **settings)
+    second = start_worker("cool", same_db_as=first, **settings)
+    sandbox.configure(latency_s=0.05, fail_next=["none"] * 6 + ["429"])
+    pending = [w.send(prompt=f"cool {n}") for n in range(12) for w in (first, second)]
+    assert all(p.get(timeout=60)["text"] for p in pending)
+    (throttled,) = sandbox.state.throttled_at
+    during = [t for t, _, _ in sandbox.state.request_log if throttled < t < throttled + 0.55]
+    # Only calls granted before the 429 was heard (at most the other three threads') arrive
+    # in the pause; unpaused, the other process alone would have made about ten.
+    assert len(during) <= 3, [round(t - throttled, 3) for t in during]

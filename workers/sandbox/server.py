@@ -13,6 +13,7 @@ POST /_sandbox/config (JSON fields of SandboxConfig), POST /_sandbox/reset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -35,11 +36,13 @@ FAULTS = (
     "402",
     "403",
     "404",
+    "408",
     "429",
     "500",
     "503",
     "hang",
     "garbage",
+    "drop",  # the connection is closed without an answer (nothing was run)
     "empty",  # accepted and billed, but the items carry no text, image or video
     "none",
 )
@@ -49,6 +52,7 @@ FAULT_CODES = {
     "402": "insufficientCredits",
     "403": "forbidden",
     "404": "notFound",
+    "408": "requestTimeout",
     "429": "queueCapacityExceeded",
     "500": "serverError",
     "503": "serviceUnavailable",
@@ -276,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             uuids = [str(task.get("taskUUID")) for task in body]
             state.request_log.append((time.time(), fault or "", uuids))
-        if fault in FAULT_CODES or fault == "garbage":
+        if fault in FAULT_CODES or fault in ("garbage", "drop"):
             if latency > 0:
                 time.sleep(latency)
             self._fault(state, fault)
@@ -304,6 +308,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, answer)
 
     def _fault(self, state: SandboxState, fault: str) -> None:
+        if fault == "drop":  # no status line, no body: the client sees the connection drop
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if fault == "garbage":
             self._send(200, None, raw=b"<html>502 bad gateway</html>")
             return
