@@ -10,6 +10,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workers import preflight
@@ -161,9 +162,6 @@ def _cmd_limits(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from config.celery import app
     from workers import batch
 
     out = Path(args.out)
@@ -197,14 +195,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             f"Collecting {len(left)} jobs ({len(pending) - len(left)} already in {out}).",
             file=sys.stderr,
         )
-        return batch.run_batch(
-            app,
-            left,
-            len(left),
-            out,
-            workers_running=lambda: preflight.running_workers(settings),
-            stall_s=args.stall_after,
-        )
+        return _collect(args, settings, left, out)
     if args.file is None:
         raise preflight.CommandError("batch needs FILE (or --resume PENDING)", preflight.USAGE)
     try:
@@ -221,10 +212,20 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         f"Enqueued {len(jobs)} jobs; results are appended to {out} as they arrive{held_text}.",
         file=sys.stderr,
     )
+    return _collect(args, settings, pending, out)
+
+
+def _collect(
+    args: argparse.Namespace, settings: Settings, pending: list[tuple[int, str, str]], out: Path
+) -> int:
+    """Wait for `pending` jobs, appending their results to `out`, with progress."""
+    from config.celery import app
+    from workers import batch
+
     return batch.run_batch(
         app,
         pending,
-        len(jobs),
+        len(pending),
         out,
         workers_running=lambda: preflight.running_workers(settings),
         stall_s=args.stall_after,
