@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
+from collections.abc import Callable
 
+import pytest
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Connection
 
 from config.backend import ResultStore
 from config.celery import result_backend_url
-from tests.conftest import StartWorker, assert_billed_once
+from tests.conftest import StartWorker, assert_billed_once, wait_until
 from tests.load.common import ledger_micro
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer
@@ -61,18 +65,41 @@ def test_the_app_writes_results_through_the_one_trip_store(redis_server: RedisSe
 
 
 def test_a_result_written_by_the_store_reaches_a_waiting_get(redis_server: RedisServer) -> None:
-    """The store publishes as Celery's does, so AsyncResult.get wakes without polling."""
+    """The store publishes as Celery's does, so AsyncResult.get wakes without polling. The
+    write waits until the reader is subscribed (so only the published message can wake it),
+    and the control shows that a write without the message does not wake it."""
     url = redis_server.url(9)
     writer = Celery(broker=url, backend=result_backend_url(url))
     reader = Celery(broker=url, backend=url)
+    client = redis.Redis.from_url(url)
+
+    def subscribed(task_id: str) -> bool:
+        channel = f"celery-task-meta-{task_id}"
+        return any(n for _, n in client.pubsub_numsub(channel))
+
+    def once_subscribed(task_id: str, write: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            wait_until(lambda: subscribed(task_id), 10, "the reader's subscription")
+            write()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
     task_id = str(uuid.uuid4())
-    # Written once the reader already waits: only the published message can wake it.
-    late = threading.Timer(
-        0.5, writer.backend.store_result, (task_id, {"text": "published"}, "SUCCESS")
+    late = once_subscribed(
+        task_id, lambda: writer.backend.store_result(task_id, {"text": "published"}, "SUCCESS")
     )
-    late.start()
     assert reader.AsyncResult(task_id).get(timeout=10) == {"text": "published"}
     late.join()
+
+    silent_id = str(uuid.uuid4())
+    meta = json.dumps({"status": "SUCCESS", "result": {"text": "silent"}, "task_id": silent_id})
+    silent = once_subscribed(silent_id, lambda: client.set(f"celery-task-meta-{silent_id}", meta))
+    with pytest.raises(CeleryTimeout):
+        reader.AsyncResult(silent_id).get(timeout=2)
+    silent.join()
+    client.close()
     writer.close()
     reader.close()
 

@@ -180,28 +180,42 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
     """Jobs that wait for their fair share sit in Redis, not in the Celery list: the queue
-    depth (what KEDA scales on) and the per-account gauges must count them."""
+    depth (what KEDA scales on) and the per-account gauges must count them, while they wait.
+    A rate of 1/h grants exactly one call (the burst), so every figure is known; lifting it
+    at run time lets the rest go."""
     port = free_port()
     worker = start_worker(
-        "gauges", METRICS_PORT=str(port), RUNWARE_RATE_LIMIT="5/s", WORKER_CONCURRENCY="2"
+        "gauges",
+        METRICS_PORT=str(port),
+        RUNWARE_RATE_LIMIT="1/h",
+        WORKER_CONCURRENCY="2",
+        RUNWARE_TIMEOUT_S="10",
     )
+    sandbox.configure(latency_s=4)  # the one granted call stays in flight while we look
     bulk = [worker.send(prompt=f"bulk {n}", account="bulk", priority="batch") for n in range(20)]
     later = worker.app.send_task(
-        "tasks.enhance_prompt", kwargs={"prompt": "later", "account": "bulk"}, countdown=30
+        "tasks.enhance_prompt", kwargs={"prompt": "later", "account": "bulk"}, countdown=300
     )
-    time.sleep(1.2)
+    key = ("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch")))
+    wait_until(lambda: scrape_metrics(port).get(key) == 19, 30, "19 jobs waiting")
+    wait_until(lambda: sandbox.state.in_flight == 1, 30, "the granted call at Runware")
+    oldest = ("enhance_account_oldest_wait_seconds", key[1])
+    first = scrape_metrics(port)[oldest]
+    wait_until(lambda: scrape_metrics(port)[oldest] > first, 30, "the oldest wait grows")
     m = scrape_metrics(port)
-    waiting = m[("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch")))]
-    assert 10 <= waiting <= 17  # 20, less the 3 to 7 granted in 1.2 s at 5/s
-    assert m[("enhance_queue_depth", (("queue", "celery"),))] >= waiting
-    oldest = ("enhance_account_oldest_wait_seconds", (("account", "bulk"), ("priority", "batch")))
-    assert m[oldest] >= 0.8
+    assert m[key] == 19
+    assert m[("enhance_queue_depth", (("queue", "celery"),))] == 19  # (the running one is not)
+    assert m[("enhance_fleet_in_flight_calls", ())] == 1
+    assert m[("enhance_runware_in_flight_calls", ())] == 1
     assert m[("enhance_delayed_jobs", ())] == 1  # the countdown waits in Redis
-    assert all(r.get(timeout=30)["text"] for r in bulk)
+    sandbox.configure(latency_s=0.0)
+    run_cli(worker.redis_url, "limits", "global", "--rate", "0", check=True)
+    assert all(r.get(timeout=60)["text"] for r in bulk)
     later.revoke()
     m = scrape_metrics(port)
     assert m[("enhance_queue_depth", (("queue", "celery"),))] == 0
-    assert ("enhance_account_waiting_calls", (("account", "bulk"), ("priority", "batch"))) not in m
+    assert key not in m
+    assert m[("enhance_fleet_in_flight_calls", ())] == 0
 
 
 def test_json_logs_carry_one_outcome_line_per_job(
