@@ -29,40 +29,40 @@ from workers.sandbox.services import RedisServer, free_port
 FLOWER_AUTH = ("ops", "pw-flower-7e2a")
 FLOWER_SECOND = ("oncall", "pw-second-51c9")  # several users, comma-separated
 WEBHOOK_TOKEN = "wh-token-3b8d2f"
+FLOWER = (sys.executable, "-m", "celery", "-A", "workers", "flower")
+
+
+def _start_flower(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Flower on a free port; on another when the port was taken before Flower bound it
+    (free_port releases it), which Flower answers by exiting."""
+    for _ in range(3):
+        port = free_port()
+        process = subprocess.Popen(
+            [*FLOWER, f"--port={port}", "--address=127.0.0.1"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while process.poll() is None:
+            try:
+                if requests.get(f"{url}/healthcheck", timeout=1).ok:
+                    return process, url
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "Flower did not start"
+            time.sleep(0.1)
+    raise AssertionError("Flower exited at start three times")
 
 
 @pytest.fixture
 def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
     worker = start_worker("flowered")
-    port = free_port()
     users = ",".join(":".join(pair) for pair in (FLOWER_AUTH, FLOWER_SECOND))
     env = {**os.environ, "REDIS_URL": worker.redis_url, "FLOWER_BASIC_AUTH": users}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers",
-            "flower",
-            f"--port={port}",
-            "--address=127.0.0.1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if requests.get(f"{url}/healthcheck", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert process.poll() is None, "Flower exited at start"
-        assert time.monotonic() < deadline, "Flower did not start"
-        time.sleep(0.1)
+    process, url = _start_flower(env)
+    deadline = time.monotonic() + 60
     # Flower subscribes to the event stream just after it serves: a probe job it shows as done
     # proves it hears the events (a fixed sleep raced it).
     probe = worker.send(prompt="flower probe")
@@ -71,7 +71,7 @@ def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
         seen = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
         if seen.get(probe.id, {}).get("state") == "SUCCESS":  # type: ignore[attr-defined]
             break
-        assert time.monotonic() < deadline + 30, "Flower never showed the probe job"
+        assert time.monotonic() < deadline, "Flower never showed the probe job"
         time.sleep(0.1)
         probe = worker.send(prompt="flower probe")  # one sent before it listened is lost
         probe.get(timeout=30)  # type: ignore[attr-defined]
