@@ -218,7 +218,10 @@ def test_a_throttled_call_pauses_every_grant(fleet: Any) -> None:
     assert 0 < f.limiter.state()["cooldown_s"] <= 0.5
     elsewhere.note("throttled")
     assert f.client.get(f.keys.strikes) == b"2"
-    assert 0 < f.limiter.state()["cooldown_s"] <= 1.0  # doubled, to the cap
+    assert 0.5 < f.limiter.state()["cooldown_s"] <= 1.0  # doubled, to the cap
+    elsewhere.note("throttled")
+    assert f.client.get(f.keys.strikes) == b"3"
+    assert 0.5 < f.limiter.state()["cooldown_s"] <= 1.0  # and held there: 2 s would pass it
     started = time.monotonic()
     f.start()
     f.send("a", 1)
