@@ -76,18 +76,19 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 def _cmd_enhance(args: argparse.Namespace) -> int:
     from celery.exceptions import TimeoutError as ResultTimeout
 
-    from tasks import enhance
+    from tasks import enhance_prompt
     from tasks.pipelines import enhance_request
 
-    options = {
-        "max_length": args.max_length,
-        "versions": args.versions,
-        "account": args.account,
-        "priority": args.priority,
-    }
-    enhance_request(args.prompt, **options)  # bad input: one line, before any Redis is asked
+    # Bad input is one line before any Redis is asked; the request validated is the one sent.
+    request = enhance_request(
+        args.prompt,
+        max_length=args.max_length,
+        versions=args.versions,
+        account=args.account,
+        priority=args.priority,
+    )
     settings = _ready(worker=True)
-    async_result = enhance(args.prompt, **options)
+    async_result = enhance_prompt.apply_async(kwargs=request.task_kwargs())
     try:
         result = async_result.get(timeout=args.timeout)
     except ResultTimeout:
@@ -473,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         status, line = preflight.explain(exc, _settings_if_valid())
         hint = "" if args.verbose else " (-v: the traceback)"
-        if status == preflight.FAILED and type(exc).__name__ not in preflight.JOB_ERRORS:
+        if status == preflight.FAILED and not preflight.is_job_error(exc):
             line += hint
         print(f"enhance-worker: {line}", file=sys.stderr)
     return status

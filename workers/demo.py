@@ -59,13 +59,15 @@ def _redis(settings: Settings) -> Iterator[str]:
     private redis-server, so that a Redis that merely answers on the default port (and the
     jobs of another app in it) is never touched."""
     from tasks.redact import redact
+    from workers.preflight import NO_REDIS, CommandError
     from workers.sandbox.services import RedisServer, redis_answers
 
     if {"redis_url", "celery_broker_url"} & settings.model_fields_set:
         if not redis_answers(settings.broker_url):
-            raise ConfigError(
+            raise CommandError(
                 f"no Redis answers at {redact(settings.broker_url)} (REDIS_URL); start it, or "
-                "unset REDIS_URL to let the demo start a private redis-server"
+                "unset REDIS_URL to let the demo start a private redis-server",
+                NO_REDIS,
             )
         print(f"Using the Redis set in REDIS_URL: {redact(settings.broker_url)}.")
         yield settings.broker_url
@@ -105,6 +107,7 @@ def run_demo(timeout: float = 120.0) -> int:
         return 2
     from config.celery import app, result_backend_url
     from tasks.enhancement import enhance_prompt
+    from workers.preflight import CommandError
     from workers.sandbox.services import WorkerProcess
 
     # A queue and a key prefix of its own: on a shared Redis the demo's worker neither takes
@@ -113,9 +116,9 @@ def run_demo(timeout: float = 120.0) -> int:
     with contextlib.ExitStack() as stack:
         try:
             url = stack.enter_context(_redis(settings))
-        except ConfigError as exc:
+        except CommandError as exc:
             print(f"enhance-worker: {exc}")
-            return 3
+            return exc.status
         runware_env = stack.enter_context(_runware_endpoint(settings))
         app.conf.update(broker_url=url, result_backend=result_backend_url(url))
         env = {

@@ -24,20 +24,6 @@ from config.settings import ConfigError, Settings
 
 FAILED, USAGE, NO_REDIS, NO_WORKER, BUDGET, INTERRUPTED = 1, 2, 3, 4, 5, 130
 START_A_WORKER = "start one with `celery -A workers worker` (or `./run worker`)"
-# Our errors as Celery rebuilds them from a result: by class name (a process that has not
-# imported tasks.errors gets look-alike classes of the same names).
-INPUT_ERRORS = frozenset({"ValidationError"})
-JOB_ERRORS = frozenset(
-    {
-        "WorkerError",
-        "PermanentError",
-        "AuthenticationError",
-        "TransientError",
-        "RateLimited",
-        "ConflictTaskUUID",
-        "TaskTimeout",
-    }
-)
 
 
 class CommandError(Exception):
@@ -103,6 +89,22 @@ def require_worker(settings: Settings) -> None:
         )
 
 
+def is_job_error(exc: BaseException) -> bool:
+    """Whether `exc` is one of the service's own errors (tasks/errors.py's tree), matched by
+    class name: Celery rebuilds a failed job's error from its name, and a process that had not
+    imported tasks.errors gets a look-alike class of the same name."""
+    try:
+        from tasks.errors import WorkerError
+    except ConfigError:  # importing the tasks package reads the settings
+        return False
+    names, classes = set(), [WorkerError]
+    while classes:
+        cls = classes.pop()
+        names.add(cls.__name__)
+        classes.extend(cls.__subclasses__())
+    return type(exc).__name__ in names
+
+
 def explain(exc: BaseException, settings: Settings | None) -> tuple[int, str]:
     """The exit status and the one line for an exception a command did not handle itself."""
     name = type(exc).__name__
@@ -110,14 +112,14 @@ def explain(exc: BaseException, settings: Settings | None) -> tuple[int, str]:
         return exc.status, str(exc)
     if isinstance(exc, ConfigError):
         return USAGE, str(exc)
-    if name in INPUT_ERRORS:
+    if name == "ValidationError":  # tasks.errors's (pydantic's is turned into it first)
         return USAGE, str(exc)
     if name == "BudgetExceeded":
         return BUDGET, (
             f"a daily budget is spent: {exc}. Raise RUNWARE_DAILY_BUDGET_USD or "
             "RUNWARE_ACCOUNT_DAILY_BUDGET_USD, or wait for the next UTC day"
         )
-    if name in JOB_ERRORS:
+    if is_job_error(exc):
         return FAILED, f"the job failed: {name}: {exc}"
     if isinstance(exc, redis.RedisError | OperationalError | ConnectionRefusedError):
         url = where(settings.broker_url) if settings is not None else "REDIS_URL"
