@@ -271,10 +271,10 @@ class Settings(BaseSettings):
     )
     metrics_port: int | None = Field(
         default=None,
-        ge=1,
+        ge=0,
         le=65535,
-        description="TCP port of the worker's Prometheus /metrics endpoint, 1..65535; "
-        "unset for none",
+        description="TCP port of the worker's Prometheus /metrics endpoint, 0..65535 (0: any "
+        "free port, logged at start); unset for none",
     )
     flower_basic_auth: SecretStr | None = Field(
         default=None, description="user:password pairs (comma-separated) that Flower requires"
@@ -317,12 +317,17 @@ class Settings(BaseSettings):
     @field_validator(
         "runware_max_in_flight",
         "runware_lease_s",
-        "metrics_port",
         mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", 0, "0") else value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _blank_port_is_none(cls, value: object) -> object:
+        # 0 is a port here: the OS picks a free one (tests use it; the log names it).
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("runware_daily_budget_usd", "runware_account_daily_budget_usd", mode="before")
     @classmethod

@@ -109,5 +109,6 @@ def serve(settings: Settings, queues: Iterable[str]) -> None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(RedisStateCollector(settings, queues))
-    start_http_server(settings.metrics_port, registry=registry)
-    logger.info("Prometheus metrics are served on port %s at /metrics.", settings.metrics_port)
+    server, _ = start_http_server(settings.metrics_port, registry=registry)
+    # The port bound, which differs from METRICS_PORT=0's; tests read it from this line.
+    logger.info("Prometheus metrics are served on port %d at /metrics.", server.server_port)

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
-from tests.conftest import RunningWorker, StartWorker, scrape_metrics
+from tests.conftest import RunningWorker, StartWorker, metrics_port, scrape_metrics
 from workers.sandbox import Sandbox
-from workers.sandbox.services import free_port
 
 
 def _retries_logged(worker: RunningWorker, task_id: str) -> int:
@@ -139,14 +138,14 @@ def test_a_task_of_ones_own_gets_the_policy_without_asking(
 ) -> None:
     """`tests.shout` (tests/integration/own_task_app.py) has no retry, log or metrics code in
     its body: the base class gives it all three, and its own `retry_limit=5` beats the setting."""
-    port = free_port()
     worker = start_worker(
         "own",
         app="tests.integration.own_task_app",
-        METRICS_PORT=str(port),
+        METRICS_PORT="0",
         RUNWARE_BATCH_MAX="1",  # one task per request: each fault hits this job
         RUNWARE_MAX_RETRIES="1",
     )
+    port = metrics_port(worker)
     sandbox.configure(fail_next=["500", "500", "500"])
     result = worker.app.send_task("tests.shout", kwargs={"prompt": "a quiet lake"})
     value = result.get(timeout=60)

@@ -19,6 +19,7 @@ from tests.conftest import (
     SECRET,
     RunningWorker,
     StartWorker,
+    metrics_port,
     run_cli,
     scrape_metrics,
     wait_until,
@@ -136,9 +137,9 @@ def test_flower_shows_each_job_with_its_result(
 
 
 def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> None:
-    port = free_port()
     # One task per request: the injected 400 then belongs to exactly one job.
-    worker = start_worker("metrics", METRICS_PORT=str(port), RUNWARE_BATCH_MAX="1")
+    worker = start_worker("metrics", METRICS_PORT="0", RUNWARE_BATCH_MAX="1")
+    port = metrics_port(worker)
     sandbox.configure(fail_next=["503", "400"], latency_s=0.05)
     pending = [worker.send(prompt=f"metric {n}", account="ops") for n in range(5)]
     outcomes = []
@@ -183,14 +184,14 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     depth (what KEDA scales on) and the per-account gauges must count them, while they wait.
     A rate of 1/h grants exactly one call (the burst), so every figure is known; lifting it
     at run time lets the rest go."""
-    port = free_port()
     worker = start_worker(
         "gauges",
-        METRICS_PORT=str(port),
+        METRICS_PORT="0",
         RUNWARE_RATE_LIMIT="1/h",
         WORKER_CONCURRENCY="2",
         RUNWARE_TIMEOUT_S="10",
     )
+    port = metrics_port(worker)
     sandbox.configure(latency_s=4)  # the one granted call stays in flight while we look
     bulk = [worker.send(prompt=f"bulk {n}", account="bulk", priority="batch") for n in range(20)]
     later = worker.app.send_task(

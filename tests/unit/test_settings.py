@@ -127,3 +127,11 @@ def test_several_flower_users_are_accepted() -> None:
 )
 def test_a_rate_is_shown_in_the_unit_it_was_set_in(text: str, shown: str) -> None:
     assert format_rate(parse_rate(text) or 0.0) == shown
+
+
+@pytest.mark.parametrize(("value", "port"), [("", None), ("0", 0), ("9808", 9808)])
+def test_metrics_port_zero_is_any_free_port_and_blank_is_none(
+    monkeypatch: pytest.MonkeyPatch, value: str, port: int | None
+) -> None:
+    monkeypatch.setenv("METRICS_PORT", value)
+    assert load_settings().metrics_port == port
