@@ -285,6 +285,7 @@ class Ledger:
                 code="budgetUnsettled",
                 retry_after=settings.runware_reconcile_s,
             )
+        metrics.BUDGET_REFUSALS.labels("fleet" if which == 1 else "account").inc()
         return BudgetExceeded(f"{text}; no call was made")
 
     def end(

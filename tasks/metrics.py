@@ -57,6 +57,14 @@ RESCHEDULES = Counter(
     "by task.",
     ["task"],
 )
+BUDGET_REFUSALS = Counter(
+    "enhance_budget_refusals_total",
+    "Jobs refused without a call because a daily budget is spent (BudgetExceeded), by budget "
+    "(fleet, account).",
+    ["scope"],
+)
+for _scope in ("fleet", "account"):  # at 0 from the start: increase() sees the first refusal
+    BUDGET_REFUSALS.labels(_scope)
 DEAD_LETTERS = Counter(
     "enhance_dead_letters_total",
     "Jobs recorded in the dead-letter list by this worker, by task.",

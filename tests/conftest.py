@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import re
 import subprocess
 import sys
 import time
@@ -194,20 +193,9 @@ def assert_billed_once(
         assert ledger == sandbox.state.billed_micro
 
 
-def metrics_port(worker: RunningWorker, timeout: float = 30) -> int:
-    """The port a worker started with METRICS_PORT=0 bound, from its log: the OS picked it, so
-    no other process can take it between our choosing and the worker binding it."""
-    pattern = re.compile(r"Prometheus metrics are served on port (\d+) at /metrics")
-    found: list[int] = []
-
-    def logged() -> bool:
-        match = pattern.search(worker.process.log())
-        if match:
-            found.append(int(match.group(1)))
-        return bool(match)
-
-    wait_until(logged, timeout, "the worker to log its metrics port")
-    return found[0]
+def metrics_port(worker: RunningWorker) -> int:
+    """The port a worker started with METRICS_PORT=0 bound (WorkerProcess.metrics_port)."""
+    return worker.process.metrics_port()
 
 
 def scrape_metrics(port: int) -> Samples:

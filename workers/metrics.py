@@ -1,12 +1,24 @@
-"""The worker's Prometheus endpoint: the metrics of tasks/metrics.py, plus gauges read from
-Redis at scrape time (queue depth including the fair queues, waiting jobs and the oldest one's
-age per account and priority, delayed jobs, fleet-wide in-flight calls, dead letters)."""
+"""The worker's Prometheus endpoint: the metrics of tasks/metrics.py, plus gauges of the whole
+fleet read from Redis at scrape time: the backlog (queue depth including the fair queues, jobs
+waiting and the oldest one's age per account and priority, delayed jobs), the limits (in-flight
+calls and their cap, the rate, the cool-down), the money (spent today, reserved, unsettled and
+budget left, per account and for the fleet) and the dead letters.
+
+Every worker reports the same fleet-wide values: aggregate them with `max`, never `sum`
+(deploy/prometheus/ and deploy/grafana/ do). A scrape costs one script in the broker's Redis and
+one in the state Redis (tasks/lua/gauges.lua, tasks/lua/money_gauges.lua), and scrapes within a
+second of each other share one reading.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
@@ -18,24 +30,48 @@ from config.keys import FairKeys, StateKeys, celery_queue_keys
 from config.settings import Settings
 from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
+from tasks.ledger import MICRO, utc_day
 from tasks.limiter import broker_redis
 from tasks.state import redis_client
 
 logger = logging.getLogger(__name__)
 
+READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(flat: list[Any]) -> dict[str, int]:
+    """A flat [field, value, ...] reply as {field: int}."""
+    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _by_account(sums: dict[str, int]) -> dict[str, int]:
+    return {k.removeprefix("acct:"): v for k, v in sums.items() if k.startswith("acct:")}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading of both Redis scripts."""
+
+    limits: list[Any]  # gauges.lua's reply
+    money: list[Any]  # money_gauges.lua's reply
+
 
 class RedisStateCollector(Collector):
-    """Gauges that live in Redis, so they describe the whole fleet, read when scraped (one
-    script in the broker's Redis, one read of the state Redis)."""
+    """Gauges that live in Redis, so they describe the whole fleet, read when scraped."""
 
     def __init__(self, settings: Settings, queues: Iterable[str]) -> None:
+        self.settings = settings
         self.queues = sorted(set(queues))
-        self.keys = FairKeys(settings.key_prefix)
+        keys, state_keys = FairKeys(settings.key_prefix), StateKeys(settings.key_prefix)
+        self.state_keys = state_keys
         self.broker = broker_redis(settings)
         self.state = redis_client(settings)
-        self.dead_key = StateKeys(settings.key_prefix).dead_letters
         self._gauges = scripts.register(self.broker, "gauges")
-        keys = self.keys
+        self._money = scripts.register(self.state, "money_gauges")
         self._script_keys = [
             keys.intake,
             keys.delayed,
@@ -45,25 +81,49 @@ class RedisStateCollector(Collector):
             keys.queue_prefix("i"),
             keys.active("b"),
             keys.queue_prefix("b"),
+            keys.cooldown,
+            keys.strikes,
+            keys.overrides,
             *celery_queue_keys(self.queues),
         ]
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Reading] | None = None
+
+    def read(self) -> Reading:
+        """Both scripts' replies, shared by scrapes within READING_TTL_S of each other."""
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < READING_TTL_S:
+                return self._cached[1]
+            keys = self.state_keys
+            money_keys = [
+                keys.day(utc_day()),
+                keys.reservations,
+                keys.reservations_due,
+                keys.reserved_sums,
+                keys.dead_letters,
+            ]
+            reading = Reading(
+                limits=scripts.run(self._gauges, self._script_keys, []),
+                money=scripts.run(self._money, money_keys, []),
+            )
+            self._cached = (now, reading)
+            return reading
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            reading = self.read()
+        except redis.RedisError as exc:
+            logger.warning("Could not read the fleet's gauges from Redis: %s", exc)
+            return
+        yield from self._backlog_and_limits(reading.limits)
+        yield from self._money_figures(reading.money)
+
+    def _backlog_and_limits(self, reply: list[Any]) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "enhance_queue_depth",
             "Jobs waiting to run: in the broker queue, the fair queues and the ready queue.",
             labels=["queue"],
-        )
-        delayed = GaugeMetricFamily(
-            "enhance_delayed_jobs",
-            "Jobs waiting for their countdown (retries, polls, ETAs), kept in Redis.",
-        )
-        in_flight = GaugeMetricFamily(
-            "enhance_fleet_in_flight_calls",
-            "Jobs granted a slot and not finished, across the whole fleet.",
-        )
-        dead = GaugeMetricFamily(
-            "enhance_dead_letter_jobs", "Jobs in the dead-letter list (enhance-worker failed)."
         )
         waiting = GaugeMetricFamily(
             "enhance_account_waiting_calls",
@@ -75,27 +135,154 @@ class RedisStateCollector(Collector):
             "How long the oldest waiting job of each account and priority has waited.",
             labels=["account", "priority"],
         )
-        try:
-            reply = scripts.run(self._gauges, self._script_keys, [])
-            dead_count = self.state.llen(self.dead_key)
-        except redis.RedisError as exc:
-            logger.warning("Could not read queue and fleet gauges from Redis: %s", exc)
-            return
-        incoming, delayed_count, ready, leases = (int(v) for v in reply[:4])
+        incoming, delayed, ready, leases = (int(v) for v in reply[:4])
+        cooldown_s, strikes = float(reply[4]), int(reply[5])
+        cap_override, rate_override = _text(reply[6]), _text(reply[7])
         fair = 0
-        for index in range(4, len(reply), 4):
+        for index in range(8, len(reply), 4):
             account, klass, count, age = reply[index : index + 4]
-            labels = [account.decode(), PRIORITY_NAMES[klass.decode()]]
+            labels = [_text(account), PRIORITY_NAMES[_text(klass)]]
             waiting.add_metric(labels, int(count))
             oldest.add_metric(labels, float(age))
             fair += int(count)
         # One queue in practice (`celery`); the fair and ready jobs are counted under the first.
         for position, queue in enumerate(self.queues):
             depth.add_metric([queue], (incoming + fair + ready) if position == 0 else 0)
-        delayed.add_metric([], delayed_count)
-        in_flight.add_metric([], leases)
-        dead.add_metric([], dead_count)
-        yield from (depth, delayed, in_flight, dead, waiting, oldest)
+        yield from (depth, waiting, oldest)
+        yield GaugeMetricFamily(
+            "enhance_delayed_jobs",
+            "Jobs waiting for their countdown (retries, polls, ETAs), kept in Redis.",
+            value=delayed,
+        )
+        yield GaugeMetricFamily(
+            "enhance_fleet_in_flight_calls",
+            "Jobs granted a slot and not finished, across the whole fleet.",
+            value=leases,
+        )
+        cap = int(cap_override) if cap_override else self.settings.runware_max_in_flight
+        if cap:  # 0 or unset: no cap
+            yield GaugeMetricFamily(
+                "enhance_fleet_in_flight_cap",
+                "The fleet's cap on calls in flight (RUNWARE_MAX_IN_FLIGHT or its override).",
+                value=cap,
+            )
+        rate = float(rate_override) if rate_override else self.settings.runware_rate_limit
+        if rate:
+            yield GaugeMetricFamily(
+                "enhance_fleet_rate_limit_calls_per_second",
+                "The fleet's rate limit (RUNWARE_RATE_LIMIT or its override), calls per second.",
+                value=rate,
+            )
+        yield GaugeMetricFamily(
+            "enhance_cooldown_active",
+            "1 while the fleet pauses because Runware throttled it (429 or 503), else 0.",
+            value=1 if cooldown_s > 0 else 0,
+        )
+        yield GaugeMetricFamily(
+            "enhance_cooldown_seconds_left",
+            "Seconds left of the fleet's cool-down.",
+            value=cooldown_s,
+        )
+        yield GaugeMetricFamily(
+            "enhance_cooldown_strikes",
+            "Throttled answers since Runware last answered the fleet normally (0: not throttled).",
+            value=strikes,
+        )
+
+    def _money_figures(self, reply: list[Any]) -> Iterator[Metric]:
+        settings = self.settings
+        dead, unsettled_calls = int(reply[0]), int(reply[1])
+        day, reserved, unsettled = _pairs(reply[2]), _pairs(reply[3]), _pairs(reply[4])
+        spent_by, reserved_by = _by_account(day), _by_account(reserved)
+        unsettled_by = _by_account(unsettled)
+        accounts = sorted(set(spent_by) | set(reserved_by))
+
+        def per_account(name: str, help_text: str, values: dict[str, int]) -> Metric:
+            family = GaugeMetricFamily(name, help_text, labels=["account"])
+            for account in accounts:
+                family.add_metric([account], values.get(account, 0) / MICRO)
+            return family
+
+        yield GaugeMetricFamily(
+            "enhance_dead_letter_jobs",
+            "Jobs in the dead-letter list (enhance-worker failed).",
+            value=dead,
+        )
+        yield GaugeMetricFamily(
+            "enhance_fleet_spent_today_usd",
+            "USD recorded in the ledger today (UTC) by the whole fleet.",
+            value=day.get("total", 0) / MICRO,
+        )
+        yield per_account(
+            "enhance_account_spent_today_usd", "USD recorded in the ledger today (UTC).", spent_by
+        )
+        yield GaugeMetricFamily(
+            "enhance_fleet_reserved_usd",
+            "USD held against the budgets by calls not yet recorded (in progress or unsettled).",
+            value=reserved.get("total", 0) / MICRO,
+        )
+        yield per_account(
+            "enhance_account_reserved_usd",
+            "USD held against the budgets by calls not yet recorded (in progress or unsettled).",
+            reserved_by,
+        )
+        yield GaugeMetricFamily(
+            "enhance_fleet_unsettled_usd",
+            "USD of unsettled calls (their job stopped following them) awaiting reconciliation.",
+            value=unsettled.get("total", 0) / MICRO,
+        )
+        yield per_account(
+            "enhance_account_unsettled_usd",
+            "USD of unsettled calls awaiting reconciliation.",
+            unsettled_by,
+        )
+        yield GaugeMetricFamily(
+            "enhance_unsettled_calls",
+            "Calls whose cost is not known yet and whose job stopped following them.",
+            value=unsettled_calls,
+        )
+        used = GaugeMetricFamily(
+            "enhance_budget_used_ratio",
+            "(Spent today + reserved) / the daily budget: 1 means the budget refuses new calls.",
+            labels=["scope", "account"],
+        )
+        left = GaugeMetricFamily(
+            "enhance_budget_left_usd",
+            "The daily budget minus what is spent today and reserved.",
+            labels=["scope", "account"],
+        )
+        limit = GaugeMetricFamily(
+            "enhance_daily_budget_usd",
+            "The daily budgets: RUNWARE_DAILY_BUDGET_USD (fleet) and "
+            "RUNWARE_ACCOUNT_DAILY_BUDGET_USD (each account).",
+            labels=["scope"],
+        )
+        fleet_budget = settings.runware_daily_budget_usd
+        if fleet_budget is not None:
+            held = day.get("total", 0) + reserved.get("total", 0)
+            _budget(used, left, limit, "fleet", "", fleet_budget, held)
+        account_budget = settings.runware_account_daily_budget_usd
+        if account_budget is not None:
+            for account in accounts:
+                held = spent_by.get(account, 0) + reserved_by.get(account, 0)
+                _budget(used, left, limit, "account", account, account_budget, held)
+        yield from (used, left, limit)
+
+
+def _budget(
+    used: GaugeMetricFamily,
+    left: GaugeMetricFamily,
+    limit: GaugeMetricFamily,
+    scope: str,
+    account: str,
+    budget_usd: float,
+    held_micro: int,
+) -> None:
+    budget = round(budget_usd * MICRO)
+    used.add_metric([scope, account], held_micro / budget if budget else 1.0)
+    left.add_metric([scope, account], max(0, budget - held_micro) / MICRO)
+    if not limit.samples or limit.samples[-1].labels["scope"] != scope:
+        limit.add_metric([scope], budget_usd)
 
 
 def serve(settings: Settings, queues: Iterable[str]) -> None:

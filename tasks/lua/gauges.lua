@@ -1,17 +1,26 @@
--- gauges.lua: the fleet-wide figures of the fair intake for one metrics scrape, in one trip
--- (workers/metrics.py).
+-- gauges.lua: the fleet-wide figures of the fair intake and the limits for one metrics scrape,
+-- in one trip (workers/metrics.py).
 --
 -- KEYS  1 intake list   2 delayed zset   3 ready queue   4 leases zset
 --       5 interactive active set   6 interactive queue key prefix
 --       7 batch active set         8 batch queue key prefix
---       9.. the Celery queues jobs are taken from (kombu's lists)
+--       9 cool-down (its end, epoch s)   10 strikes   11 limit overrides hash
+--       12.. the Celery queues jobs are taken from (kombu's lists)
 -- Returns {waiting in the Celery queues and intake, delayed, ready, leases,
+--          cool-down seconds left, strikes, max_in_flight override ('' none), rate override
+--          ('' none),
 --          account1, class1, depth1, oldest age1 (s), ...}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local incoming = redis.call('LLEN', KEYS[1])
-for i = 9, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
-local reply = {incoming, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4])}
+for i = 12, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
+local cooldown = math.max(0, tonumber(redis.call('GET', KEYS[9]) or '0') - now)
+local overrides = redis.call('HMGET', KEYS[11], 'max_in_flight', 'rate')
+local reply = {
+  incoming, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4]),
+  tostring(cooldown), tonumber(redis.call('GET', KEYS[10]) or '0'),
+  overrides[1] or '', overrides[2] or '',
+}
 for _, pair in ipairs({{'i', KEYS[5], KEYS[6]}, {'b', KEYS[7], KEYS[8]}}) do
   for _, acct in ipairs(redis.call('SMEMBERS', pair[2])) do
     local q = pair[3] .. acct

