@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -424,3 +426,70 @@ def test_the_fleet_gauges_read_money_limits_and_cool_down_from_redis(
     assert after - before <= 2  # one per Redis (both are this one here); evalsha only
     client.flushdb()
     client.close()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _page_in_browser(url: str, path: str, auth: tuple[str, str]) -> str:
+    """The page as headless Chromium renders it (scripts run, their requests answered), with the
+    credentials given the way a user types them into the address bar."""
+    assert CHROMIUM is not None
+    address = url.replace("http://", f"http://{auth[0]}:{auth[1]}@") + path
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",  # root in a container has no user namespace for Chromium's sandbox
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=10000",  # let the page's scripts and requests finish
+            "--dump-dom",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install chromium; .ci/run installs it)",
+)
+def test_flower_in_a_real_browser_shows_the_job_and_no_secret(
+    flower: tuple[RunningWorker, str],
+) -> None:
+    """Flower's task page and task list as a browser renders them: the finished job with its
+    enhanced text and cost; neither the API key nor the webhook's token anywhere."""
+    worker, url = flower
+    hook = f"http://127.0.0.1:9/hook?token={WEBHOOK_TOKEN}"
+    job = worker.send(prompt="a lighthouse in a storm", webhookURL=hook)
+    value = job.get(timeout=30)  # type: ignore[attr-defined]
+
+    def shown_done() -> bool:
+        tasks = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
+        return bool(tasks.get(job.id, {}).get("state") == "SUCCESS")  # type: ignore[attr-defined]
+
+    wait_until(shown_done, 30, "Flower to show the job as done")
+    page = _page_in_browser(url, f"/task/{job.id}", FLOWER_AUTH)  # type: ignore[attr-defined]
+    assert "SUCCESS" in page
+    assert html.escape(value["text"], quote=True) in page or value["text"] in page
+    assert f"{value['cost']}" in page
+    assert "hook?&lt;redacted&gt;" in page or "hook?<redacted>" in page
+    listing = _page_in_browser(url, "/tasks", FLOWER_AUTH)
+    # The list is filled by its scripts from Flower's API: the job's row, done.
+    row = listing[listing.index(f'<tr id="{job.id}"') :]  # type: ignore[attr-defined]
+    assert "SUCCESS" in row[: row.index("</tr>")]
+    assert "a lighthouse in a storm" in page
+    for page_text in (page, listing):
+        for secret in (SECRET, WEBHOOK_TOKEN, FLOWER_AUTH[1]):
+            assert secret not in page_text
+    # The scan sees what the page shows: a marker planted in a prompt (not masked) is found.
+    planted = worker.send(prompt="planted-marker-5c1e")
+    planted.get(timeout=30)  # type: ignore[attr-defined]
+    planted_page = _page_in_browser(url, f"/task/{planted.id}", FLOWER_AUTH)  # type: ignore[attr-defined]
+    assert "planted-marker-5c1e" in planted_page
