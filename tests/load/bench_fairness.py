@@ -3,7 +3,7 @@ the Celery queue, a small fleet, a binding global limit. Prints one line of figu
 asserts nothing.
 
   python -m tests.load fairness [--scenarios a,b,c] [--backlogs 1000,6000,30000] [--rate 80]
-                                [--concurrency 10] [--latency 0.03]
+                                [--concurrency 10] [--latency 0.03] [--plot FILE.png]
 
 Every scenario runs on its own Redis with three workers (WORKER_CONCURRENCY=--concurrency), the
 sandbox at --latency seconds, and plain Celery producers (`send_task` by name).
@@ -16,6 +16,9 @@ a. RUNWARE_RATE_LIMIT=--rate. Account A enqueues N batch jobs (one run per N of 
 b. RUNWARE_RATE_LIMIT=20. A's 600 batch jobs, 2 s later B's 20 batch jobs: B's time.
 c. Weights A=3, B=1 (set with `enhance-worker limits set`), 400 batch jobs each at --rate: the A:B
    ratio of the calls the API saw while both accounts had jobs waiting.
+
+`--plot FILE.png` draws, for each scenario run, the tasks per second Runware accepted over time
+per account with the limit (FILE-a1000.png, FILE-b.png ... when several run).
 
 Rates are counted per task accepted by the sandbox (its `accepted_log`): the limits count tasks,
 and a busy worker may send several tasks in one HTTP request (README, "Several tasks per Runware
@@ -42,7 +45,8 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from tests.load.common import fleet, max_in_window, private_redis
+from tests.load.common import accepted_by_prefix, fleet, max_in_window, private_redis
+from tests.load.plot import numbered, plot_rates
 from workers.sandbox.services import SandboxProcess
 
 TASK = "tasks.enhance_prompt"
@@ -177,6 +181,18 @@ def rate_figures(times: list[float], limit: float) -> str:
     )
 
 
+def plot(
+    args: argparse.Namespace, tag: str, title: str, stats: dict[str, Any], rate: float
+) -> None:
+    """The scenario's accepted tasks per second and account, if --plot asks for it."""
+    if not args.plot:
+        return
+    target = numbered(args.plot, tag, args.plots > 1)
+    series = {f"account {a}": t for a, t in accepted_by_prefix(stats, ("A", "B", "C")).items()}
+    limit = {f"RUNWARE_RATE_LIMIT={rate:g}/s (fleet)": rate}
+    print(f"plot: {plot_rates(target, title, series, limit)}", flush=True)
+
+
 def workers_env(args: argparse.Namespace, rate: float) -> dict[str, str]:
     return {"WORKER_CONCURRENCY": str(args.concurrency), "RUNWARE_RATE_LIMIT": f"{rate:g}"}
 
@@ -207,6 +223,11 @@ def scenario_a(args: argparse.Namespace, backlog: int) -> None:
         client.close()
     a_ok = sum(1 for meta in a_results.values() if meta.get("status") == "SUCCESS")
     a_accepted = len(task_times(stats, "A "))
+    title = (
+        f"A: {backlog} batch jobs, then C: 1 interactive and B: 20 batch "
+        f"(3 workers x {args.concurrency} threads)"
+    )
+    plot(args, f"a{backlog}", title, stats, rate)
     uuids = uuids_of(a_results.values()) + bc_uuids
     print(
         f"a. rate {rate:g}/s, A {backlog} batch, then C 1 interactive + B 20 batch: "
@@ -239,6 +260,7 @@ def scenario_b(args: argparse.Namespace, backlog: int = 600) -> None:
     a_between = sum(1 for t in task_times(stats, "A ") if b_times[0] <= t <= b_times[-1])
     a_ok = sum(1 for meta in a_results.values() if meta.get("status") == "SUCCESS")
     uuids = uuids_of(a_results.values()) + [uuid_of(r) for r, _ in b_sent_results]
+    plot(args, "b", f"A: {backlog} batch jobs, B: 20 batch jobs 2 s later", stats, rate)
     print(
         f"b. rate {rate:g}/s, A {backlog} batch, B 20 batch 2 s later: B's 20 {b_took:.2f}s "
         f"(A calls between B's first and last: {a_between}); A {a_ok}/{backlog} SUCCESS; "
@@ -275,6 +297,7 @@ def scenario_c(args: argparse.Namespace, backlog: int) -> None:
     a = sum(1 for t in a_times if start <= t <= end)
     b = sum(1 for t in b_times if start <= t <= end)
     ok = sum(1 for meta in results.values() if meta.get("status") == "SUCCESS")
+    plot(args, "c", f"Weights A=3, B=1: {backlog} batch jobs each", stats, rate)
     print(
         f"c. weights A=3 B=1, {backlog} + {backlog} batch at {rate:g}/s: while both were "
         f"backlogged ({end - start:.1f}s) A {a} calls, B {b} calls, A:B = {a / max(b, 1):.2f}; "
@@ -294,11 +317,14 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.03, help="sandbox latency (s)")
     parser.add_argument("--b-backlog", type=int, default=600, help="A's backlog in b")
     parser.add_argument("--c-backlog", type=int, default=400, help="jobs of each account in c")
+    parser.add_argument("--plot", metavar="FILE.png", help="write each run's rates as a PNG")
     args = parser.parse_args()
     chosen = {name.strip() for name in args.scenarios.split(",") if name.strip()}
     unknown = chosen - {"a", "b", "c"}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))} (known: a, b, c)")
+    backlogs = [n for n in args.backlogs.split(",") if n.strip()] if "a" in chosen else []
+    args.plots = len(backlogs) + len(chosen - {"a"})
     if "a" in chosen:
         for backlog in (int(n) for n in args.backlogs.split(",") if n.strip()):
             scenario_a(args, backlog)

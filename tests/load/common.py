@@ -43,13 +43,32 @@ def fleet(
             worker.stop()
 
 
-def run_jobs(producer: Celery, count: int, timeout: float = 600.0) -> list[dict[str, Any]]:
-    pending = [
-        producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"benchmark prompt {n}"})
-        for n in range(count)
-    ]
+def run_jobs(
+    producer: Celery, count: int, timeout: float = 600.0, accounts: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """`count` jobs, round-robin over `accounts` (each prompt starts with its account, so the
+    sandbox's accepted_log tells them apart); their results."""
+
+    def kwargs(n: int) -> dict[str, str]:
+        if not accounts:
+            return {"prompt": f"benchmark prompt {n}"}
+        account = accounts[n % len(accounts)]
+        return {"prompt": f"{account} benchmark prompt {n}", "account": account}
+
+    pending = [producer.send_task("tasks.enhance_prompt", kwargs=kwargs(n)) for n in range(count)]
     deadline = time.monotonic() + timeout
     return [p.get(timeout=max(1.0, deadline - time.monotonic())) for p in pending]
+
+
+def accepted_by_prefix(stats: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, list[float]]:
+    """When the sandbox accepted each task, per prompt prefix (an account name), in seconds
+    since its first accepted task."""
+    log = stats["accepted_log"]
+    first = min((t for t, _ in log), default=0.0)
+    return {
+        prefix: sorted(t - first for t, prompt in log if prompt.startswith(f"{prefix} "))
+        for prefix in prefixes
+    }
 
 
 def max_in_window(times: list[float], window: float = 1.0) -> int:
