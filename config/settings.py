@@ -269,6 +269,12 @@ class Settings(BaseSettings):
         description="seconds a worker lets running jobs finish on SIGTERM before it requeues "
         "them, >= 0",
     )
+    metrics_fleet_gauges: Literal["every", "dispatcher"] = Field(
+        default="every",
+        description="which workers report the fleet-wide gauges read from Redis: every (the "
+        "same value from each: aggregate with max) or dispatcher (only the one holding the "
+        "dispatcher role: a sum is right too)",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

@@ -5,9 +5,10 @@ calls and their cap, the rate, the cool-down), the money (spent today, reserved,
 budget left, per account and for the fleet) and the dead letters.
 
 Every worker reports the same fleet-wide values: aggregate them with `max`, never `sum`
-(deploy/prometheus/ and deploy/grafana/ do). A scrape costs one script in the broker's Redis and
-one in the state Redis (tasks/lua/gauges.lua, tasks/lua/money_gauges.lua), and scrapes within a
-second of each other share one reading.
+(deploy/prometheus/ and deploy/grafana/ do). With METRICS_FLEET_GAUGES=dispatcher only the
+process that holds the dispatcher role reports them, so a `sum` is right too. A scrape costs
+one script in the broker's Redis and one in the state Redis (tasks/lua/gauges.lua,
+tasks/lua/money_gauges.lua), and scrapes within a second of each other share one reading.
 """
 
 from __future__ import annotations
@@ -57,14 +58,15 @@ class Reading:
     """One reading of both Redis scripts."""
 
     limits: list[Any]  # gauges.lua's reply
-    money: list[Any]  # money_gauges.lua's reply
+    money: list[Any] | None  # money_gauges.lua's reply; None when this process does not report
 
 
 class RedisStateCollector(Collector):
     """Gauges that live in Redis, so they describe the whole fleet, read when scraped."""
 
-    def __init__(self, settings: Settings, queues: Iterable[str]) -> None:
+    def __init__(self, settings: Settings, queues: Iterable[str], ident: str = "") -> None:
         self.settings = settings
+        self.ident = ident  # this process's id in the dispatcher lock
         self.queues = sorted(set(queues))
         keys, state_keys = FairKeys(settings.key_prefix), StateKeys(settings.key_prefix)
         self.state_keys = state_keys
@@ -84,6 +86,7 @@ class RedisStateCollector(Collector):
             keys.cooldown,
             keys.strikes,
             keys.overrides,
+            keys.dispatcher,
             *celery_queue_keys(self.queues),
         ]
         self._lock = threading.Lock()
@@ -103,10 +106,9 @@ class RedisStateCollector(Collector):
                 keys.reserved_sums,
                 keys.dead_letters,
             ]
-            reading = Reading(
-                limits=scripts.run(self._gauges, self._script_keys, []),
-                money=scripts.run(self._money, money_keys, []),
-            )
+            limits = scripts.run(self._gauges, self._script_keys, [self.ident])
+            money = scripts.run(self._money, money_keys, []) if self._reports(limits) else None
+            reading = Reading(limits=limits, money=money)
             self._cached = (now, reading)
             return reading
 
@@ -116,8 +118,15 @@ class RedisStateCollector(Collector):
         except redis.RedisError as exc:
             logger.warning("Could not read the fleet's gauges from Redis: %s", exc)
             return
+        if reading.money is None:  # METRICS_FLEET_GAUGES=dispatcher, and another holds it
+            return
         yield from self._backlog_and_limits(reading.limits)
         yield from self._money_figures(reading.money)
+
+    def _reports(self, limits: list[Any]) -> bool:
+        """Whether this process reports the fleet's gauges now (gauges.lua's 9th value: it holds
+        the dispatcher role)."""
+        return self.settings.metrics_fleet_gauges == "every" or int(limits[8]) == 1
 
     def _backlog_and_limits(self, reply: list[Any]) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -139,7 +148,7 @@ class RedisStateCollector(Collector):
         cooldown_s, strikes = float(reply[4]), int(reply[5])
         cap_override, rate_override = _text(reply[6]), _text(reply[7])
         fair = 0
-        for index in range(8, len(reply), 4):
+        for index in range(9, len(reply), 4):
             account, klass, count, age = reply[index : index + 4]
             labels = [_text(account), PRIORITY_NAMES[_text(klass)]]
             waiting.add_metric(labels, int(count))
@@ -285,7 +294,7 @@ def _budget(
         limit.add_metric([scope], budget_usd)
 
 
-def serve(settings: Settings, queues: Iterable[str]) -> None:
+def serve(settings: Settings, queues: Iterable[str], ident: str = "") -> None:
     """Serve /metrics on METRICS_PORT (all interfaces), if it is set."""
     if settings.metrics_port is None:
         return
@@ -295,7 +304,7 @@ def serve(settings: Settings, queues: Iterable[str]) -> None:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(RedisStateCollector(settings, queues))
+    registry.register(RedisStateCollector(settings, queues, ident))
     server, _ = start_http_server(settings.metrics_port, registry=registry)
     # The port bound, which differs from METRICS_PORT=0's; tests read it from this line.
     logger.info("Prometheus metrics are served on port %d at /metrics.", server.server_port)

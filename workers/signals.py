@@ -97,7 +97,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     reconciler = Reconciler(settings)
     reconciler.start()
     _reconciler.append(reconciler)
-    metrics.serve(settings, _intake_queues)
+    metrics.serve(settings, _intake_queues, ident)
     if settings.runware_api_key is None:
         logger.warning(
             "RUNWARE_API_KEY is not set: every job this worker takes will FAIL with "

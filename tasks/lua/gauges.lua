@@ -5,21 +5,23 @@
 --       5 interactive active set   6 interactive queue key prefix
 --       7 batch active set         8 batch queue key prefix
 --       9 cool-down (its end, epoch s)   10 strikes   11 limit overrides hash
---       12.. the Celery queues jobs are taken from (kombu's lists)
+--       12 the dispatcher lock   13.. the Celery queues jobs are taken from (kombu's lists)
+-- ARGV  1 this process's id (as in the dispatcher lock)
 -- Returns {waiting in the Celery queues and intake, delayed, ready, leases,
 --          cool-down seconds left, strikes, max_in_flight override ('' none), rate override
---          ('' none),
+--          ('' none), 1 if this process is the dispatcher else 0,
 --          account1, class1, depth1, oldest age1 (s), ...}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local incoming = redis.call('LLEN', KEYS[1])
-for i = 12, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
+for i = 13, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
 local cooldown = math.max(0, tonumber(redis.call('GET', KEYS[9]) or '0') - now)
 local overrides = redis.call('HMGET', KEYS[11], 'max_in_flight', 'rate')
 local reply = {
   incoming, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4]),
   tostring(cooldown), tonumber(redis.call('GET', KEYS[10]) or '0'),
   overrides[1] or '', overrides[2] or '',
+  (redis.call('GET', KEYS[12]) == ARGV[1]) and 1 or 0,
 }
 for _, pair in ipairs({{'i', KEYS[5], KEYS[6]}, {'b', KEYS[7], KEYS[8]}}) do
   for _, acct in ipairs(redis.call('SMEMBERS', pair[2])) do

@@ -152,6 +152,10 @@ def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> Non
         except Exception:
             outcomes.append("failed")
     assert outcomes.count("ok") == 4
+    # Celery stores a failure before it calls on_failure, which keeps the dead letter: a
+    # client can see the failure first.
+    dead = ("enhance_dead_letter_jobs", ())
+    wait_until(lambda: scrape_metrics(port).get(dead) == 1, 30, "the dead letter counted")
     m = scrape_metrics(port)
     calls = "enhance_runware_calls_total"
     assert m[(calls, (("outcome", "ok"), ("task_type", "promptEnhance")))] == 4
@@ -493,3 +497,23 @@ def test_flower_in_a_real_browser_shows_the_job_and_no_secret(
     planted.get(timeout=30)  # type: ignore[attr-defined]
     planted_page = _page_in_browser(url, f"/task/{planted.id}", FLOWER_AUTH)  # type: ignore[attr-defined]
     assert "planted-marker-5c1e" in planted_page
+
+
+def test_with_fleet_gauges_from_the_dispatcher_one_worker_reports_them(
+    start_worker: StartWorker,
+) -> None:
+    """METRICS_FLEET_GAUGES=dispatcher: of two workers, only the dispatcher's holder reports
+    the fleet's gauges, so a sum over workers counts each figure once; both report their own."""
+    first = start_worker("fleet-a", METRICS_PORT="0", METRICS_FLEET_GAUGES="dispatcher")
+    second = start_worker(
+        "fleet-b", same_db_as=first, METRICS_PORT="0", METRICS_FLEET_GAUGES="dispatcher"
+    )
+    first.send(prompt="counted once").get(timeout=30)  # type: ignore[attr-defined]
+    ports = [metrics_port(first), metrics_port(second)]
+
+    def reporters() -> list[bool]:
+        return [("enhance_queue_depth", (("queue", "celery"),)) in scrape_metrics(p) for p in ports]
+
+    wait_until(lambda: sorted(reporters()) == [False, True], 30, "exactly one worker reporting")
+    for port in ports:  # a worker's own metrics are there either way
+        assert ("enhance_runware_in_flight_calls", ()) in scrape_metrics(port)
