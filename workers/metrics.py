@@ -217,34 +217,27 @@ class RedisStateCollector(Collector):
             "Jobs in the dead-letter list (enhance-worker failed).",
             value=dead,
         )
-        yield GaugeMetricFamily(
-            "enhance_fleet_spent_today_usd",
-            "USD recorded in the ledger today (UTC) by the whole fleet.",
-            value=day.get("total", 0) / MICRO,
-        )
-        yield per_account(
-            "enhance_account_spent_today_usd", "USD recorded in the ledger today (UTC).", spent_by
-        )
-        yield GaugeMetricFamily(
-            "enhance_fleet_reserved_usd",
-            "USD held against the budgets by calls not yet recorded (in progress or unsettled).",
-            value=reserved.get("total", 0) / MICRO,
-        )
-        yield per_account(
-            "enhance_account_reserved_usd",
-            "USD held against the budgets by calls not yet recorded (in progress or unsettled).",
-            reserved_by,
-        )
-        yield GaugeMetricFamily(
-            "enhance_fleet_unsettled_usd",
-            "USD of unsettled calls (their job stopped following them) awaiting reconciliation.",
-            value=unsettled.get("total", 0) / MICRO,
-        )
-        yield per_account(
-            "enhance_account_unsettled_usd",
-            "USD of unsettled calls awaiting reconciliation.",
-            unsettled_by,
-        )
+        for what, help_text, sums, by_account in (
+            ("spent_today", "USD recorded in the ledger today (UTC)", day, spent_by),
+            (
+                "reserved",
+                "USD held against the budgets by calls not yet recorded (in progress or unsettled)",
+                reserved,
+                reserved_by,
+            ),
+            (
+                "unsettled",
+                "USD of unsettled calls (their job stopped following them) awaiting reconciliation",
+                unsettled,
+                unsettled_by,
+            ),
+        ):
+            yield GaugeMetricFamily(
+                f"enhance_fleet_{what}_usd",
+                f"{help_text}, for the whole fleet.",
+                value=sums.get("total", 0) / MICRO,
+            )
+            yield per_account(f"enhance_account_{what}_usd", f"{help_text}.", by_account)
         yield GaugeMetricFamily(
             "enhance_unsettled_calls",
             "Calls whose cost is not known yet and whose job stopped following them.",
