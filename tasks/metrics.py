@@ -8,6 +8,8 @@ starting the worker and prometheus_client aggregates every child process.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RUNWARE_CALLS = Counter(
@@ -70,3 +72,11 @@ DEAD_LETTERS = Counter(
     "Jobs recorded in the dead-letter list by this worker, by task.",
     ["task"],
 )
+
+
+def start_at_zero(task_names: Iterable[str]) -> None:
+    """Create the per-task counters the alerts take increase() of at 0, so that the first
+    dead letter or retry of a fresh worker counts (a series born at 1 shows no increase)."""
+    for name in task_names:
+        DEAD_LETTERS.labels(name)
+        RETRIES.labels(name)

@@ -91,12 +91,13 @@ class RedisStateCollector(Collector):
         ]
         self._lock = threading.Lock()
         self._cached: tuple[float, Reading] | None = None
+        self.ttl_s = READING_TTL_S
 
     def read(self) -> Reading:
         """Both scripts' replies, shared by scrapes within READING_TTL_S of each other."""
         with self._lock:
             now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < READING_TTL_S:
+            if self._cached is not None and now - self._cached[0] < self.ttl_s:
                 return self._cached[1]
             keys = self.state_keys
             money_keys = [
@@ -206,38 +207,42 @@ class RedisStateCollector(Collector):
         unsettled_by = _by_account(unsettled)
         accounts = sorted(set(spent_by) | set(reserved_by))
 
-        def per_account(name: str, help_text: str, values: dict[str, int]) -> Metric:
-            family = GaugeMetricFamily(name, help_text, labels=["account"])
+        def per_scope(
+            names: tuple[str, str], help_text: str, sums: dict[str, int], by: dict[str, int]
+        ) -> Iterator[Metric]:
+            """The fleet's figure ('total') and each account's, as two gauges."""
+            fleet_name, account_name = names
+            yield GaugeMetricFamily(
+                fleet_name, f"{help_text}, whole fleet.", value=sums.get("total", 0) / MICRO
+            )
+            family = GaugeMetricFamily(account_name, f"{help_text}.", labels=["account"])
             for account in accounts:
-                family.add_metric([account], values.get(account, 0) / MICRO)
-            return family
+                family.add_metric([account], by.get(account, 0) / MICRO)
+            yield family
 
         yield GaugeMetricFamily(
             "enhance_dead_letter_jobs",
             "Jobs in the dead-letter list (enhance-worker failed).",
             value=dead,
         )
-        for what, help_text, sums, by_account in (
-            ("spent_today", "USD recorded in the ledger today (UTC)", day, spent_by),
-            (
-                "reserved",
-                "USD held against the budgets by calls not yet recorded (in progress or unsettled)",
-                reserved,
-                reserved_by,
-            ),
-            (
-                "unsettled",
-                "USD of unsettled calls (their job stopped following them) awaiting reconciliation",
-                unsettled,
-                unsettled_by,
-            ),
-        ):
-            yield GaugeMetricFamily(
-                f"enhance_fleet_{what}_usd",
-                f"{help_text}, for the whole fleet.",
-                value=sums.get("total", 0) / MICRO,
-            )
-            yield per_account(f"enhance_account_{what}_usd", f"{help_text}.", by_account)
+        yield from per_scope(
+            ("enhance_fleet_spent_today_usd", "enhance_account_spent_today_usd"),
+            "USD recorded in the ledger today (UTC)",
+            day,
+            spent_by,
+        )
+        yield from per_scope(
+            ("enhance_fleet_reserved_usd", "enhance_account_reserved_usd"),
+            "USD held against the budgets by calls not yet recorded (in progress or unsettled)",
+            reserved,
+            reserved_by,
+        )
+        yield from per_scope(
+            ("enhance_fleet_unsettled_usd", "enhance_account_unsettled_usd"),
+            "USD of unsettled calls (their job stopped following them) awaiting reconciliation",
+            unsettled,
+            unsettled_by,
+        )
         yield GaugeMetricFamily(
             "enhance_unsettled_calls",
             "Calls whose cost is not known yet and whose job stopped following them.",

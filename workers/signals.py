@@ -13,6 +13,7 @@ from config import redis as redis_urls
 from config.keys import FairKeys
 from config.settings import get_settings
 from tasks import ledger, runware
+from tasks import metrics as task_metrics
 from tasks.base import RunwareTask
 from tasks.dispatcher import Dispatcher, Intake, worker_id
 from tasks.limiter import broker_redis, carry_over_old_overrides, get_limiter
@@ -97,6 +98,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     reconciler = Reconciler(settings)
     reconciler.start()
     _reconciler.append(reconciler)
+    task_metrics.start_at_zero(intake.runware_tasks)
     metrics.serve(settings, _intake_queues, ident)
     if settings.runware_api_key is None:
         logger.warning(
