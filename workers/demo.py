@@ -128,9 +128,7 @@ def run_demo(timeout: float = 120.0) -> int:
             "KEY_PREFIX": name,
             **runware_env,
         }
-        with WorkerProcess(
-            env, name="demo", extra_args=["-Q", name, "--without-mingle", "--without-gossip"]
-        ) as worker:
+        with WorkerProcess(env, name="demo", extra_args=["-Q", name, "--without-gossip"]) as worker:
             print(f"Started a worker (pid {worker.pid}).\n")
             pending = [enhance_prompt.apply_async(kwargs=kw, queue=name) for kw in SEED_PROMPTS]
             failed = _show(pending, timeout)
