@@ -38,7 +38,7 @@ from tasks import metrics
 from tasks.errors import BudgetExceeded, TransientError
 from tasks.scripts import register
 from tasks.scripts import run as run_script
-from tasks.state import hold_through_outage, per_process, redis_client
+from tasks.state import hold_through_outage, per_process, redis_client, text
 from tasks.state import seconds as redis_seconds
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ def utc_day(moment: datetime | None = None) -> str:
 
 def _yesterday() -> str:
     return utc_day(datetime.fromtimestamp(time.time() - DAY_S, UTC))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True)
@@ -242,12 +238,12 @@ class Ledger:
         answer = self._run(self._begin, keys, args)
         status = int(answer[0])
         if status == 3:
-            _cost, _, items = _text(answer[1]).partition("|")
+            _cost, _, items = text(answer[1]).partition("|")
             return Started(finished=json.loads(items or "[]"))
         if status == 0:
             which, spent, estimate, unsettled = (int(v) for v in answer[1:5])
             raise self._refusal(which, spent, estimate, unsettled, task_uuid, account)
-        marker = _text(answer[1])
+        marker = text(answer[1])
         return Started(
             submitted=float(marker) if marker else None,
             alone=bool(int(answer[2])),
@@ -272,7 +268,7 @@ class Ledger:
                 f"account {account!r}",
             )
         budget = to_micro(limit or 0)
-        text = (
+        said = (
             f"daily budget {name} of ${budget / MICRO:.6f} for {scope} would be exceeded: "
             f"${spent / MICRO:.6f} already spent or reserved today (UTC), and task "
             f"{task_uuid} needs ${estimate / MICRO:.6f}"
@@ -280,13 +276,13 @@ class Ledger:
         if unsettled and spent - unsettled + estimate <= budget:
             # It fits once calls Runware may never have billed are settled: wait for that.
             return TransientError(
-                f"{text}, of which ${unsettled / MICRO:.6f} is unsettled calls being reconciled;"
+                f"{said}, of which ${unsettled / MICRO:.6f} is unsettled calls being reconciled;"
                 " no call was made",
                 code="budgetUnsettled",
                 retry_after=settings.runware_reconcile_s,
             )
         metrics.BUDGET_REFUSALS.labels("fleet" if which == 1 else "account").inc()
-        return BudgetExceeded(f"{text}; no call was made")
+        return BudgetExceeded(f"{said}; no call was made")
 
     def end(
         self,
@@ -373,7 +369,7 @@ class Ledger:
         args: list[str | int | float] = [check_s, limit, "0" if alive is None else "1"]
         flat = self._run(self._claim, keys, [*args, *(alive or [])])
         return [
-            Reservation.parse(_text(flat[i]), flat[i + 1], float(flat[i + 2]))
+            Reservation.parse(text(flat[i]), flat[i + 1], float(flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
 
@@ -390,11 +386,11 @@ class Ledger:
             pipe.zrange(self.keys.reservations_due, 0, -1, withscores=True)
             pipe.time()
             raw, scores, clock = pipe.execute()
-        due = {_text(k): float(v) for k, v in scores}
+        due = {text(k): float(v) for k, v in scores}
         now = redis_seconds(clock)
         held = Holdings()
         for key, value in raw.items():
-            task_uuid = _text(key)
+            task_uuid = text(key)
             reservation = Reservation.parse(task_uuid, value, due.get(task_uuid, now))
             if account is not None and reservation.account != account:
                 continue
@@ -406,7 +402,7 @@ class Ledger:
         seen: dict[str, int] = {}
         for day in (_yesterday(), utc_day()):
             for shape, micro in self.redis.hgetall(self.keys.estimates(day)).items():
-                name = _text(shape)
+                name = text(shape)
                 seen[name] = max(seen.get(name, 0), int(micro))
         return {shape: micro / MICRO for shape, micro in sorted(seen.items())}
 
@@ -415,7 +411,7 @@ class Ledger:
         """The settled totals of one UTC day (default today)."""
         name = day or utc_day()
         raw = self.redis.hgetall(self.keys.day(name))
-        values = {_text(k): int(v) for k, v in raw.items()}
+        values = {text(k): int(v) for k, v in raw.items()}
         return DayTotals(
             day=name,
             total_micro=values.get("total", 0),

@@ -27,7 +27,7 @@ from config.keys import PRIORITY_CLASSES, FairKeys
 from config.settings import Settings, get_settings, parse_rate
 from tasks import scripts
 from tasks.errors import RateLimited, WorkerError
-from tasks.state import per_process
+from tasks.state import per_process, text
 from tasks.state import seconds as redis_seconds
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Limiter:
         """Every account with an override or waiting work: its rate, weight and queue depth."""
         keys = self.keys
         names = {
-            _text(n)
+            text(n)
             for key in (keys.accounts, *(keys.active(c) for c in PRIORITY_CLASSES.values()))
             for n in self.redis.smembers(key)
         }
@@ -180,7 +180,7 @@ class Limiter:
         pipe.time()
         raw_overrides, in_flight, cooldown, clock = pipe.execute()
         now = redis_seconds(clock)
-        overrides = {_text(k): float(v) for k, v in raw_overrides.items()}
+        overrides = {text(k): float(v) for k, v in raw_overrides.items()}
         return {
             "settings": {
                 "rate": settings.runware_rate_limit,
@@ -207,8 +207,8 @@ def carry_over_old_overrides(client: redis.Redis, settings: Settings) -> int:
         client.hset(keys.overrides, mapping=overrides)  # type: ignore[arg-type]
         carried += len(overrides)
     for raw in client.smembers(f"{old}:accounts"):
-        account = _text(raw)
-        conf = {_text(k): v for k, v in client.hgetall(f"{old}:acct:{account}").items()}
+        account = text(raw)
+        conf = {text(k): v for k, v in client.hgetall(f"{old}:acct:{account}").items()}
         for field, target in (("rate", keys.account_rate), ("weight", keys.account_weight)):
             if field in conf and client.hsetnx(target, account, conf[field]):
                 client.sadd(keys.accounts, account)
@@ -216,10 +216,6 @@ def carry_over_old_overrides(client: redis.Redis, settings: Settings) -> int:
     if carried:
         client.delete(f"{old}:overrides", f"{old}:accounts")
     return carried
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def broker_redis(settings: Settings) -> redis.Redis:

@@ -49,6 +49,11 @@ def seconds(time_reply: tuple[int, int]) -> float:
     return whole + micro / 1e6
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply's string (redis-py gives bytes unless told to decode)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A client of the state Redis (LIMITER_REDIS_URL, default REDIS_URL: the ledger, poll
     markers and dead letters), with timeouts on every command and a pool sized for the

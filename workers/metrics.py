@@ -33,20 +33,16 @@ from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
 from tasks.ledger import MICRO, utc_day
 from tasks.limiter import broker_redis
-from tasks.state import redis_client
+from tasks.state import redis_client, text
 
 logger = logging.getLogger(__name__)
 
 READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _pairs(flat: list[Any]) -> dict[str, int]:
     """A flat [field, value, ...] reply as {field: int}."""
-    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _by_account(sums: dict[str, int]) -> dict[str, int]:
@@ -147,11 +143,11 @@ class RedisStateCollector(Collector):
         )
         incoming, delayed, ready, leases = (int(v) for v in reply[:4])
         cooldown_s, strikes = float(reply[4]), int(reply[5])
-        cap_override, rate_override = _text(reply[6]), _text(reply[7])
+        cap_override, rate_override = text(reply[6]), text(reply[7])
         fair = 0
         for index in range(9, len(reply), 4):
             account, klass, count, age = reply[index : index + 4]
-            labels = [_text(account), PRIORITY_NAMES[_text(klass)]]
+            labels = [text(account), PRIORITY_NAMES[text(klass)]]
             waiting.add_metric(labels, int(count))
             oldest.add_metric(labels, float(age))
             fair += int(count)

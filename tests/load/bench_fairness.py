@@ -45,7 +45,13 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from tests.load.common import accepted_by_prefix, fleet, max_in_window, private_redis
+from tests.load.common import (
+    accepted_by_prefix,
+    fleet,
+    max_in_window,
+    private_redis,
+    task_times,
+)
 from tests.load.plot import numbered, plot_rates
 from workers.sandbox.services import SandboxProcess
 
@@ -164,11 +170,6 @@ def billing(stats: dict[str, Any], result_uuids: list[str], jobs: int) -> str:
         f"{twice} accepted more than once, {unknown} without a result, {unbilled} results never "
         f"billed, bill ${stats['billed_micro'] / 1e6:.4f})"
     )
-
-
-def task_times(stats: dict[str, Any], prefix: str = "") -> list[float]:
-    """When the sandbox accepted each task (of the accounts whose prompts start with prefix)."""
-    return sorted(t for t, prompt in stats["accepted_log"] if prompt.startswith(prefix))
 
 
 def rate_figures(times: list[float], limit: float) -> str:

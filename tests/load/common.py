@@ -63,12 +63,13 @@ def run_jobs(
 def accepted_by_prefix(stats: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, list[float]]:
     """When the sandbox accepted each task, per prompt prefix (an account name), in seconds
     since its first accepted task."""
-    log = stats["accepted_log"]
-    first = min((t for t, _ in log), default=0.0)
-    return {
-        prefix: sorted(t - first for t, prompt in log if prompt.startswith(f"{prefix} "))
-        for prefix in prefixes
-    }
+    first = min((t for t, _ in stats["accepted_log"]), default=0.0)
+    return {prefix: [t - first for t in task_times(stats, f"{prefix} ")] for prefix in prefixes}
+
+
+def task_times(stats: dict[str, Any], prefix: str = "") -> list[float]:
+    """When the sandbox accepted each task (of the accounts whose prompts start with prefix)."""
+    return sorted(t for t, prompt in stats["accepted_log"] if prompt.startswith(prefix))
 
 
 def max_in_window(times: list[float], window: float = 1.0) -> int:

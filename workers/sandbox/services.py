@@ -301,9 +301,7 @@ class SentinelServer:
         return (found[0].decode(), int(found[1])) if found else None
 
     def cleanup(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        terminate(self.process)
         self.process = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -538,9 +536,7 @@ class SandboxProcess:
         requests.post(self._control("reset"), json={}, timeout=10).raise_for_status()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        terminate(self.process)
 
     def __enter__(self) -> SandboxProcess:
         return self.start()
