@@ -30,7 +30,9 @@ import redis.sentinel
 SENTINEL_SCHEME = "sentinel://"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 SENTINEL_PORT = 26379
-_TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+CONNECT_TIMEOUT_S = 2.0
+COMMAND_TIMEOUT_S = 5.0
+_TIMEOUTS = {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": COMMAND_TIMEOUT_S}
 _SSL_OPTIONS = (
     "ssl_cert_reqs",
     "ssl_ca_certs",
@@ -114,8 +116,13 @@ def client(url: str, sentinel: Sentinel | None = None) -> redis.Redis:
     own: dict[str, Any] = dict(_TIMEOUTS)
     if sentinel.password:
         own["password"] = sentinel.password
-    group = redis.sentinel.Sentinel(hosts, sentinel_kwargs=own, **_TIMEOUTS)  # type: ignore[no-untyped-call]
-    master: redis.Redis = group.master_for(  # type: ignore[no-untyped-call]
+    group = redis.sentinel.Sentinel(
+        hosts,
+        sentinel_kwargs=own,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=COMMAND_TIMEOUT_S,
+    )
+    master: redis.Redis = group.master_for(
         sentinel.master,
         db=db,
         username=username,
