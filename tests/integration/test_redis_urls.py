@@ -10,6 +10,7 @@ unix:// URLs (plain TCP to the default host), so jobs were never granted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
+import redis
 from celery import Celery
 
 from tests.conftest import run_cli, worker_env
@@ -33,7 +35,6 @@ from workers.sandbox.services import (
     TLSFiles,
     WorkerProcess,
     redis_answers,
-    redis_server_binary,
 )
 
 RATE = "10/s"
@@ -112,15 +113,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 @pytest.fixture(scope="module")
 def tls_redis(certificates: Certificates) -> Iterator[RedisServer]:
-    """A redis-server that listens on a TLS port only (no plain TCP at all)."""
-    server = RedisServer(tls=certificates.server)
-    try:
-        server.start()
-    except RuntimeError as exc:  # the probe: this binary may have been built without TLS
-        server.cleanup()
-        pytest.skip(f"{redis_server_binary()} cannot serve TLS (built without it?): {exc}")
-    yield server
-    server.cleanup()
+    """A redis-server that listens on a TLS port only (no plain TCP at all); its own TLS, or
+    TLS terminated in front of it where the binary has none (the embedded Valkey)."""
+    with RedisServer(tls=certificates.server) as server:
+        yield server
 
 
 def _assert_rate_held(sandbox: Sandbox, jobs: int) -> None:
@@ -184,6 +180,26 @@ def test_a_worker_on_a_tls_only_redis(
     producer.conf.broker_use_ssl = verify
     producer.conf.redis_backend_use_ssl = verify
     _run_rate_limited_jobs(worker, producer, url, sandbox, 25)
+
+
+def test_tls_terminated_in_front_of_a_server_verifies_as_a_tls_server_does(
+    certificates: Certificates,
+) -> None:
+    """The harness's TLS proxy (what serves TLS where the embedded Valkey has none), tested on
+    every machine: it answers through TLS with the right CA, and a client checking against
+    another CA is refused."""
+    with RedisServer(tls=certificates.server, tls_proxy=True) as server:
+        assert server.tls_proxy is not None
+        client = redis.Redis.from_url(server.url(1))
+        with contextlib.closing(client):
+            client.set("through", "tls")
+            assert client.get("through") == b"tls"
+            assert client.blpop(["nothing"], timeout=0.2) is None  # a blocking call survives
+        other = f"rediss://127.0.0.1:{server.port}/1?ssl_ca_certs={certificates.other_ca}"
+        with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            redis.Redis.from_url(other).ping()
+        with pytest.raises(redis.ConnectionError):  # no plain TCP on the port
+            redis.Redis(port=server.port, socket_timeout=2).ping()
 
 
 def test_a_worker_on_a_unix_socket_redis_with_a_password(sandbox: Sandbox) -> None:

