@@ -401,7 +401,15 @@ def test_systemd_units() -> None:
 
 def test_dockerfile() -> None:
     assert _docker("FROM") == ["python:3.11-slim"]
-    assert any(re.search(r"pip install --no-cache-dir \.(\s|$)", run) for run in _docker("RUN"))
+    runs = _docker("RUN")
+    # Exactly the lock's versions (hash-checked), then the project with nothing fetched.
+    assert any("--require-hashes --no-deps -r requirements/runtime.txt" in run for run in runs)
+    assert any(
+        re.search(
+            r"pip install --no-cache-dir --no-deps --no-build-isolation --no-index \.(\s|$)", run
+        )
+        for run in runs
+    )
     [*_, user] = _docker("USER")
     assert user.split(":")[0] not in ("root", "0")
     assert [json.loads(cmd) for cmd in _docker("CMD")] == [shlex.split(WORKER)]
