@@ -41,6 +41,9 @@ def configure(app: Celery, settings: Settings) -> None:
         accept_content=["json"],
         result_accept_content=["json"],
         result_expires=settings.celery_result_expires_s,
+        # Celery 5.7 marks a compressed result in the stored value itself: any 5.7+ reader
+        # decodes it, whatever its own setting.
+        result_compression=settings.celery_result_compression,
         # How soon a dead worker's unacknowledged jobs are delivered again; the same for the
         # result backend so that chords and results agree on it.
         broker_transport_options={

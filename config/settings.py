@@ -199,6 +199,26 @@ class Settings(BaseSettings):
         default=60.0,
         description="seconds between the workers' checks of unsettled calls with Runware, > 0",
     )
+    runware_items_retention_s: int = Field(
+        default=3600,
+        ge=60,
+        description="seconds a finished call's items are kept in the ledger, so that a "
+        "redelivered or retried job gets them without a call, an integer >= 60; longer than a "
+        "job can take to come back",
+    )
+    runware_billed_retention_s: int = Field(
+        default=8 * 86_400,
+        ge=60,
+        description="seconds a taskUUID's billed-once marker is kept: its cost is never counted "
+        "twice while it lasts (a later resend is answered by Runware with the first result), "
+        "an integer >= 60, at least RUNWARE_ITEMS_RETENTION_S",
+    )
+    runware_day_totals_retention_days: int = Field(
+        default=400,
+        ge=1,
+        description="days the ledger's daily totals (fleet and per account) are kept, an "
+        "integer >= 1",
+    )
     limiter_redis_url: str | None = Field(
         default=None,
         description="a Redis URL for the ledger, poll markers and dead letters; default "
@@ -244,6 +264,11 @@ class Settings(BaseSettings):
     )
     celery_result_expires_s: int = Field(
         default=86_400, ge=60, description="seconds results are kept, an integer >= 60"
+    )
+    celery_result_compression: Literal["gzip", "zlib", "bzip2", "lzma"] | None = Field(
+        default=None,
+        description="compress stored results (gzip, zlib, bzip2 or lzma; empty for none): a "
+        "third to a half of their memory, readable by Celery 5.7+ only",
     )
     worker_pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = Field(
         default="threads", description="the worker pool: threads, prefork, solo, gevent, eventlet"
@@ -335,11 +360,18 @@ class Settings(BaseSettings):
         # 0 is a port here: the OS picks a free one (tests use it; the log names it).
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("runware_daily_budget_usd", "runware_account_daily_budget_usd", mode="before")
+    @field_validator(
+        "runware_daily_budget_usd",
+        "runware_account_daily_budget_usd",
+        "celery_result_compression",
+        mode="before",
+    )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         # A budget of 0 means "spend nothing"; only an empty value means "no budget".
-        return None if isinstance(value, str) and not value.strip() else value
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
 
     @field_validator("redis_url", "celery_broker_url", "celery_result_backend", "limiter_redis_url")
     @classmethod
@@ -419,6 +451,29 @@ class Settings(BaseSettings):
                 f"can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the longest "
                 "of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S and "
                 "RUNWARE_POLL_MAX_INTERVAL_S)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _items_outlast_a_redelivery(self) -> Settings:
+        """A job that comes back after its call ended (a redelivery, a retry) finds the call's
+        items, and makes no call; the billed-once marker outlasts the items."""
+        needed = self.celery_visibility_timeout_s + max(
+            self.runware_retry_backoff_max_s,
+            self.runware_retry_after_max_s,
+            self.runware_poll_max_interval_s,
+        )
+        if self.runware_items_retention_s <= needed:
+            raise ValueError(
+                f"RUNWARE_ITEMS_RETENTION_S={self.runware_items_retention_s} must be longer than "
+                f"a job can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the "
+                "longest of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S and "
+                "RUNWARE_POLL_MAX_INTERVAL_S)"
+            )
+        if self.runware_billed_retention_s < self.runware_items_retention_s:
+            raise ValueError(
+                f"RUNWARE_BILLED_RETENTION_S={self.runware_billed_retention_s} must be at least "
+                f"RUNWARE_ITEMS_RETENTION_S={self.runware_items_retention_s}"
             )
         return self
 

@@ -10,7 +10,9 @@ tasks/lua/ledger_*.lua.
   shape (task type, model, size, steps, results, duration, versions) seen today or yesterday,
   whichever is higher.
 - `end` replaces the reservation with the real cost, recorded once per taskUUID on the day the
-  reservation was made, and keeps the items with it.
+  reservation was made. The items are kept for RUNWARE_ITEMS_RETENTION_S (a job that comes back
+  gets them without a call); a small billed-once marker per taskUUID, for
+  RUNWARE_BILLED_RETENTION_S, keeps a resend from counting the cost twice.
 - A reservation never lapses by time. A job that stops following its call (killed worker,
   TaskTimeout, retries run out) leaves it *unsettled*: `give_up` makes it due at once, and one
   whose job shows no sign of life for RUNWARE_RESERVATION_S becomes due by itself. The
@@ -45,9 +47,10 @@ logger = logging.getLogger(__name__)
 
 MICRO = 1_000_000
 DAY_S = 86_400
-RECORD_TTL_S = 8 * DAY_S  # a finished call's cost and items, kept together
-DAY_TTL_S = 400 * DAY_S  # how long daily totals are kept
-ESTIMATE_TTL_S = 3 * DAY_S  # a day's highest costs per shape (read today and tomorrow)
+# Retentions: a finished call's items (RUNWARE_ITEMS_RETENTION_S), its billed-once marker
+# (RUNWARE_BILLED_RETENTION_S) and the daily totals (RUNWARE_DAY_TOTALS_RETENTION_DAYS) are
+# settings; a day's highest cost per call shape is read today and tomorrow, then goes.
+ESTIMATE_TTL_S = 3 * DAY_S
 # The request fields a price depends on; with the task type and the model they make a shape.
 PRICE_FIELDS = ("width", "height", "steps", "numberResults", "promptVersions", "duration", "fps")
 
@@ -302,11 +305,12 @@ class Ledger:
             account,
             to_micro(cost_usd),
             json.dumps(items),
-            RECORD_TTL_S,
-            DAY_TTL_S,
+            self.settings.runware_items_retention_s,
+            self.settings.runware_day_totals_retention_days * DAY_S,
             day,
             shape,
             ESTIMATE_TTL_S,
+            self.settings.runware_billed_retention_s,
         ]
         recorded = bool(int(self._run(self._end, keys, args)))
         if recorded:

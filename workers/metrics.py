@@ -2,7 +2,8 @@
 fleet read from Redis at scrape time: the backlog (queue depth including the fair queues, jobs
 waiting and the oldest one's age per account and priority, delayed jobs), the limits (in-flight
 calls and their cap, the rate, the cool-down), the money (spent today, reserved, unsettled and
-budget left, per account and for the fleet) and the dead letters.
+budget left, per account and for the fleet), the dead letters, and each Redis's memory against
+its maxmemory.
 
 Every worker reports the same fleet-wide values: aggregate them with `max`, never `sum`
 (deploy/prometheus/ and deploy/grafana/ do). With METRICS_FLEET_GAUGES=dispatcher only the
@@ -23,7 +24,7 @@ from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -50,11 +51,37 @@ def _by_account(sums: dict[str, int]) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class Memory:
+    """What one Redis says of its memory (INFO memory and stats)."""
+
+    role: str  # broker, or state (only when LIMITER_REDIS_URL names another Redis)
+    used: int
+    maximum: int  # maxmemory; 0: no limit
+    policy: str
+    evicted: int  # keys evicted since the server started
+
+
+@dataclass(frozen=True)
 class Reading:
-    """One reading of both Redis scripts."""
+    """One reading of both Redis scripts, and of each Redis's memory."""
 
     limits: list[Any]  # gauges.lua's reply
     money: list[Any] | None  # money_gauges.lua's reply; None when this process does not report
+    memory: list[Memory]
+
+
+def _memory(role: str, client: redis.Redis) -> Memory:
+    with client.pipeline(transaction=False) as pipe:
+        pipe.info("memory")
+        pipe.info("stats")
+        memory, stats = pipe.execute()
+    return Memory(
+        role=role,
+        used=int(memory.get("used_memory", 0)),
+        maximum=int(memory.get("maxmemory", 0)),
+        policy=str(memory.get("maxmemory_policy", "")),
+        evicted=int(stats.get("evicted_keys", 0)),
+    )
 
 
 class RedisStateCollector(Collector):
@@ -68,6 +95,9 @@ class RedisStateCollector(Collector):
         self.state_keys = state_keys
         self.broker = broker_redis(settings)
         self.state = redis_client(settings)
+        self._roles = [("broker", self.broker)]
+        if settings.limiter_url != settings.broker_url:
+            self._roles.append(("state", self.state))
         self._gauges = scripts.register(self.broker, "gauges")
         self._money = scripts.register(self.state, "money_gauges")
         self._script_keys = [
@@ -104,8 +134,10 @@ class RedisStateCollector(Collector):
                 keys.dead_letters,
             ]
             limits = scripts.run(self._gauges, self._script_keys, [self.ident])
-            money = scripts.run(self._money, money_keys, []) if self._reports(limits) else None
-            reading = Reading(limits=limits, money=money)
+            reports = self._reports(limits)
+            money = scripts.run(self._money, money_keys, []) if reports else None
+            memory = [_memory(role, client) for role, client in self._roles] if reports else []
+            reading = Reading(limits=limits, money=money, memory=memory)
             self._cached = (now, reading)
             return reading
 
@@ -119,6 +151,7 @@ class RedisStateCollector(Collector):
             return
         yield from self._backlog_and_limits(reading.limits)
         yield from self._money_figures(reading.money)
+        yield from _memory_figures(reading.memory)
 
     def _reports(self, limits: list[Any]) -> bool:
         """Whether this process reports the fleet's gauges now (gauges.lua's 9th value: it holds
@@ -270,6 +303,38 @@ class RedisStateCollector(Collector):
                 held = spent_by.get(account, 0) + reserved_by.get(account, 0)
                 _budget(used, left, limit, "account", account, account_budget, held)
         yield from (used, left, limit)
+
+
+def _memory_figures(readings: list[Memory]) -> Iterator[Metric]:
+    used = GaugeMetricFamily(
+        "enhance_redis_used_memory_bytes",
+        "Memory the Redis server uses (INFO used_memory), by role (broker; state when "
+        "LIMITER_REDIS_URL names another Redis).",
+        labels=["redis"],
+    )
+    limit = GaugeMetricFamily(
+        "enhance_redis_maxmemory_bytes",
+        "The Redis server's maxmemory (0: no limit): with the noeviction policy, writes are "
+        "refused past it and the fleet stops.",
+        labels=["redis"],
+    )
+    policy = GaugeMetricFamily(
+        "enhance_redis_maxmemory_policy_info",
+        "The Redis server's maxmemory-policy (noeviction is the only one that loses nothing).",
+        labels=["redis", "policy"],
+    )
+    evicted = CounterMetricFamily(
+        "enhance_redis_evicted_keys_total",
+        "Keys the Redis server evicted since it started (INFO evicted_keys): jobs, results or "
+        "ledger entries lost.",
+        labels=["redis"],
+    )
+    for reading in readings:
+        used.add_metric([reading.role], reading.used)
+        limit.add_metric([reading.role], reading.maximum)
+        policy.add_metric([reading.role, reading.policy], 1)
+        evicted.add_metric([reading.role], reading.evicted)
+    yield from (used, limit, policy, evicted)
 
 
 def _budget(

@@ -7,7 +7,8 @@
 -- worker, a timeout, retries run out) becomes due and is reconciled with getResponse.
 --
 -- KEYS common to those scripts:
---   1 the task's record: "<cost micro>|<items JSON>" of a finished call (its cost is recorded)
+--   1 the task's record: "<cost micro>|<items JSON>" of a finished call, kept while a job can
+--     come back for its items (its cost is counted once by the billed-once markers below)
 --   2 reservations: hash taskUUID -> cjson {e = estimate micro, a = account, d = day,
 --     s = shape, t = when it was made, w = the worker process that holds the call}
 --   3 reservations by the time they are due for reconciliation (zset)
@@ -39,10 +40,33 @@ local function unreserve(entry)
   redis.call('ZREM', KEYS[3], uuid)
 end
 
--- Record the real cost of a finished call once (a redelivered or reconciled call that ends
--- again changes nothing), with its items, on the day its reservation was made.
-local function record(entry, account, cost, items, task_ttl, day_ttl, today)
-  if not redis.call('SET', KEYS[1], cost .. '|' .. items, 'NX', 'EX', task_ttl) then return 0 end
+-- The billed-once markers: taskUUID -> cost, in hashes that each cover `span` seconds
+-- (<prefix>:billed:<span>:<n>, n = time / span); a lookup reads the last BILLED_BUCKETS + 1, so a
+-- marker counts for at least `billed_ttl` seconds, and costs a hash field, not a key. The bucket
+-- that leaves the window is removed with UNLINK, which frees it off Redis's main thread: at a
+-- high job rate a bucket holds millions of fields, too many to free inline when a key expires.
+-- Its expiry, a span later, is only the fallback for a fleet that stopped writing.
+local BILLED_BUCKETS = 8
+local function first_billing(cost, billed_ttl)
+  local span = math.ceil(billed_ttl / BILLED_BUCKETS)
+  local current = math.floor(now / span)
+  local name = prefix .. ':billed:' .. span .. ':'
+  for n = current - BILLED_BUCKETS, current do
+    if redis.call('HEXISTS', name .. n, uuid) == 1 then return false end
+  end
+  redis.call('UNLINK', name .. (current - BILLED_BUCKETS - 1))
+  redis.call('HSET', name .. current, uuid, cost)
+  redis.call('EXPIREAT', name .. current, (current + BILLED_BUCKETS + 2) * span)
+  return true
+end
+
+-- Record the real cost of a finished call once per taskUUID (a redelivered, retried or
+-- reconciled call that ends again changes nothing but its items' lifetime), on the day its
+-- reservation was made. The items stay `items_ttl` seconds (KEYS[1]: a job that comes back gets
+-- them without a call); the billed-once marker, far smaller, `billed_ttl`.
+local function record(entry, account, cost, items, items_ttl, billed_ttl, day_ttl, today)
+  redis.call('SET', KEYS[1], cost .. '|' .. items, 'EX', items_ttl)
+  if not first_billing(cost, billed_ttl) then return 0 end
   local day = prefix .. ':day:' .. ((entry and entry.d) or today)
   redis.call('HINCRBY', day, 'total', cost)
   redis.call('HINCRBY', day, 'tasks', 1)

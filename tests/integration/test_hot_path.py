@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, chord
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Connection
 
@@ -123,3 +123,30 @@ def test_the_broker_channel_shares_one_client_and_still_delivers(
         assert message.payload == {"n": 1}
         message.ack()
         queue.close()
+
+
+def test_compressed_results_are_smaller_and_read_by_a_plain_celery_producer(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """CELERY_RESULT_COMPRESSION=gzip: the stored result is Celery's marked compressed form,
+    smaller than the JSON it holds, and a producer with no compression set reads it (waiting
+    on it, and again from Redis); a chord's callback, in the worker, reads its parts."""
+    worker = start_worker("compressed", CELERY_RESULT_COMPRESSION="gzip")
+    prompt = "a lighthouse keeper's cat watching a storm roll over the cliffs " * 4
+    sent = worker.send(prompt=prompt, promptVersions=3)
+    result = sent.get(timeout=30)  # type: ignore[attr-defined]
+    assert result["prompt"] == prompt
+    assert len(result["texts"]) == 3
+    client = redis.Redis.from_url(worker.redis_url)
+    stored = client.get(f"celery-task-meta-{sent.id}")  # type: ignore[attr-defined]
+    client.close()
+    assert stored is not None
+    assert stored.startswith(b"\x00celery-compressed\x00")
+    assert len(stored) < len(json.dumps(result))
+    assert Celery(backend=worker.redis_url).AsyncResult(sent.id).get(timeout=5) == result  # type: ignore[attr-defined]
+    items = [
+        worker.app.signature("tasks.enhance_batch_item", kwargs={"prompt": p, "priority": "batch"})
+        for p in ("a fox", "an owl")
+    ]
+    batch = chord(items)(worker.app.signature("tasks.collect_batch"))
+    assert [item["prompt"] for item in batch.get(timeout=60)["results"]] == ["a fox", "an owl"]

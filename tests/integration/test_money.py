@@ -118,8 +118,9 @@ def test_reconcile_on_the_command_line_settles_what_it_can_now(
     # Forget that the call ended, as if its worker had died before recording it.
     client = redis.Redis.from_url(worker.redis_url)
     client.delete(f"enhance:ledger:task:{done['taskUUID']}")
-    for key in client.scan_iter("enhance:ledger:day:*"):
-        client.delete(key)
+    for pattern in ("enhance:ledger:day:*", "enhance:ledger:billed:*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)
     ledger = Ledger(client, load_settings(_env_file=None))
     shape = call_shape({"taskType": "promptEnhance", "model": "m"})
     never_sent = str(uuid.uuid4())
@@ -260,23 +261,35 @@ def test_an_answer_without_text_fails_once_and_is_billed(
     assert ledger_micro(worker.redis_url) == sandbox.state.billed_micro == PRICE
 
 
-def test_a_finished_calls_cost_and_items_live_as_long_as_each_other(
+def test_a_resend_gets_the_items_and_is_counted_once_before_and_after_they_go(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
-    """The record that the cost is in the ledger holds the items too: a job resent with the
-    same taskUUID days later gets the result without a call, never a second bill the ledger
-    would refuse to record."""
-    worker = start_worker("record")
+    """A finished call's items are kept RUNWARE_ITEMS_RETENTION_S: a job resent with the same
+    taskUUID meanwhile gets them without a call. Its billed-once marker, a hash field, lasts
+    RUNWARE_BILLED_RETENTION_S: a resend after the items went is answered by Runware (409, then
+    getResponse) with the same result, and the ledger still counts the cost once."""
+    worker = start_worker("record", RUNWARE_ITEMS_RETENTION_S="700")
     task_uuid = str(uuid.uuid4())
     first = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)
     client = redis.Redis.from_url(worker.redis_url)
     keys = [k.decode() for k in client.scan_iter(f"*{task_uuid}*")]
-    assert keys == [f"enhance:ledger:task:{task_uuid}"]  # one record: one lifetime
-    assert client.ttl(keys[0]) > 7 * 86_400
-    client.close()
+    assert keys == [f"enhance:ledger:task:{task_uuid}"]  # the items: the only key of its own
+    assert 600 < client.ttl(keys[0]) <= 700
+    buckets = [
+        k for k in client.scan_iter("enhance:ledger:billed:*") if client.hexists(k, task_uuid)
+    ]
+    assert len(buckets) == 1
+    assert client.ttl(buckets[0]) >= 8 * 86_400
     again = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)
     assert again["text"] == first["text"]
-    assert sandbox.state.requests == 1
+    assert sandbox.state.requests == 1  # the items came back: no call
+    client.delete(keys[0])  # as when RUNWARE_ITEMS_RETENTION_S has passed
+    late = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)
+    client.close()
+    assert late["text"] == first["text"]
+    assert sandbox.state.requests > 1  # Runware was asked again, and answered with the result
+    assert sandbox.state.accepted == {task_uuid: 1}
+    assert ledger_micro(worker.redis_url) == sandbox.state.billed_micro == PRICE
 
 
 def test_a_check_refused_for_the_key_keeps_the_call_unsettled(

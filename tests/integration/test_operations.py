@@ -421,6 +421,20 @@ def test_the_fleet_gauges_read_money_limits_and_cool_down_from_redis(
     limiter.note("ok")  # Runware answers again: the strikes are cleared
     assert gauges()[("enhance_cooldown_strikes", ())] == 0
 
+    # Redis's memory against its maxmemory (one Redis here: the broker's role only).
+    client.config_set("maxmemory", 8 << 30)
+    try:
+        m = gauges()
+    finally:
+        client.config_set("maxmemory", 0)
+    broker = (("redis", "broker"),)
+    assert m[("enhance_redis_maxmemory_bytes", broker)] == 8 << 30
+    used = m[("enhance_redis_used_memory_bytes", broker)]
+    assert used == pytest.approx(client.info("memory")["used_memory"], rel=0.5)
+    assert m[("enhance_redis_maxmemory_policy_info", (("policy", "noeviction"), *broker))] == 1
+    assert m[("enhance_redis_evicted_keys_total", broker)] == 0
+    assert ("enhance_redis_used_memory_bytes", (("redis", "state"),)) not in m
+
     # Scrapes within the reading's lifetime share it: two collects, one run of each script.
     collector = RedisStateCollector(settings, ["celery"])
     collector.ttl_s = 3600.0  # the same reading, however slow this machine is between collects
