@@ -54,6 +54,10 @@ REGISTRATION_S = 6  # a worker that stops heartbeating leaves the fleet's thread
 MAX_READ = 200  # messages read per step: a step holds Redis for a few ms at most
 MAX_GRANTS = 100
 TRANSIT_CHECK_S = 15.0  # a grant no worker took custody of within this is checked
+# The largest message body pump.lua decodes (to read a Runware call's account and priority).
+# A valid call's arguments are far smaller (prompts <= 3,000 characters, URLs <= 2,048, five
+# versions of a chained result); only the envelope of a larger message is read, never its body.
+MAX_DECODE_BYTES = 256 * 1024
 COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
 
@@ -207,6 +211,7 @@ class Dispatcher(threading.Thread):
             TRANSIT_CHECK_S,
             f" {' '.join(sorted(intake.runware_tasks))} ",
             f" {' '.join(sorted(intake.known_tasks))} ",
+            MAX_DECODE_BYTES,
         ]
         return script_keys, args
 

@@ -31,6 +31,7 @@
 --      10 most grants per step                    11 seconds before an untaken grant is checked
 --      12 names of the tasks that call Runware, space-separated with spaces around
 --      13 names of every task the workers know, likewise
+--      14 the largest message body (bytes) decoded here: larger ones never are
 -- Returns {code, wait, granted, read, recovered, due_in, account1, class1, dwell1, ...}
 --   code 1 OK, -3 NOT_DISPATCHER (this caller does not hold the lock)
 --   wait: '0' more may be due now; > 0 seconds to the next possible grant; '-1' nobody waits;
@@ -62,6 +63,7 @@ local max_read = tonumber(ARGV[9])
 local max_grants = tonumber(ARGV[10])
 local transit_age = tonumber(ARGV[11])
 local calls_runware, known = ARGV[12], ARGV[13]
+local max_decode = tonumber(ARGV[14])
 local null = cjson.null
 
 -- --- reading a kombu message ------------------------------------------------------------------
@@ -110,30 +112,67 @@ local function epoch(iso)
   return seconds
 end
 
+-- The envelope of a kombu message without decoding its body: kombu writes the body first, as
+-- one base64 string (no quote or backslash in it), so the envelope is the text after its
+-- closing quote; cjson then reads only the headers and properties. Another layout (a producer
+-- that orders the fields otherwise, or a body that is not base64) is decoded whole if it is
+-- small, and refused ('other': Celery reports it) if it is not.
+local BODY_START = '{"body": "'
+local function envelope(raw)
+  if string.sub(raw, 1, #BODY_START) == BODY_START then
+    local close = string.find(raw, '"', #BODY_START + 1, true)
+    if close and string.byte(raw, close - 1) ~= 92 then  -- 92: a backslash, an escaped quote
+      local ok, env = pcall(cjson.decode, '{"body":""' .. string.sub(raw, close + 1))
+      if ok and type(env) == 'table' then return env, #BODY_START + 1, close - 1 end
+    end
+  end
+  if #raw > max_decode then return nil end
+  local ok, env = pcall(cjson.decode, raw)
+  if not ok or type(env) ~= 'table' then return nil end
+  local body = env['body']
+  if type(body) ~= 'string' then return env, nil, nil end
+  -- The body was decoded with the rest: keep it where body() looks for it.
+  env['_body'] = body
+  return env, nil, nil
+end
+
+-- A message's body (the task's arguments), decoded only when the task calls Runware and the
+-- body is small enough to be a valid call (prompts and URLs are bounded: a larger body is
+-- refused by the task's own validation, without a call).
+local function body(raw, env, headers, first, last)
+  if env['content-type'] ~= 'application/json' or value(headers['compression']) ~= nil then
+    return nil
+  end
+  local text = env['_body']
+  if text == nil then
+    if not first or last - first + 1 > max_decode then return nil end
+    text = string.sub(raw, first, last)
+  end
+  if #text > max_decode then return nil end
+  local props = type(env['properties']) == 'table' and env['properties'] or {}
+  if props['body_encoding'] == 'base64' then text = b64decode(text) end
+  local ok, decoded = pcall(cjson.decode, text)
+  if ok and type(decoded) == 'table' then return decoded end
+  return nil
+end
+
 -- What a message is: kind 'call' (calls Runware: wait for a grant), 'pass' (a known task that
 -- needs no grant, or a call that will fail its validation), 'other' (a task the workers do not
 -- know: Celery reports it); its account, class, task id, delivery tag and due time.
 local function read(raw)
-  local ok, env = pcall(cjson.decode, raw)
-  if not ok or type(env) ~= 'table' then return 'other' end
+  local env, first, last = envelope(raw)
+  if not env then return 'other' end
   local headers = type(env['headers']) == 'table' and env['headers'] or {}
   local props = type(env['properties']) == 'table' and env['properties'] or {}
   local tag = value(props['delivery_tag'])
   local task, id, eta = value(headers['task']), value(headers['id']), value(headers['eta'])
   local continues = value(headers['enhance_continues']) == '1'
   local kwargs = nil
-  local body = value(env['body'])
-  if type(body) == 'string' and env['content-type'] == 'application/json'
-      and value(headers['compression']) == nil then
-    if props['body_encoding'] == 'base64' then body = b64decode(body) end
-    local okb, decoded = pcall(cjson.decode, body)
-    if okb and type(decoded) == 'table' then
-      if task ~= nil then
-        kwargs = decoded[2]  -- protocol 2: [args, kwargs, embed]
-      else  -- protocol 1: the body is the request
-        task, id, eta = value(decoded['task']), value(decoded['id']), value(decoded['eta'])
-        kwargs = decoded['kwargs']
-      end
+  if task == nil then  -- protocol 1: the body is the request, task name included
+    local decoded = body(raw, env, headers, first, last)
+    if decoded then
+      task, id, eta = value(decoded['task']), value(decoded['id']), value(decoded['eta'])
+      kwargs = decoded['kwargs']
     end
   end
   if type(tag) ~= 'string' then tag = nil end
@@ -144,6 +183,13 @@ local function read(raw)
   end
   if not string.find(calls_runware, ' ' .. task .. ' ', 1, true) or not id then
     return 'pass', nil, nil, id, tag, due, continues
+  end
+  if kwargs == nil and value(headers['task']) ~= nil then
+    local decoded = body(raw, env, headers, first, last)
+    if decoded == nil and (last or #raw) - (first or 1) + 1 > max_decode then
+      return 'pass', nil, nil, id, tag, due  -- too large to be a valid call: the task refuses it
+    end
+    if decoded then kwargs = decoded[2] end  -- protocol 2: [args, kwargs, embed]
   end
   if type(kwargs) ~= 'table' then return 'call', 'default', 'i', id, tag, due, continues end
   local account, priority = kwargs['account'], kwargs['priority']
