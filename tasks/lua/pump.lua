@@ -285,8 +285,23 @@ end
 for _, n in ipairs(redis.call('HVALS', WORKERS)) do threads = threads + tonumber(n) end
 local capacity = threads
 if cap > 0 and cap < capacity then capacity = cap end
-redis.call('ZREMRANGEBYSCORE', LEASES, '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[27], '-inf', now)
+-- A slot (a lease, or a passed job's thread in the busy set) ends with its job's
+-- acknowledgement; its expiry is the fallback for a worker that died holding the job. One whose
+-- job still waits in the ready queue (its transit record is there: no worker has taken it) is
+-- renewed, never released: released, it would let grants pile up behind the queue, and those
+-- jobs would then start together, past the cap and the rate. At most 200 expired entries are
+-- looked at per step; the rest stay counted until a later step.
+local function expire(set)
+  for _, tag in ipairs(redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, 200)) do
+    if redis.call('HEXISTS', TRANSIT, tag) == 1 then
+      redis.call('ZADD', set, now + lease_s, tag)
+    else
+      redis.call('ZREM', set, tag)
+    end
+  end
+end
+expire(LEASES)
+expire(KEYS[27])
 local in_flight = redis.call('ZCARD', LEASES)
 local busy = redis.call('ZCARD', KEYS[27])
 

@@ -202,12 +202,34 @@ def test_a_dead_holders_slot_returns_after_its_lease(fleet: Any) -> None:
     while f.client.llen(f.keys.ready) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    f.client.rpop(f.keys.ready)  # taken and never released: the holder "died"
+    raw = f.client.rpop(f.keys.ready)  # taken (custody: its transit record cleared), never
+    tag = json.loads(raw)["properties"]["delivery_tag"]  # released: the holder "died"
+    f.client.hdel(f.keys.transit, tag)
+    f.client.zrem(f.keys.transit_at, tag)
     time.sleep(0.2)
     assert f.client.llen(f.keys.ready) == 0  # the cap of 1 is held by the dead job's lease
     while f.client.llen(f.keys.ready) < 1:  # the lease expires after 0.5 s
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_a_grant_still_in_the_ready_queue_keeps_its_slot_past_its_lease(fleet: Any) -> None:
+    """A lease is a fallback for a dead holder, not a clock on the queue: while no worker has
+    taken a granted job (or a passed one), its slot stays taken however long it waits, so
+    grants never pile up behind a slow queue and then start together past the cap."""
+    f = fleet(threads=0, runware_max_in_flight=2, runware_lease_s=0.3)
+    f.dispatcher.threads = 40
+    f.start(workers=False)
+    for n in range(30):  # passed without a grant, holding threads, never taken
+        f.producer.send_task("tasks.collect_batch", args=[[n]])
+    f.send("a", 6)
+    wait_until(lambda: f.client.llen("celery") == 0, 10, "every message read")
+    wait_until(lambda: f.client.zcard(f.keys.leases) == 2, 10, "the cap's two grants")
+    time.sleep(1.2)  # four lease lifetimes: a clock would have released them all by now
+    assert f.client.zcard(f.keys.leases) == 2
+    assert f.client.zcard(f.keys.busy) == 30
+    assert f.client.llen(f.keys.ready) == 32  # no grant beyond the cap
+    assert f.client.llen(f.keys.queue("b", "a")) == 4
 
 
 def test_a_throttled_call_pauses_every_grant(fleet: Any) -> None:
