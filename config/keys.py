@@ -139,8 +139,9 @@ class FairKeys:
 
     @property
     def account_tat(self) -> str:
-        """Per-account GCRA timelines (a hash: account -> epoch seconds)."""
-        return self._k("acct:tat")
+        """Per-account GCRA timelines (a sorted set: account -> epoch seconds); one past by a
+        second is removed. (Named anew: the former `acct:tat` hash expires by itself.)"""
+        return self._k("acct:timeline")
 
     @property
     def accounts(self) -> str:

@@ -17,7 +17,7 @@
 --       4 leases zset        5 transit hash         6 transit:at zset
 --       7 workers hash       8 workers:seen zset    9 dispatcher lock
 --      10 overrides hash    11 tat                 12 cooldown
---      13 account rates     14 account weights     15 account timelines
+--      13 account rates     14 account weights     15 account timelines (zset: account -> TAT)
 --      16 streak            17 wake list
 --      18..21 interactive: active set, ring list, credit hash, queue key prefix
 --      22..25 batch:       active set, ring list, credit hash, queue key prefix
@@ -326,7 +326,7 @@ end
 
 local function account_wait(acct, arate)
   if arate <= 0 then return 0 end
-  return math.max(0, (tonumber(redis.call('HGET', ACCT_TAT, acct) or '0')) - now)
+  return math.max(0, (tonumber(redis.call('ZSCORE', ACCT_TAT, acct) or '0')) - now)
 end
 
 -- A grant a little late keeps the cadence: the slots its lateness skipped are caught up at
@@ -415,7 +415,8 @@ while granted < max_grants do
     redis.call('SET', TAT, tostring(new), 'PX', math.ceil((new - now + 60) * 1000))
   end
   if arate > 0 then
-    redis.call('HSET', ACCT_TAT, acct, tostring(advance(tonumber(redis.call('HGET', ACCT_TAT, acct) or '0'), arate)))
+    local tat = advance(tonumber(redis.call('ZSCORE', ACCT_TAT, acct) or '0'), arate)
+    redis.call('ZADD', ACCT_TAT, tat, acct)
   end
   -- The slot is named by the delivery tag: the worker's transport gives it back in the same
   -- transaction that acknowledges the message (config/transport.py).
@@ -434,6 +435,10 @@ if granted > 0 then
   redis.call('PEXPIRE', LEASES, math.ceil((lease_s + 60) * 1000))
   redis.call('EXPIRE', ACCT_TAT, 86400)
 end
+-- An account's timeline a second in the past holds nothing back any more (its next call may go
+-- at once, and the timeline restarts at it): it goes, so the set holds the accounts that
+-- called in about their last interval, not one entry for every account ever rate-limited.
+redis.call('ZREMRANGEBYSCORE', ACCT_TAT, '-inf', now - 1)
 if read_count >= max_read then answer = 0 end
 
 local due_in = '-1'

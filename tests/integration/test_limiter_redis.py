@@ -311,6 +311,18 @@ def test_a_per_account_rate_slows_that_account_only(fleet: Any) -> None:
     assert max(fast) < slow[-1], [t.account for t in taken]
 
 
+def test_an_idle_accounts_timeline_goes(fleet: Any) -> None:
+    """Per-account rate state is kept only while it holds something back: 50 accounts that
+    each called once leave no timeline behind a second later (it used to be one hash field
+    per account ever rate-limited, refreshed by every grant)."""
+    f = fleet(threads=8, runware_account_rate_limit="1/s").start()
+    for n in range(50):
+        f.send(f"acct{n}", 1)
+    f.wait_for(50)
+    assert f.client.zcard(f.keys.account_tat) > 0
+    wait_until(lambda: f.client.zcard(f.keys.account_tat) == 0, 10, "every timeline gone")
+
+
 def test_no_account_label_reaches_another_key(fleet: Any) -> None:
     """Labels shaped like the service's own key names (a label may contain ':') are kept
     apart: each account's rate and queue stay its own, and the dispatcher never halts."""
