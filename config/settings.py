@@ -300,6 +300,19 @@ class Settings(BaseSettings):
         "same value from each: aggregate with max) or dispatcher (only the one holding the "
         "dispatcher role: a sum is right too)",
     )
+    metrics_top_accounts: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="accounts with series of their own in each per-account metric (the rest "
+        'are summed under account "(other)"), an integer 1..10000',
+    )
+    metrics_account_idle_s: int = Field(
+        default=900,
+        ge=10,
+        description="seconds after which an account with no activity loses its series in a "
+        "worker's own per-account metrics, an integer >= 10",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

@@ -222,9 +222,8 @@ class Dispatcher(threading.Thread):
         code, wait, granted, _read, recovered, due_in = reply[:6]
         for index in range(6, len(reply), 3):
             account, klass, waited = reply[index : index + 3]
-            metrics.LIMIT_WAIT.labels(account.decode(), PRIORITY_NAMES[klass.decode()]).observe(
-                float(waited)
-            )
+            label = metrics.ACCOUNTS.label(account.decode())
+            metrics.LIMIT_WAIT.labels(label, PRIORITY_NAMES[klass.decode()]).observe(float(waited))
         if int(recovered):
             logger.warning(
                 "%d granted job(s) were lost between the ready queue and a worker; "

@@ -314,7 +314,7 @@ class Ledger:
         ]
         recorded = bool(int(self._run(self._end, keys, args)))
         if recorded:
-            metrics.SPENT.labels(account).inc(to_micro(cost_usd) / MICRO)
+            metrics.SPENT.labels(metrics.ACCOUNTS.label(account)).inc(to_micro(cost_usd) / MICRO)
         self._replicate(task_uuid)
         return recorded
 

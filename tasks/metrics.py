@@ -8,9 +8,17 @@ starting the worker and prometheus_client aggregates every child process.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
+
+# The account label of everything beyond METRICS_TOP_ACCOUNTS: no account can be named so
+# (labels are letters, digits and _.:@- only).
+OTHER = "(other)"
+PRIORITIES = ("interactive", "batch")
 
 RUNWARE_CALLS = Counter(
     "enhance_runware_calls_total",
@@ -72,6 +80,58 @@ DEAD_LETTERS = Counter(
     "Jobs recorded in the dead-letter list by this worker, by task.",
     ["task"],
 )
+
+
+class AccountLabels:
+    """Which accounts have series of their own in this process's per-account metrics
+    (LIMIT_WAIT, SPENT): at most `limit` at a time, first come; one with no activity for
+    `idle_s` seconds gives its place back and its series are removed; every other account is
+    counted under OTHER. So one worker's /metrics stays bounded at any number of accounts."""
+
+    def __init__(self, limit: int = 100, idle_s: float = 900.0) -> None:
+        self.limit = limit
+        self.idle_s = idle_s
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._swept = time.monotonic()
+
+    def configure(self, limit: int, idle_s: float) -> None:
+        with self._lock:
+            self.limit, self.idle_s = limit, idle_s
+
+    def label(self, account: str) -> str:
+        now = time.monotonic()
+        with self._lock:
+            if account in self._seen:
+                self._seen[account] = now
+                return account
+            if now - self._swept >= min(60.0, self.idle_s / 10):
+                self._sweep(now)
+            if len(self._seen) < self.limit:
+                self._seen[account] = now
+                return account
+            return OTHER
+
+    def tracked(self) -> list[str]:
+        with self._lock:
+            return sorted(self._seen)
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for account, seen in list(self._seen.items()):
+            if now - seen > self.idle_s:
+                del self._seen[account]
+                _remove(SPENT, account)
+                for priority in PRIORITIES:
+                    _remove(LIMIT_WAIT, account, priority)
+
+
+def _remove(metric: Counter | Histogram, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # it never had a series with these labels
+        metric.remove(*labels)
+
+
+ACCOUNTS = AccountLabels()
 
 
 def start_at_zero(task_names: Iterable[str]) -> None:

@@ -9,7 +9,8 @@ Every worker reports the same fleet-wide values: aggregate them with `max`, neve
 (deploy/prometheus/ and deploy/grafana/ do). With METRICS_FLEET_GAUGES=dispatcher only the
 process that holds the dispatcher role reports them, so a `sum` is right too. A scrape costs
 one script in the broker's Redis and one in the state Redis (tasks/lua/gauges.lua,
-tasks/lua/money_gauges.lua), and scrapes within a second of each other share one reading.
+tasks/lua/money_gauges.lua), plus one call per 500 waiting accounts (gauges_accounts.lua), and
+scrapes within a second of each other share one reading.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
 from tasks.ledger import MICRO, utc_day
 from tasks.limiter import broker_redis
+from tasks.metrics import OTHER
 from tasks.state import redis_client, text
 
 logger = logging.getLogger(__name__)
 
 READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
+ACCOUNTS_PER_CALL = 500  # waiting accounts read per script call (a few ms of Redis each)
 
 
 def _pairs(flat: list[Any]) -> dict[str, int]:
@@ -68,6 +71,7 @@ class Reading:
     limits: list[Any]  # gauges.lua's reply
     money: list[Any] | None  # money_gauges.lua's reply; None when this process does not report
     memory: list[Memory]
+    waiting: dict[str, dict[str, tuple[int, float]]]  # class -> account -> (depth, oldest age)
 
 
 def _memory(role: str, client: redis.Redis) -> Memory:
@@ -99,6 +103,8 @@ class RedisStateCollector(Collector):
         if settings.limiter_url != settings.broker_url:
             self._roles.append(("state", self.state))
         self._gauges = scripts.register(self.broker, "gauges")
+        self._accounts = scripts.register(self.broker, "gauges_accounts")
+        self._class_keys = {k: [keys.active(k), keys.queue_prefix(k)] for k in ("i", "b")}
         self._money = scripts.register(self.state, "money_gauges")
         self._script_keys = [
             keys.intake,
@@ -137,9 +143,26 @@ class RedisStateCollector(Collector):
             reports = self._reports(limits)
             money = scripts.run(self._money, money_keys, []) if reports else None
             memory = [_memory(role, client) for role, client in self._roles] if reports else []
-            reading = Reading(limits=limits, money=money, memory=memory)
+            waiting = self._waiting() if reports else {}
+            reading = Reading(limits=limits, money=money, memory=memory, waiting=waiting)
             self._cached = (now, reading)
             return reading
+
+    def _waiting(self) -> dict[str, dict[str, tuple[int, float]]]:
+        """Every waiting account's depth and oldest wait, per class, read a chunk per call."""
+        found: dict[str, dict[str, tuple[int, float]]] = {}
+        for klass, class_keys in self._class_keys.items():
+            rows = found[klass] = {}
+            cursor = "0"
+            while True:
+                reply = scripts.run(self._accounts, class_keys, [cursor, ACCOUNTS_PER_CALL])
+                cursor = text(reply[0])
+                for index in range(1, len(reply), 3):
+                    account, depth, age = reply[index : index + 3]
+                    rows[text(account)] = (int(depth), float(age))
+                if cursor == "0":
+                    break
+        return found
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -149,7 +172,7 @@ class RedisStateCollector(Collector):
             return
         if reading.money is None:  # METRICS_FLEET_GAUGES=dispatcher, and another holds it
             return
-        yield from self._backlog_and_limits(reading.limits)
+        yield from self._backlog_and_limits(reading.limits, reading.waiting)
         yield from self._money_figures(reading.money)
         yield from _memory_figures(reading.memory)
 
@@ -158,7 +181,9 @@ class RedisStateCollector(Collector):
         the dispatcher role)."""
         return self.settings.metrics_fleet_gauges == "every" or int(limits[8]) == 1
 
-    def _backlog_and_limits(self, reply: list[Any]) -> Iterator[Metric]:
+    def _backlog_and_limits(
+        self, reply: list[Any], waiting_by_class: dict[str, dict[str, tuple[int, float]]]
+    ) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "enhance_queue_depth",
             "Jobs waiting to run: in the broker queue, the fair queues and the ready queue.",
@@ -177,13 +202,24 @@ class RedisStateCollector(Collector):
         incoming, delayed, ready, leases = (int(v) for v in reply[:4])
         cooldown_s, strikes = float(reply[4]), int(reply[5])
         cap_override, rate_override = text(reply[6]), text(reply[7])
-        fair = 0
-        for index in range(9, len(reply), 4):
-            account, klass, count, age = reply[index : index + 4]
-            labels = [text(account), PRIORITY_NAMES[text(klass)]]
-            waiting.add_metric(labels, int(count))
-            oldest.add_metric(labels, float(age))
-            fair += int(count)
+        by_class = {
+            klass: [(account, depth, age) for account, (depth, age) in rows.items()]
+            for klass, rows in waiting_by_class.items()
+        }
+        fair = sum(row[1] for rows in by_class.values() for row in rows)
+        top = self.settings.metrics_top_accounts
+        for klass, rows in by_class.items():
+            # The accounts with the most waiting have series of their own; the rest are summed
+            # (their oldest wait: the longest) under "(other)".
+            rows.sort(key=lambda row: (-row[1], -row[2], row[0]))
+            for account, count, age in rows[:top]:
+                waiting.add_metric([account, PRIORITY_NAMES[klass]], count)
+                oldest.add_metric([account, PRIORITY_NAMES[klass]], age)
+            if rows[top:]:
+                rest = rows[top:]
+                labels = [OTHER, PRIORITY_NAMES[klass]]
+                waiting.add_metric(labels, sum(row[1] for row in rest))
+                oldest.add_metric(labels, max(row[2] for row in rest))
         # One queue in practice (`celery`); the fair and ready jobs are counted under the first.
         for position, queue in enumerate(self.queues):
             depth.add_metric([queue], (incoming + fair + ready) if position == 0 else 0)
@@ -234,7 +270,17 @@ class RedisStateCollector(Collector):
         day, reserved, unsettled = _pairs(reply[2]), _pairs(reply[3]), _pairs(reply[4])
         spent_by, reserved_by = _by_account(day), _by_account(reserved)
         unsettled_by = _by_account(unsettled)
-        accounts = sorted(set(spent_by) | set(reserved_by))
+        # The accounts holding the most money today have series of their own; the rest are
+        # summed under "(other)" (their budget figures: the fullest one's).
+        ranked = sorted(
+            set(spent_by) | set(reserved_by),
+            key=lambda a: (-(spent_by.get(a, 0) + reserved_by.get(a, 0)), a),
+        )
+        top, rest = ranked[: settings.metrics_top_accounts], ranked[settings.metrics_top_accounts :]
+        accounts = sorted(top) + ([OTHER] if rest else [])
+        for sums in (spent_by, reserved_by, unsettled_by):
+            if rest:
+                sums[OTHER] = sum(sums.get(a, 0) for a in rest)
 
         def per_scope(
             names: tuple[str, str], help_text: str, sums: dict[str, int], by: dict[str, int]
@@ -300,7 +346,10 @@ class RedisStateCollector(Collector):
         account_budget = settings.runware_account_daily_budget_usd
         if account_budget is not None:
             for account in accounts:
-                held = spent_by.get(account, 0) + reserved_by.get(account, 0)
+                if account == OTHER:  # the fullest of the rest: the one an alert is about
+                    held = max(spent_by.get(a, 0) + reserved_by.get(a, 0) for a in rest)
+                else:
+                    held = spent_by.get(account, 0) + reserved_by.get(account, 0)
                 _budget(used, left, limit, "account", account, account_budget, held)
         yield from (used, left, limit)
 

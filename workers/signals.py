@@ -99,6 +99,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     reconciler.start()
     _reconciler.append(reconciler)
     task_metrics.start_at_zero(intake.runware_tasks)
+    task_metrics.ACCOUNTS.configure(settings.metrics_top_accounts, settings.metrics_account_idle_s)
     metrics.serve(settings, _intake_queues, ident)
     if settings.runware_api_key is None:
         logger.warning(

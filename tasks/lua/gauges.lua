@@ -2,15 +2,15 @@
 -- in one trip (workers/metrics.py).
 --
 -- KEYS  1 intake list   2 delayed zset   3 ready queue   4 leases zset
---       5 interactive active set   6 interactive queue key prefix
---       7 batch active set         8 batch queue key prefix
+--       5..8 unused (the per-account keys: gauges_accounts.lua)
 --       9 cool-down (its end, epoch s)   10 strikes   11 limit overrides hash
 --       12 the dispatcher lock   13.. the Celery queues jobs are taken from (kombu's lists)
 -- ARGV  1 this process's id (as in the dispatcher lock)
 -- Returns {waiting in the Celery queues and intake, delayed, ready, leases,
 --          cool-down seconds left, strikes, max_in_flight override ('' none), rate override
---          ('' none), 1 if this process is the dispatcher else 0,
---          account1, class1, depth1, oldest age1 (s), ...}
+--          ('' none), 1 if this process is the dispatcher else 0}
+-- The waiting accounts are read apart, a chunk at a time (gauges_accounts.lua), so that no
+-- one call grows with the number of accounts.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local incoming = redis.call('LLEN', KEYS[1])
@@ -23,20 +23,4 @@ local reply = {
   overrides[1] or '', overrides[2] or '',
   (redis.call('GET', KEYS[12]) == ARGV[1]) and 1 or 0,
 }
-for _, pair in ipairs({{'i', KEYS[5], KEYS[6]}, {'b', KEYS[7], KEYS[8]}}) do
-  for _, acct in ipairs(redis.call('SMEMBERS', pair[2])) do
-    local q = pair[3] .. acct
-    local depth = redis.call('LLEN', q)
-    local head = redis.call('LINDEX', q, 0)
-    local age = 0
-    if head then
-      local since = tonumber(string.sub(head, 1, string.find(head, '|', 1, true) - 1))
-      age = math.max(0, now - since)
-    end
-    reply[#reply + 1] = acct
-    reply[#reply + 1] = pair[1]
-    reply[#reply + 1] = depth
-    reply[#reply + 1] = tostring(age)
-  end
-end
 return reply

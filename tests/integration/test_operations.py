@@ -442,7 +442,9 @@ def test_the_fleet_gauges_read_money_limits_and_cool_down_from_redis(
     first, second = list(collector.collect()), list(collector.collect())
     after = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     assert len(first) == len(second) >= 20  # both read the gauges (no error swallowed)
-    assert after - before == 2  # one script per Redis (both are this one here)
+    # One script per Redis (both are this one here), and one chunk of waiting accounts per
+    # priority class (none wait here).
+    assert after - before == 4
     client.flushdb()
     client.close()
 
@@ -533,3 +535,67 @@ def test_with_fleet_gauges_from_the_dispatcher_one_worker_reports_them(
     wait_until(lambda: sorted(reporters()) == [False, True], 30, "exactly one worker reporting")
     for port in ports:  # a worker's own metrics are there either way
         assert ("enhance_runware_in_flight_calls", ()) in scrape_metrics(port)
+
+
+def test_per_account_gauges_stay_bounded_with_the_rest_summed(redis_server: RedisServer) -> None:
+    """METRICS_TOP_ACCOUNTS=2: the two accounts with the most waiting (and the two holding the
+    most money) have series of their own; the others are summed under "(other)", whose
+    oldest wait is the longest of theirs and whose budget figures are the fullest one's."""
+    import uuid
+
+    import redis as redis_lib
+    from celery import Celery
+
+    from config.settings import load_settings
+    from tasks.dispatcher import Dispatcher, Intake
+    from tasks.ledger import Ledger
+    from workers.metrics import RedisStateCollector
+
+    url = redis_server.url(58)
+    settings = load_settings(
+        _env_file=None,
+        redis_url=url,
+        metrics_top_accounts=2,
+        runware_account_daily_budget_usd=0.01,
+    )
+    client = redis_lib.Redis.from_url(url)
+    client.flushdb()
+    producer = Celery(broker=url)
+    for account, count in (("a", 5), ("b", 4), ("c", 1), ("d", 2)):
+        for n in range(count):
+            producer.send_task(
+                "tasks.enhance_prompt",
+                kwargs={"prompt": f"{account} {n}", "account": account, "priority": "batch"},
+            )
+    producer.close()
+    runware = frozenset({"tasks.enhance_prompt"})
+    intake = Intake(("celery",), runware, runware)
+    dispatcher = Dispatcher(client, settings, intake, threads=0)  # no thread: nothing granted
+    client.set(dispatcher.keys.dispatcher, dispatcher.id)
+    dispatcher.pump()
+    ledger = Ledger(client, settings)
+    for account, cost in (("a", 0.001), ("b", 0.004), ("c", 0.003), ("d", 0.009)):
+        task = str(uuid.uuid4())
+        ledger.begin(task, account, 0.0001, "promptEnhance m")
+        ledger.end(task, account, cost, [{"text": "x"}])
+    m = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in RedisStateCollector(settings, ["celery"]).collect()
+        for s in family.samples
+    }
+    waiting = {
+        dict(labels)["account"]: value
+        for (name, labels), value in m.items()
+        if name == "enhance_account_waiting_calls"
+    }
+    assert waiting == {"a": 5, "b": 4, "(other)": 3}
+    spent = {
+        dict(labels)["account"]: value
+        for (name, labels), value in m.items()
+        if name == "enhance_account_spent_today_usd"
+    }
+    assert spent == pytest.approx({"d": 0.009, "b": 0.004, "(other)": 0.004})
+    used = ("enhance_budget_used_ratio", (("account", "(other)"), ("scope", "account")))
+    assert m[used] == pytest.approx(0.3)  # c's 0.003 of 0.01: the fuller of a and c
+    client.flushdb()
+    client.close()

@@ -20,6 +20,14 @@ BENCHMARKS = {
         "tests.load.bench_alerts",
         "the alert rules and the dashboard against a real Prometheus",
     ),
+    "memory": (
+        "tests.load.bench_memory",
+        "bytes per finished job by key family, MB held per job/s, a soak",
+    ),
+    "sizes": (
+        "tests.load.bench_sizes",
+        "megabyte batches: every result back, Redis's SLOWLOG read",
+    ),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",
