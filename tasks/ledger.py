@@ -244,8 +244,10 @@ class Ledger:
             _cost, _, items = text(answer[1]).partition("|")
             return Started(finished=json.loads(items or "[]"))
         if status == 0:
-            which, spent, estimate, unsettled = (int(v) for v in answer[1:5])
-            raise self._refusal(which, spent, estimate, unsettled, task_uuid, account)
+            which, spent, estimate, unsettled, complete = (int(v) for v in answer[1:6])
+            raise self._refusal(
+                which, spent, estimate, unsettled, task_uuid, account, bool(complete)
+            )
         marker = text(answer[1])
         return Started(
             submitted=float(marker) if marker else None,
@@ -255,7 +257,14 @@ class Ledger:
         )
 
     def _refusal(
-        self, which: int, spent: int, estimate: int, unsettled: int, task_uuid: str, account: str
+        self,
+        which: int,
+        spent: int,
+        estimate: int,
+        unsettled: int,
+        task_uuid: str,
+        account: str,
+        complete: bool = True,
     ) -> Exception:
         settings = self.settings
         if which == 1:
@@ -279,8 +288,8 @@ class Ledger:
         if unsettled and spent - unsettled + estimate <= budget:
             # It fits once calls Runware may never have billed are settled: wait for that.
             return TransientError(
-                f"{said}, of which ${unsettled / MICRO:.6f} is unsettled calls being reconciled;"
-                " no call was made",
+                f"{said}, of which {'' if complete else 'at least '}${unsettled / MICRO:.6f} is "
+                "unsettled calls being reconciled; no call was made",
                 code="budgetUnsettled",
                 retry_after=settings.runware_reconcile_s,
             )

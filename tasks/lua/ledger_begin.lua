@@ -8,7 +8,8 @@
 -- Returns {3, record} when the task already finished (nothing reserved);
 --         {1, poll marker or '', alone 0|1, estimate, now} when the call may go (reserved;
 --           now: Redis's clock, which every host shares);
---         {0, 1 fleet | 2 account, spent or reserved, estimate, of which unsettled} refused.
+--         {0, 1 fleet | 2 account, spent or reserved, estimate, of which unsettled, 1 if that
+--           is all of it or 0 if at least that (enough for the call to fit)} refused.
 local account, shape = ARGV[3], ARGV[9]
 local done = redis.call('GET', KEYS[1])
 if done then return {3, done} end
@@ -19,7 +20,9 @@ local held = reservation()
 if held then  -- a retry, poll or redelivery of a call this task already reserved for
   redis.call('ZADD', KEYS[3], due, uuid)
   if held.w ~= ARGV[10] then
+    unhold(held.w)
     held.w = ARGV[10]
+    hold(held.w)
     redis.call('HSET', KEYS[2], uuid, cjson.encode(held))
   end
   return {1, marker, alone, held.e, tostring(now)}
@@ -33,30 +36,44 @@ for _, key in ipairs({KEYS[8], KEYS[9]}) do
 end
 
 -- Reservations already due count at their estimate until they are settled; when one refuses a
--- call, the caller learns how much of it is unsettled (it may be released).
-local function unsettled(only)
+-- call, the caller learns whether enough of it is unsettled that the call would fit once they
+-- are settled (then it waits, rather than fail). The sum stops as soon as it is enough, and
+-- after UNSETTLED_READ reservations (10,000 unsettled after an outage): then the call is told
+-- it may fit (`needed`), and waits for the reconciler rather than fail on a guess.
+local UNSETTLED_READ = 1000
+local function unsettled(only, needed)  -- {sum, 1 if it is all of it, 0 if at least}
   local sum = 0
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100000)) do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, UNSETTLED_READ)
+  for i, id in ipairs(due) do
     local raw = redis.call('HGET', KEYS[2], id)
     if raw then
       local entry = cjson.decode(raw)
       if only == nil or entry.a == only then sum = sum + entry.e end
+      if sum >= needed then return {sum, (i == #due and #due < UNSETTLED_READ) and 1 or 0} end
     end
   end
-  return sum
+  if #due >= UNSETTLED_READ then return {math.max(sum, needed), 0} end
+  return {sum, 1}
 end
 local fleet_budget, account_budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 if fleet_budget >= 0 then
   local spent = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
       + tonumber(redis.call('HGET', KEYS[4], 'total') or '0')
-  if spent + estimate > fleet_budget then return {0, 1, spent, estimate, unsettled(nil)} end
+  if spent + estimate > fleet_budget then
+    local found = unsettled(nil, spent + estimate - fleet_budget)
+    return {0, 1, spent, estimate, found[1], found[2]}
+  end
 end
 if account_budget >= 0 then
   local spent = tonumber(redis.call('HGET', KEYS[5], 'acct:' .. account) or '0')
       + tonumber(redis.call('HGET', KEYS[4], 'acct:' .. account) or '0')
-  if spent + estimate > account_budget then return {0, 2, spent, estimate, unsettled(account)} end
+  if spent + estimate > account_budget then
+    local found = unsettled(account, spent + estimate - account_budget)
+    return {0, 2, spent, estimate, found[1], found[2]}
+  end
 end
 redis.call('HSET', KEYS[2], uuid, cjson.encode({e = estimate, a = account, d = ARGV[8], s = shape, t = now, w = ARGV[10]}))
+hold(ARGV[10])
 redis.call('ZADD', KEYS[3], due, uuid)
 redis.call('HINCRBY', KEYS[4], 'total', estimate)
 redis.call('HINCRBY', KEYS[4], 'acct:' .. account, estimate)

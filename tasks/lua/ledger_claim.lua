@@ -2,7 +2,8 @@
 -- claimed one stays due (it is still unsettled: it counts as such in budgets and reports) and
 -- is marked as being checked until ARGV 1 seconds from now or until its check reports
 -- (Ledger.checked), so that a check waiting for a slot is never queued twice.
--- KEYS 1: reservations (hash), 2: reservations by due time (zset),
+-- KEYS 1: reservations (hash; its holder index: KEY 1 .. ':holders' and KEY 1 .. ':by:<holder>',
+--      kept by ledger_lib.lua), 2: reservations by due time (zset),
 --      3: checks under way (zset taskUUID -> until when)
 -- ARGV 1: seconds a check may take before another may be queued, 2: at most this many,
 --      3: '1' when ARGV 4... list every live worker process (from their heartbeats): the calls
@@ -15,14 +16,20 @@ local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local ttl, most = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400)  -- marks of checks that died
 if ARGV[3] == '1' then
+  -- The holders with reservations (an index ledger_begin keeps), not every reservation: a dead
+  -- process's calls are made due now, once, and its index goes.
   local alive = {}
   for i = 4, #ARGV do alive[ARGV[i]] = true end
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local holder = cjson.decode(all[i + 1]).w
-    if holder and holder ~= '' and not alive[holder] then
-      local score = tonumber(redis.call('ZSCORE', KEYS[2], all[i]) or '0')
-      if score > now then redis.call('ZADD', KEYS[2], now, all[i]) end
+  local holders = KEYS[1] .. ':holders'
+  for _, holder in ipairs(redis.call('SMEMBERS', holders)) do
+    if not alive[holder] then
+      local held_by = KEYS[1] .. ':by:' .. holder
+      for _, id in ipairs(redis.call('SMEMBERS', held_by)) do
+        local score = tonumber(redis.call('ZSCORE', KEYS[2], id) or '0')
+        if score > now then redis.call('ZADD', KEYS[2], now, id) end
+      end
+      redis.call('DEL', held_by)
+      redis.call('SREM', holders, holder)
     end
   end
 end

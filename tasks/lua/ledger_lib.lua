@@ -31,11 +31,30 @@ local function reservation()
   return nil
 end
 
+-- The reservations held by each worker process (<reservations>:by:<holder>, a set), and the
+-- holders that have any (<reservations>:holders): the reconciler finds a dead process's calls
+-- through them, without reading every reservation.
+local HOLDERS = KEYS[2] .. ':holders'
+local function hold(holder)
+  if holder and holder ~= '' then
+    redis.call('SADD', HOLDERS, holder)
+    redis.call('SADD', KEYS[2] .. ':by:' .. holder, uuid)
+  end
+end
+local function unhold(holder)
+  if holder and holder ~= '' then
+    local held_by = KEYS[2] .. ':by:' .. holder
+    redis.call('SREM', held_by, uuid)
+    if redis.call('SCARD', held_by) == 0 then redis.call('SREM', HOLDERS, holder) end
+  end
+end
+
 local function unreserve(entry)
   if entry then
     decrease('total', entry.e)
     decrease('acct:' .. entry.a, entry.e)
     redis.call('HDEL', KEYS[2], uuid)
+    unhold(entry.w)
   end
   redis.call('ZREM', KEYS[3], uuid)
 end

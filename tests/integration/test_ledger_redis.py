@@ -210,8 +210,9 @@ def test_hundreds_of_unsettled_reservations_wait_for_reconciliation_not_refuse(
         crashed.begin(task, f"team-{n % 3}", 0.0021, SHAPE)
         crashed.give_up(task)
     budgeted = make(runware_daily_budget_usd=0.5, runware_reconcile_s=7.0)
-    with pytest.raises(TransientError, match=r"\$0.504000 is unsettled") as refused:
-        budgeted.begin(_uuid(), "team-x", 0.3, "big")  # $0.504 unsettled, $0.3 needed of $0.5
+    # $0.504 unsettled, $0.3 needed of $0.5: the sum stops once it is enough ($0.3045)
+    with pytest.raises(TransientError, match=r"at least \$0.304500 is unsettled") as refused:
+        budgeted.begin(_uuid(), "team-x", 0.3, "big")
     assert refused.value.code == "budgetUnsettled"
     assert refused.value.retry_after == 7.0
     claimed = budgeted.claim_due(60.0, limit=500)
@@ -263,3 +264,10 @@ def test_the_calls_of_a_worker_that_stopped_heartbeating_are_unsettled_at_once(
     ledger.checked(task)
     assert ledger.claim_due(60.0, alive=["host:2:heir"]) == []
     assert ledger.holdings().as_json()["reserved_calls"] == 1
+    # The holder index the claim reads instead of every reservation: the dead one's is gone,
+    # the heir's holds the call until it ends.
+    index = ledger.keys.reservations
+    assert ledger.redis.smembers(f"{index}:holders") == {b"host:2:heir"}
+    assert ledger.redis.smembers(f"{index}:by:host:2:heir") == {task.encode()}
+    ledger.end(task, "a", 0.0013, ITEMS, SHAPE)
+    assert not ledger.redis.exists(f"{index}:holders", f"{index}:by:host:2:heir")
