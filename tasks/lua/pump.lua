@@ -291,14 +291,19 @@ if cap > 0 and cap < capacity then capacity = cap end
 -- renewed, never released: released, it would let grants pile up behind the queue, and those
 -- jobs would then start together, past the cap and the rate. At most 200 expired entries are
 -- looked at per step; the rest stay counted until a later step.
+-- A renewal keeps the set itself alive too: its own expiry (set when something is added) would
+-- otherwise drop every slot at once while a long queue drains.
 local function expire(set)
+  local renewed = false
   for _, tag in ipairs(redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, 200)) do
     if redis.call('HEXISTS', TRANSIT, tag) == 1 then
       redis.call('ZADD', set, now + lease_s, tag)
+      renewed = true
     else
       redis.call('ZREM', set, tag)
     end
   end
+  if renewed then redis.call('PEXPIRE', set, math.ceil((lease_s + 60) * 1000)) end
 end
 expire(LEASES)
 expire(KEYS[27])

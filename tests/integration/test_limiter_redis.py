@@ -225,8 +225,12 @@ def test_a_grant_still_in_the_ready_queue_keeps_its_slot_past_its_lease(fleet: A
     f.send("a", 6)
     wait_until(lambda: f.client.llen("celery") == 0, 10, "every message read")
     wait_until(lambda: f.client.zcard(f.keys.leases) == 2, 10, "the cap's two grants")
-    time.sleep(1.2)  # four lease lifetimes: a clock would have released them all by now
+    ttl = f.client.pttl(f.keys.busy)
+    time.sleep(3.0)  # ten lease lifetimes: a clock would have released them all by now
     assert f.client.zcard(f.keys.leases) == 2
+    # The renewals keep the sets themselves alive too (else they expire whole while a long
+    # queue drains): their TTL was set back, not left to run down by the 3 s.
+    assert f.client.pttl(f.keys.busy) > ttl - 1500
     assert f.client.zcard(f.keys.busy) == 30
     assert f.client.llen(f.keys.ready) == 32  # no grant beyond the cap
     assert f.client.llen(f.keys.queue("b", "a")) == 4
