@@ -19,17 +19,25 @@ from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
 STORE = """
--- KEYS: 1 the task's result key. ARGV: 1 the encoded meta, 2 seconds to keep it (0: for ever)
+-- KEYS: 1 the task's result key. ARGV: 1 the encoded meta, 2 seconds to keep it (0: for ever),
+-- 3 the state written. A compressed result (CELERY_RESULT_COMPRESSION: Celery's marked form,
+-- which starts with a NUL byte) cannot be read here, so its SUCCESS is also noted beside it
+-- (KEYS[1] .. ':succeeded', with the same lifetime) for the check.
 local current = redis.call('GET', KEYS[1])
 if current then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+  if string.byte(current, 1) == 0 then
+    if redis.call('EXISTS', KEYS[1] .. ':succeeded') == 1 then return 0 end
+  else
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+  end
 end
 local ttl = tonumber(ARGV[2])
-if ttl > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
+local keep = {}
+if ttl > 0 then keep = {'EX', ttl} end
+redis.call('SET', KEYS[1], ARGV[1], unpack(keep))
+if ARGV[3] == 'SUCCESS' and string.byte(ARGV[1], 1) == 0 then
+  redis.call('SET', KEYS[1] .. ':succeeded', 1, unpack(keep))
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
@@ -66,11 +74,11 @@ class ResultStore(RedisBackend):
             celery_backend.failure_expires if state == states.FAILURE else celery_backend.expires
         )
         key = self.get_key_for_task(task_id)
-        self.ensure(self._store_once, (key, value, int(expires or 0)))
+        self.ensure(self._store_once, (key, value, int(expires or 0), state))
         return result
 
-    def _store_once(self, key: bytes | str, value: bytes | str, expires: int) -> None:
-        self._store(keys=[key], args=[value, expires])
+    def _store_once(self, key: bytes | str, value: bytes | str, expires: int, state: str) -> None:
+        self._store(keys=[key], args=[value, expires, state])
 
 
 class SentinelResultStore(ResultStore, SentinelBackend):

@@ -55,8 +55,9 @@ MAX_READ = 200  # messages read per step: a step holds Redis for a few ms at mos
 MAX_GRANTS = 100
 TRANSIT_CHECK_S = 15.0  # a grant no worker took custody of within this is checked
 # The largest message body pump.lua decodes (to read a Runware call's account and priority).
-# A valid call's arguments are far smaller (prompts <= 3,000 characters, URLs <= 2,048, five
-# versions of a chained result); only the envelope of a larger message is read, never its body.
+# A call's own arguments are far smaller (prompts <= 3,000 characters, URLs <= 2,048, five
+# versions of a chained result); a larger body (a long chain or chord embedded in it) is never
+# decoded, and its call waits for a grant as the default account's, interactive.
 MAX_DECODE_BYTES = 256 * 1024
 COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}

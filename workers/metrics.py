@@ -74,11 +74,16 @@ class Reading:
     waiting: dict[str, dict[str, tuple[int, float]]]  # class -> account -> (depth, oldest age)
 
 
-def _memory(role: str, client: redis.Redis) -> Memory:
-    with client.pipeline(transaction=False) as pipe:
-        pipe.info("memory")
-        pipe.info("stats")
-        memory, stats = pipe.execute()
+def _memory(role: str, client: redis.Redis) -> Memory | None:
+    """None when this Redis refuses INFO (an ACL user without it): the other gauges stay."""
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.info("memory")
+            pipe.info("stats")
+            memory, stats = pipe.execute()
+    except redis.ResponseError as exc:
+        logger.debug("No memory figures from the %s Redis: %s", role, exc)
+        return None
     return Memory(
         role=role,
         used=int(memory.get("used_memory", 0)),
@@ -142,7 +147,7 @@ class RedisStateCollector(Collector):
             limits = scripts.run(self._gauges, self._script_keys, [self.ident])
             reports = self._reports(limits)
             money = scripts.run(self._money, money_keys, []) if reports else None
-            memory = [_memory(role, client) for role, client in self._roles] if reports else []
+            memory = [m for role, client in self._roles if reports and (m := _memory(role, client))]
             waiting = self._waiting() if reports else {}
             reading = Reading(limits=limits, money=money, memory=memory, waiting=waiting)
             self._cached = (now, reading)

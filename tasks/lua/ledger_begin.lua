@@ -22,9 +22,9 @@ if held then  -- a retry, poll or redelivery of a call this task already reserve
   if held.w ~= ARGV[10] then
     unhold(held.w)
     held.w = ARGV[10]
-    hold(held.w)
     redis.call('HSET', KEYS[2], uuid, cjson.encode(held))
   end
+  hold(held.w)  -- (again: the claim drops the index of a holder it found missing)
   return {1, marker, alone, held.e, tostring(now)}
 end
 
@@ -52,7 +52,12 @@ local function unsettled(only, needed)  -- {sum, 1 if it is all of it, 0 if at l
       if sum >= needed then return {sum, (i == #due and #due < UNSETTLED_READ) and 1 or 0} end
     end
   end
-  if #due >= UNSETTLED_READ then return {math.max(sum, needed), 0} end
+  -- Stopped at the limit: the fleet's calls beyond it may make it fit, so it waits. An
+  -- account's may not (the rest may all be other accounts'): its sum is what was read.
+  if #due >= UNSETTLED_READ then
+    if only == nil then return {math.max(sum, needed), 0} end
+    return {sum, 0}
+  end
   return {sum, 1}
 end
 local fleet_budget, account_budget = tonumber(ARGV[5]), tonumber(ARGV[6])

@@ -84,8 +84,11 @@ end
 -- reservation was made. The items stay `items_ttl` seconds (KEYS[1]: a job that comes back gets
 -- them without a call); the billed-once marker, far smaller, `billed_ttl`.
 local function record(entry, account, cost, items, items_ttl, billed_ttl, day_ttl, today)
+  -- The items of a call already recorded count as its marker too (a record written before
+  -- the markers existed, or under another RUNWARE_BILLED_RETENTION_S, whose buckets differ).
+  local recorded = redis.call('EXISTS', KEYS[1]) == 1
   redis.call('SET', KEYS[1], cost .. '|' .. items, 'EX', items_ttl)
-  if not first_billing(cost, billed_ttl) then return 0 end
+  if recorded or not first_billing(cost, billed_ttl) then return 0 end
   local day = prefix .. ':day:' .. ((entry and entry.d) or today)
   redis.call('HINCRBY', day, 'total', cost)
   redis.call('HINCRBY', day, 'tasks', 1)

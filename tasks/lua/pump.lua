@@ -137,8 +137,7 @@ local function envelope(raw)
 end
 
 -- A message's body (the task's arguments), decoded only when the task calls Runware and the
--- body is small enough to be a valid call (prompts and URLs are bounded: a larger body is
--- refused by the task's own validation, without a call).
+-- body is at most ARGV[14] bytes; a larger one's call is granted as the default account's.
 local function body(raw, env, headers, first, last)
   if env['content-type'] ~= 'application/json' or value(headers['compression']) ~= nil then
     return nil
@@ -186,9 +185,8 @@ local function read(raw)
   end
   if kwargs == nil and value(headers['task']) ~= nil then
     local decoded = body(raw, env, headers, first, last)
-    if decoded == nil and (last or #raw) - (first or 1) + 1 > max_decode then
-      return 'pass', nil, nil, id, tag, due  -- too large to be a valid call: the task refuses it
-    end
+    -- A body too large to decode here (an embedded chain or chord can make a valid call's
+    -- message large) is not read: the call still waits for a grant, under account 'default'.
     if decoded then kwargs = decoded[2] end  -- protocol 2: [args, kwargs, embed]
   end
   if type(kwargs) ~= 'table' then return 'call', 'default', 'i', id, tag, due, continues end

@@ -38,9 +38,15 @@ def test_a_busy_worker_sends_several_jobs_per_request(
     assert_billed_once(sandbox, results, ledger=ledger_micro(worker.redis_url))
 
 
-def test_the_app_writes_results_through_the_one_trip_store(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_the_app_writes_results_through_the_one_trip_store(
+    redis_server: RedisServer, compression: str | None
+) -> None:
+    """Plain and compressed (a compressed result cannot be read by the script: its success
+    is noted beside it, with the same lifetime)."""
     url = redis_server.url(9)
     app = Celery(broker=url, backend=result_backend_url(url))
+    app.conf.result_compression = compression
     backend = app.backend
     assert isinstance(backend, ResultStore)
     task_id = str(uuid.uuid4())
@@ -55,6 +61,9 @@ def test_the_app_writes_results_through_the_one_trip_store(redis_server: RedisSe
     client = redis.Redis.from_url(url)
     ttl = client.ttl(f"celery-task-meta-{task_id}")
     assert 0 < ttl <= int(app.conf.result_expires.total_seconds())
+    stored = client.get(f"celery-task-meta-{task_id}")
+    assert stored is not None
+    assert stored.startswith(b"\x00celery-compressed\x00") == (compression is not None)
     # Other states replace each other as in Celery, and the reader sees the last one.
     other = str(uuid.uuid4())
     backend.store_result(other, None, "RETRY")

@@ -226,6 +226,29 @@ def test_hundreds_of_unsettled_reservations_wait_for_reconciliation_not_refuse(
     client.close()
 
 
+def test_an_accounts_refusal_is_not_guessed_from_other_accounts_unsettled_calls(
+    make: Any,
+) -> None:
+    """A refusal reads at most 1,000 unsettled reservations. Past that the fleet's budget may
+    still fit once they settle (it waits), but an account's cannot be guessed from the
+    others': an account over its own budget is refused for good, whatever is unsettled."""
+    crashed = make()
+    with crashed.redis.pipeline(transaction=False):
+        for _ in range(1001):
+            task = _uuid()
+            crashed.begin(task, "other", 0.0001, SHAPE)
+            crashed.give_up(task)
+    ledger = make(runware_account_daily_budget_usd=0.002)
+    _call(ledger, "a")  # a: 0.0013 of its 0.002
+    with pytest.raises(BudgetExceeded):
+        ledger.begin(_uuid(), "a", 0.0013, SHAPE)
+    # The fleet: 0.1001 unsettled and 0.0013 spent of 0.102; more than 1,000 unsettled to
+    # read, so the call waits for them to settle instead of failing.
+    fleet = make(runware_daily_budget_usd=0.102)
+    with pytest.raises(TransientError, match="at least"):
+        fleet.begin(_uuid(), "b", 0.0013, SHAPE)
+
+
 def test_a_reservation_not_taken_up_becomes_due_after_the_reservation_time(make: Any) -> None:
     ledger = make(unchecked={"runware_reservation_s": 0.4})
     task = _uuid()
