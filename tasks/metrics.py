@@ -15,10 +15,11 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from config.keys import PRIORITY_CLASSES
+
 # The account label of everything beyond METRICS_TOP_ACCOUNTS: no account can be named so
 # (labels are letters, digits and _.:@- only).
 OTHER = "(other)"
-PRIORITIES = ("interactive", "batch")
 
 RUNWARE_CALLS = Counter(
     "enhance_runware_calls_total",
@@ -122,7 +123,7 @@ class AccountLabels:
             if now - seen > self.idle_s:
                 del self._seen[account]
                 _remove(SPENT, account)
-                for priority in PRIORITIES:
+                for priority in PRIORITY_CLASSES:
                     _remove(LIMIT_WAIT, account, priority)
 
 

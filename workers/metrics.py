@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from config.keys import FairKeys, StateKeys, celery_queue_keys
+from config.keys import PRIORITY_CLASSES, FairKeys, StateKeys, celery_queue_keys
 from config.settings import Settings
 from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
@@ -109,17 +109,15 @@ class RedisStateCollector(Collector):
             self._roles.append(("state", self.state))
         self._gauges = scripts.register(self.broker, "gauges")
         self._accounts = scripts.register(self.broker, "gauges_accounts")
-        self._class_keys = {k: [keys.active(k), keys.queue_prefix(k)] for k in ("i", "b")}
+        self._class_keys = {
+            k: [keys.active(k), keys.queue_prefix(k)] for k in PRIORITY_CLASSES.values()
+        }
         self._money = scripts.register(self.state, "money_gauges")
         self._script_keys = [
             keys.intake,
             keys.delayed,
             keys.ready,
             keys.leases,
-            keys.active("i"),
-            keys.queue_prefix("i"),
-            keys.active("b"),
-            keys.queue_prefix("b"),
             keys.cooldown,
             keys.strikes,
             keys.overrides,
@@ -283,8 +281,8 @@ class RedisStateCollector(Collector):
         )
         top, rest = ranked[: settings.metrics_top_accounts], ranked[settings.metrics_top_accounts :]
         accounts = sorted(top) + ([OTHER] if rest else [])
-        for sums in (spent_by, reserved_by, unsettled_by):
-            if rest:
+        if rest:
+            for sums in (spent_by, reserved_by, unsettled_by):
                 sums[OTHER] = sum(sums.get(a, 0) for a in rest)
 
         def per_scope(

@@ -2,9 +2,8 @@
 -- in one trip (workers/metrics.py).
 --
 -- KEYS  1 intake list   2 delayed zset   3 ready queue   4 leases zset
---       5..8 unused (the per-account keys: gauges_accounts.lua)
---       9 cool-down (its end, epoch s)   10 strikes   11 limit overrides hash
---       12 the dispatcher lock   13.. the Celery queues jobs are taken from (kombu's lists)
+--       5 cool-down (its end, epoch s)   6 strikes   7 limit overrides hash
+--       8 the dispatcher lock   9.. the Celery queues jobs are taken from (kombu's lists)
 -- ARGV  1 this process's id (as in the dispatcher lock)
 -- Returns {waiting in the Celery queues and intake, delayed, ready, leases,
 --          cool-down seconds left, strikes, max_in_flight override ('' none), rate override
@@ -14,13 +13,13 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local incoming = redis.call('LLEN', KEYS[1])
-for i = 13, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
-local cooldown = math.max(0, tonumber(redis.call('GET', KEYS[9]) or '0') - now)
-local overrides = redis.call('HMGET', KEYS[11], 'max_in_flight', 'rate')
+for i = 9, #KEYS do incoming = incoming + redis.call('LLEN', KEYS[i]) end
+local cooldown = math.max(0, tonumber(redis.call('GET', KEYS[5]) or '0') - now)
+local overrides = redis.call('HMGET', KEYS[7], 'max_in_flight', 'rate')
 local reply = {
   incoming, redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4]),
-  tostring(cooldown), tonumber(redis.call('GET', KEYS[10]) or '0'),
+  tostring(cooldown), tonumber(redis.call('GET', KEYS[6]) or '0'),
   overrides[1] or '', overrides[2] or '',
-  (redis.call('GET', KEYS[12]) == ARGV[1]) and 1 or 0,
+  (redis.call('GET', KEYS[8]) == ARGV[1]) and 1 or 0,
 }
 return reply

@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from tests.load.common import KEY, fleet, private_redis
+from tests.load.common import fleet, private_redis, worker_env
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
@@ -84,15 +84,13 @@ def series(port: int) -> int:
 def many_accounts(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
     from celery import Celery
 
-    env = {
-        "REDIS_URL": url,
-        "RUNWARE_API_URL": sandbox.url,
-        "RUNWARE_API_KEY": KEY,
-        "LOG_LEVEL": "INFO",
-        "RUNWARE_RATE_LIMIT": f"{args.rate}/s",
-        "RUNWARE_ACCOUNT_RATE_LIMIT": f"{args.account_rate}/s",
-        "METRICS_PORT": "0",
-    }
+    env = worker_env(
+        url,
+        sandbox,
+        RUNWARE_RATE_LIMIT=f"{args.rate}/s",
+        RUNWARE_ACCOUNT_RATE_LIMIT=f"{args.account_rate}/s",
+        METRICS_PORT="0",
+    )
     workers = [WorkerProcess(env, name=f"acct{n}") for n in range(args.workers)]
     client = redis.Redis.from_url(url)
     try:
@@ -142,16 +140,14 @@ def flood(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
 
     from tests.load.common import max_in_window
 
-    env = {
-        "REDIS_URL": url,
-        "RUNWARE_API_URL": sandbox.url,
-        "RUNWARE_API_KEY": KEY,
-        "LOG_LEVEL": "INFO",  # the ready line is an INFO line
-        "RUNWARE_RATE_LIMIT": f"{args.rate}/s",
-        "RUNWARE_MAX_IN_FLIGHT": str(args.cap),
-        "RUNWARE_BATCH_MAX": "1",
+    env = worker_env(
+        url,
+        sandbox,
+        RUNWARE_RATE_LIMIT=f"{args.rate}/s",
+        RUNWARE_MAX_IN_FLIGHT=str(args.cap),
+        RUNWARE_BATCH_MAX="1",
         **({"RUNWARE_LEASE_S": str(args.lease_s)} if args.lease_s else {}),
-    }
+    )
     sandbox.reset()
     sandbox.configure(latency_s=args.latency_s)
     producer = Celery(broker=url, backend=url)

@@ -17,19 +17,25 @@ from workers.sandbox.services import RedisServer, SandboxProcess, WorkerProcess
 KEY = "bench-key"
 
 
+def worker_env(redis_url: str, sandbox: SandboxProcess, **settings: str) -> dict[str, str]:
+    """A benchmark worker's environment: Redis, the sandbox and its key, then `settings`; INFO
+    logs always (WorkerProcess waits for the worker's ready line, an INFO line)."""
+    return {
+        "REDIS_URL": redis_url,
+        "RUNWARE_API_URL": sandbox.url,
+        "RUNWARE_API_KEY": KEY,
+        **settings,
+        "LOG_LEVEL": "INFO",
+    }
+
+
 @contextlib.contextmanager
 def fleet(
     redis_url: str, sandbox: SandboxProcess, count: int, app: str = "workers", **env: str
 ) -> Iterator[Celery]:
     """`count` real worker processes on `redis_url`, and a producer app for them."""
-    base = {
-        "REDIS_URL": redis_url,
-        "RUNWARE_API_URL": sandbox.url,
-        "RUNWARE_API_KEY": KEY,
-        "LOG_LEVEL": "WARNING",
-    }
     workers = [
-        WorkerProcess({**base, **env, "LOG_LEVEL": "INFO"}, name=f"bench{n}", app=app)
+        WorkerProcess(worker_env(redis_url, sandbox, **env), name=f"bench{n}", app=app)
         for n in range(count)
     ]
     try:

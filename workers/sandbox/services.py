@@ -246,9 +246,7 @@ class RedisServer:
                     raise _PortTaken
                 if self.tls is not None and _NO_TLS.search(failure):
                     raise _NoTLS
-                raise RuntimeError(
-                    f"redis-server did not start on {self._where()}:\n{self._failure()}"
-                )
+                raise RuntimeError(f"redis-server did not start on {self._where()}:\n{failure}")
             time.sleep(0.05)
         return self
 
