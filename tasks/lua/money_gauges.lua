@@ -9,9 +9,14 @@
 --          unsettled by account (flat: 'total' and 'acct:<a>' -> micro)}
 -- A reservation is unsettled once it is due (its job stopped following it); until the
 -- reconciler settles it, it counts against the budgets at its estimate, like one in progress.
+-- A scrape decodes at most the 1,000 that fell due first (after an outage there can be tens of
+-- thousands): past those, the fleet's total counts the rest at their mean estimate, and the
+-- per-account sums cover only those 1,000. The number of unsettled calls is always exact.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
+local count = #due
+if count == 1000 then count = redis.call('ZCOUNT', KEYS[3], '-inf', now) end
 local sums, order = {total = 0}, {'total'}
 for _, uuid in ipairs(due) do
   local raw = redis.call('HGET', KEYS[2], uuid)
@@ -26,12 +31,15 @@ for _, uuid in ipairs(due) do
     sums.total = sums.total + entry.e
   end
 end
+if count > #due and #due > 0 then
+  sums.total = sums.total + math.floor(sums.total / #due * (count - #due) + 0.5)
+end
 local unsettled = {}
 for _, field in ipairs(order) do
   unsettled[#unsettled + 1] = field
   unsettled[#unsettled + 1] = sums[field]
 end
 return {
-  redis.call('LLEN', KEYS[5]), #due, redis.call('HGETALL', KEYS[1]),
+  redis.call('LLEN', KEYS[5]), count, redis.call('HGETALL', KEYS[1]),
   redis.call('HGETALL', KEYS[4]), unsettled,
 }

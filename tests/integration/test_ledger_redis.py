@@ -294,3 +294,35 @@ def test_the_calls_of_a_worker_that_stopped_heartbeating_are_unsettled_at_once(
     assert ledger.redis.smembers(f"{index}:by:host:2:heir") == {task.encode()}
     ledger.end(task, "a", 0.0013, ITEMS, SHAPE)
     assert not ledger.redis.exists(f"{index}:holders", f"{index}:by:host:2:heir")
+
+
+def test_a_scrape_decodes_at_most_a_thousand_unsettled_calls(
+    make: Any, redis_server: RedisServer
+) -> None:
+    """After an outage: 1,500 unsettled calls. The metrics' script counts all of them, decodes
+    the 1,000 that fell due first (their accounts' sums), and counts the rest at their mean."""
+    from tasks import scripts
+
+    ledger = make()
+    for n in range(1500):
+        task = _uuid()
+        # The first 1,000 of team-0 at $0.002, then 500 of team-1 at $0.001.
+        ledger.begin(task, "team-0" if n < 1000 else "team-1", 0.002 if n < 1000 else 0.001, SHAPE)
+        ledger.give_up(task)
+    client = redis.Redis.from_url(redis_server.url(61))
+    keys = ledger.keys
+    reply = scripts.run(
+        scripts.register(client, "money_gauges"),
+        [
+            keys.day("2000-01-01"),
+            keys.reservations,
+            keys.reservations_due,
+            keys.reserved_sums,
+            keys.dead_letters,
+        ],
+        [],
+    )
+    client.close()
+    unsettled = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
+    assert int(reply[1]) == 1500
+    assert unsettled == {b"total": 3_000_000, b"acct:team-0": 2_000_000}
