@@ -77,6 +77,12 @@ class FairKeys:
         return self._k(f"credit:{klass}")
 
     @property
+    def parked(self) -> str:
+        """Accounts of either class out of the round-robin while their own rate holds them back
+        (member: class letter and account, "i:team-a"; score: when they may call again)."""
+        return self._k("parked")
+
+    @property
     def streak(self) -> str:
         """Interactive grants in a row."""
         return self._k("streak")
@@ -93,8 +99,27 @@ class FairKeys:
 
     @property
     def transit_at(self) -> str:
-        """When each of those was granted (delivery tag -> epoch seconds)."""
+        """Where each of those stands in the ready queue (delivery tag -> the number of the push
+        that put it there, counted by `ready_pushed`)."""
+        return self._k("transit:seq")
+
+    @property
+    def transit_legacy(self) -> str:
+        """Transit records written by an earlier version (delivery tag -> epoch seconds), moved
+        to `transit_at` a few per step after an upgrade."""
         return self._k("transit:at")
+
+    @property
+    def transit_left(self) -> str:
+        """Records whose message has left the ready queue with no worker's custody write seen
+        yet (delivery tag -> when the message counts as lost)."""
+        return self._k("transit:left")
+
+    @property
+    def ready_pushed(self) -> str:
+        """How many messages the dispatcher has pushed onto the ready queue, ever: with the
+        queue's length, how many of them workers have taken, so a record's place needs no scan."""
+        return self._k("ready:pushed")
 
     # --- the limits ---
     @property

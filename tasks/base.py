@@ -46,14 +46,13 @@ from tasks.errors import (
 )
 from tasks.ledger import Started, call_shape, get_ledger
 from tasks.limiter import Limiter, get_limiter
+from tasks.messages import CONTINUES_HEADER
 from tasks.polling import get_pending
 from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
 from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
-# Read by the fair intake (tasks/lua/pump.lua) when a job's countdown ends.
-CONTINUES_HEADER = "enhance_continues"
 
 
 def backoff_seconds(

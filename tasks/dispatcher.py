@@ -40,7 +40,7 @@ import redis
 
 from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys
 from config.settings import Settings
-from tasks import metrics, scripts
+from tasks import messages, metrics, scripts
 from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
 from tasks.state import seconds as redis_seconds
@@ -51,14 +51,9 @@ MAX_STREAK = 9  # interactive grants in a row while batch waits: batch keeps >= 
 LOCK_MS = 3000
 HEARTBEAT_S = 2.0
 REGISTRATION_S = 6  # a worker that stops heartbeating leaves the fleet's thread count after it
-MAX_READ = 200  # messages read per step: a step holds Redis for a few ms at most
+MAX_READ = 50  # messages read per step (each read here, tasks/messages.py, not in Redis)
 MAX_GRANTS = 100
-TRANSIT_CHECK_S = 15.0  # a grant no worker took custody of within this is checked
-# The largest message body pump.lua decodes (to read a Runware call's account and priority).
-# A call's own arguments are far smaller (prompts <= 3,000 characters, URLs <= 2,048, five
-# versions of a chained result); a larger body (a long chain or chord embedded in it) is never
-# decoded, and its call waits for a grant as the default account's, interactive.
-MAX_DECODE_BYTES = 256 * 1024
+TRANSIT_CHECK_S = 15.0  # a granted message out of the ready queue this long, not in custody: lost
 COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
 
@@ -114,6 +109,7 @@ class Dispatcher(threading.Thread):
         self._last_beat = 0.0
         self._source_keys = celery_queue_keys(intake.queues)
         self._pump_keys, self._pump_args = self._pump_keys_args()
+        self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
 
     # --- life cycle ---
     def stop(self) -> None:
@@ -142,6 +138,7 @@ class Dispatcher(threading.Thread):
             try:
                 if time.monotonic() - self._last_beat >= HEARTBEAT_S:
                     self._beat(self.threads)
+                    self._clock_skew = redis_seconds(self.redis.time()) - time.time()
                     self._last_beat = time.monotonic()
                 if not holding:
                     holding = bool(
@@ -165,7 +162,7 @@ class Dispatcher(threading.Thread):
 
     # --- one step ---
     def _pump_keys_args(self) -> tuple[list[str], list[str | int | float]]:
-        keys, settings, intake = self.keys, self.settings, self.intake
+        keys, settings = self.keys, self.settings
         script_keys = [
             keys.intake,
             keys.delayed,
@@ -196,6 +193,10 @@ class Dispatcher(threading.Thread):
             ),
             KOMBU_UNACKED,
             keys.busy,
+            keys.ready_pushed,
+            keys.transit_left,
+            keys.transit_legacy,
+            keys.parked,
             *self._source_keys,
         ]
         args: list[str | int | float] = [
@@ -210,16 +211,45 @@ class Dispatcher(threading.Thread):
             MAX_READ,
             MAX_GRANTS,
             TRANSIT_CHECK_S,
-            f" {' '.join(sorted(intake.runware_tasks))} ",
-            f" {' '.join(sorted(intake.known_tasks))} ",
-            MAX_DECODE_BYTES,
         ]
         return script_keys, args
+
+    def _reads(self) -> list[str | int | float]:
+        """What pump.lua's ARGV 12.. say: the messages waiting at the tail of the intake list
+        and of each Celery queue (at most MAX_READ in all), and the delayed ones due by now,
+        each read here (tasks/messages.py) with its fingerprint."""
+        sources = [self.keys.intake, *self._source_keys]
+        due_by = time.time() + self._clock_skew + 0.5
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in sources:
+                pipe.lrange(key, -MAX_READ, -1)
+            pipe.zrangebyscore(self.keys.delayed, "-inf", due_by, start=0, num=MAX_READ)
+            replies = pipe.execute()
+        runware, known = self.intake.runware_tasks, self.intake.known_tasks
+        reads: list[str | int | float] = []
+        budget = MAX_READ
+
+        def section(raws: list[bytes]) -> None:
+            reads.append(len(raws))
+            for raw in raws:
+                found = messages.read(raw, runware, known)
+                due = "" if found.due is None else repr(found.due)
+                reads.extend(
+                    (messages.fingerprint(raw), found.code(), found.account, found.task_id)
+                )
+                reads.extend((found.tag, due))
+
+        for waiting in replies[:-1]:
+            oldest_first = waiting[::-1][:budget]  # the order RPOP takes them in
+            budget -= len(oldest_first)
+            section(oldest_first)
+        section(replies[-1])
+        return reads
 
     def pump(self) -> tuple[int, float, int, float]:
         """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
         script_keys, args = self._pump_keys, self._pump_args
-        reply = scripts.run(self._pump, script_keys, args)
+        reply = scripts.run(self._pump, script_keys, [*args, *self._reads()])
         code, wait, granted, _read, recovered, due_in = reply[:6]
         for index in range(6, len(reply), 3):
             account, klass, waited = reply[index : index + 3]

@@ -66,7 +66,7 @@ def check_account(label: object) -> str:
     if (
         not isinstance(label, str)
         or not 1 <= len(label) <= ACCOUNT_MAX
-        or not re.match(ACCOUNT_PATTERN, label)
+        or not re.fullmatch(ACCOUNT_PATTERN, label)
     ):
         raise ValueError(
             f"account {label!r} is not a label of 1..{ACCOUNT_MAX} letters, digits or _.:@-"

@@ -3,7 +3,9 @@
 -- 1. Intake: moves new Celery messages from the broker queues (and from the intake list the
 --    dispatcher's blocking wait filled) into per-account, per-priority fair lists; a message
 --    with an ETA or countdown goes to the delayed set until it is due; delayed messages that
---    are due join the fair lists. The message itself is never changed.
+--    are due join the fair lists. The message itself is never changed, and never decoded here:
+--    the dispatcher read each one before the step (ARGV 12..), and the step checks that what
+--    it pops is what was read.
 -- 2. Grants: hands the next jobs, in fair order, to the ready queue the worker threads consume,
 --    as far as the limits allow: global rate (GCRA), in-flight cap and free worker threads
 --    (leases, named by delivery tag, given back at the job's acknowledgement), shared
@@ -12,9 +14,14 @@
 -- 3. Recovery: a granted message that no worker took custody of (its record is cleared by the
 --    worker's broker transport in the same transaction that writes kombu's unacked entry) and
 --    that is no longer in the ready queue was lost in a worker's fetch: it goes back to intake.
+--    Whether it is still queued is known without a scan: each push onto the ready queue is
+--    numbered, workers take from the other end in order, so the pushes numbered up to
+--    (pushes so far - the queue's length) have been taken. A message someone else put in the
+--    queue (kombu restoring an unacknowledged one) only makes that estimate lower while it is
+--    there: a record is then checked later, never too early.
 --
 -- KEYS  1 intake list        2 delayed zset         3 ready queue (a kombu list)
---       4 leases zset        5 transit hash         6 transit:at zset
+--       4 leases zset        5 transit hash         6 transit:seq zset (tag -> push number)
 --       7 workers hash       8 workers:seen zset    9 dispatcher lock
 --      10 overrides hash    11 tat                 12 cooldown
 --      13 account rates     14 account weights     15 account timelines (zset: account -> TAT)
@@ -23,15 +30,22 @@
 --      22..25 batch:       active set, ring list, credit hash, queue key prefix
 --      26 kombu's unacknowledged hash (delivery tag -> message)
 --      27 busy zset (jobs passed without a grant: they hold worker threads too)
---      28.. the Celery queues to take jobs from (kombu's lists), in consumption order
+--      28 pushes onto the ready queue (a counter)  29 records whose message left the ready queue
+--      30 an earlier version's transit:at zset     31 parked accounts (zset: class:account -> TAT)
+--      32.. the Celery queues to take jobs from (kombu's lists), in consumption order
 -- ARGV  1 dispatcher id     2 lock ms              3 rate/s (0: none)
 --       4 burst             5 in-flight cap (0: none)
 --       6 default per-account rate/s (0: none)     7 lease seconds
 --       8 max interactive streak                   9 most messages read per step
---      10 most grants per step                    11 seconds before an untaken grant is checked
---      12 names of the tasks that call Runware, space-separated with spaces around
---      13 names of every task the workers know, likewise
---      14 the largest message body (bytes) decoded here: larger ones never are
+--      10 most grants per step                    11 seconds a message may be out of the ready
+--                                                    queue before its record is cleared
+--      12.. what the dispatcher read of the messages waiting (tasks/messages.py), for each list
+--         in KEYS order (the intake list, then each Celery queue, oldest first), then for the
+--         delayed set (earliest first): a count n, then n groups of six: the message's
+--         fingerprint, its code (kind c/p/o, class i/b/-, continues 1/0), account, task id,
+--         delivery tag, due time (epoch seconds or ''). A message popped here whose fingerprint
+--         differs (another consumer took the one that was read) ends that list's reading for
+--         the step, and what was popped goes back as it was.
 -- Returns {code, wait, granted, read, recovered, due_in, account1, class1, dwell1, ...}
 --   code 1 OK, -3 NOT_DISPATCHER (this caller does not hold the lock)
 --   wait: '0' more may be due now; > 0 seconds to the next possible grant; '-1' nobody waits;
@@ -45,6 +59,7 @@ redis.call('PEXPIRE', KEYS[9], tonumber(ARGV[2]))
 local INTAKE, DELAYED, READY, LEASES, TRANSIT, TRANSIT_AT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local WORKERS, SEEN, OVERRIDES, TAT, COOLDOWN = KEYS[7], KEYS[8], KEYS[10], KEYS[11], KEYS[12]
 local ACCT_RATE, ACCT_WEIGHT, ACCT_TAT, STREAK, WAKE = KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
+local UNACKED, BUSY, PUSHED, LEFT, LEGACY, PARKED = KEYS[26], KEYS[27], KEYS[28], KEYS[29], KEYS[30], KEYS[31]
 local CLASS = {
   i = {active = KEYS[18], ring = KEYS[19], credit = KEYS[20], q = KEYS[21]},
   b = {active = KEYS[22], ring = KEYS[23], credit = KEYS[24], q = KEYS[25]},
@@ -62,153 +77,30 @@ local max_streak = tonumber(ARGV[8])
 local max_read = tonumber(ARGV[9])
 local max_grants = tonumber(ARGV[10])
 local transit_age = tonumber(ARGV[11])
-local calls_runware, known = ARGV[12], ARGV[13]
-local max_decode = tonumber(ARGV[14])
-local null = cjson.null
 
--- --- reading a kombu message ------------------------------------------------------------------
-local B64 = {}
-do
-  local alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
-  for i = 1, 64 do B64[string.byte(alphabet, i)] = i - 1 end
-end
-local floor, char, byte = math.floor, string.char, string.byte
-
-local function b64decode(s)
-  local parts, n = {}, 0
-  for i = 1, #s, 4 do
-    local a, b, c, d = byte(s, i, i + 3)
-    local vc, vd = B64[c], B64[d]
-    local v = (B64[a] or 0) * 262144 + (B64[b] or 0) * 4096 + (vc or 0) * 64 + (vd or 0)
-    local b1, b2, b3 = floor(v / 65536), floor(v / 256) % 256, v % 256
-    n = n + 1
-    if vd then parts[n] = char(b1, b2, b3) elseif vc then parts[n] = char(b1, b2) else parts[n] = char(b1) end
-  end
-  return table.concat(parts)
+local function fingerprint(raw)
+  local ends = string.sub(raw, 1, 512)
+  if #raw > 512 then ends = ends .. string.sub(raw, -512) end
+  return #raw .. ':' .. redis.sha1hex(ends)
 end
 
-local function value(x) if x == null then return nil end return x end
-
--- Seconds since the epoch of an ISO 8601 time (Celery's eta), or nil.
-local function epoch(iso)
-  if type(iso) ~= 'string' then return nil end
-  local y, mo, d, h, mi, rest = string.match(iso, '^(%d%d%d%d)-(%d%d)-(%d%d)[T ](%d%d):(%d%d)(.*)$')
-  if not y then return nil end
-  local s = string.match(rest, '^:(%d%d%.?%d*)') or '0'
-  y, mo = tonumber(y), tonumber(mo)
-  if mo <= 2 then y = y - 1 end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (mo + 9) % 12
-  local doy = floor((153 * mp + 2) / 5) + tonumber(d) - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  local days = era * 146097 + doe - 719468
-  local seconds = days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)
-  local sign, oh, om = string.match(iso, '([%+%-])(%d%d):?(%d%d)$')
-  if sign then
-    local offset = tonumber(oh) * 3600 + tonumber(om) * 60
-    if sign == '+' then seconds = seconds - offset else seconds = seconds + offset end
-  end
-  return seconds
+-- The reads of ARGV 12..: each call returns the next section's count and its first group.
+local at = 12
+local function next_reads()
+  local n = tonumber(ARGV[at])
+  local first = at + 1
+  at = first + n * 6
+  return n, first
 end
 
--- The envelope of a kombu message without decoding its body: kombu writes the body first, as
--- one base64 string (no quote or backslash in it), so the envelope is the text after its
--- closing quote; cjson then reads only the headers and properties. Another layout (a producer
--- that orders the fields otherwise, or a body that is not base64) is decoded whole if it is
--- small, and refused ('other': Celery reports it) if it is not.
-local BODY_START = '{"body": "'
-local function envelope(raw)
-  if string.sub(raw, 1, #BODY_START) == BODY_START then
-    local close = string.find(raw, '"', #BODY_START + 1, true)
-    if close and string.byte(raw, close - 1) ~= 92 then  -- 92: a backslash, an escaped quote
-      local ok, env = pcall(cjson.decode, '{"body":""' .. string.sub(raw, close + 1))
-      if ok and type(env) == 'table' then return env, #BODY_START + 1, close - 1 end
-    end
-  end
-  if #raw > max_decode then return nil end
-  local ok, env = pcall(cjson.decode, raw)
-  if not ok or type(env) ~= 'table' then return nil end
-  local body = env['body']
-  if type(body) ~= 'string' then return env, nil, nil end
-  -- The body was decoded with the rest: keep it where body() looks for it.
-  env['_body'] = body
-  return env, nil, nil
-end
-
--- A message's body (the task's arguments), decoded only when the task calls Runware and the
--- body is at most ARGV[14] bytes; a larger one's call is granted as the default account's.
-local function body(raw, env, headers, first, last)
-  if env['content-type'] ~= 'application/json' or value(headers['compression']) ~= nil then
-    return nil
-  end
-  local text = env['_body']
-  if text == nil then
-    if not first or last - first + 1 > max_decode then return nil end
-    text = string.sub(raw, first, last)
-  end
-  if #text > max_decode then return nil end
-  local props = type(env['properties']) == 'table' and env['properties'] or {}
-  if props['body_encoding'] == 'base64' then text = b64decode(text) end
-  local ok, decoded = pcall(cjson.decode, text)
-  if ok and type(decoded) == 'table' then return decoded end
-  return nil
-end
-
--- What a message is: kind 'call' (calls Runware: wait for a grant), 'pass' (a known task that
--- needs no grant, or a call that will fail its validation), 'other' (a task the workers do not
--- know: Celery reports it); its account, class, task id, delivery tag and due time.
-local function read(raw)
-  local env, first, last = envelope(raw)
-  if not env then return 'other' end
-  local headers = type(env['headers']) == 'table' and env['headers'] or {}
-  local props = type(env['properties']) == 'table' and env['properties'] or {}
-  local tag = value(props['delivery_tag'])
-  local task, id, eta = value(headers['task']), value(headers['id']), value(headers['eta'])
-  local continues = value(headers['enhance_continues']) == '1'
-  local kwargs = nil
-  if task == nil then  -- protocol 1: the body is the request, task name included
-    local decoded = body(raw, env, headers, first, last)
-    if decoded then
-      task, id, eta = value(decoded['task']), value(decoded['id']), value(decoded['eta'])
-      kwargs = decoded['kwargs']
-    end
-  end
-  if type(tag) ~= 'string' then tag = nil end
-  if type(id) ~= 'string' then id = nil end
-  local due = epoch(eta)
-  if type(task) ~= 'string' or not string.find(known, ' ' .. task .. ' ', 1, true) then
-    return 'other', nil, nil, id, tag, due, continues
-  end
-  if not string.find(calls_runware, ' ' .. task .. ' ', 1, true) or not id then
-    return 'pass', nil, nil, id, tag, due, continues
-  end
-  if kwargs == nil and value(headers['task']) ~= nil then
-    local decoded = body(raw, env, headers, first, last)
-    -- A body too large to decode here (an embedded chain or chord can make a valid call's
-    -- message large) is not read: the call still waits for a grant, under account 'default'.
-    if decoded then kwargs = decoded[2] end  -- protocol 2: [args, kwargs, embed]
-  end
-  if type(kwargs) ~= 'table' then return 'call', 'default', 'i', id, tag, due, continues end
-  local account, priority = kwargs['account'], kwargs['priority']
-  if account == nil then account = 'default' end
-  if priority == nil then priority = 'interactive' end
-  -- The same rule as the task's own validation: a label it refuses gets no grant (the job
-  -- fails at once without calling Runware).
-  if type(account) ~= 'string' or #account > 64 or not string.match(account, '^[%w_%.:@%-]+$') then
-    return 'pass', nil, nil, id, tag, due
-  end
-  local class = nil
-  if priority == 'interactive' then class = 'i' elseif priority == 'batch' then class = 'b' end
-  if not class then return 'pass', nil, nil, id, tag, due end
-  return 'call', account, class, id, tag, due, continues
-end
-
-local function to_ready(raw, tag)
+local pushed0 = tonumber(redis.call('GET', PUSHED) or '0')
+local pushed = pushed0
+local function to_ready(raw, tag, recorded)
   redis.call('LPUSH', READY, raw)
-  if tag then
+  pushed = pushed + 1
+  if tag and recorded then
     redis.call('HSET', TRANSIT, tag, raw)
-    redis.call('ZADD', TRANSIT_AT, now, tag)
+    redis.call('ZADD', TRANSIT_AT, pushed, tag)
   end
 end
 
@@ -217,24 +109,27 @@ local read_count = 0
 -- by the task: header enhance_continues '1') goes to the head of its account's list, so that a
 -- video being polled does not wait behind its own account's backlog. A retry starts over: it
 -- queues at the tail like a new job, or failing jobs could keep fresh ones from ever starting.
-local function take_in(raw, was_delayed)
+-- g: the index in ARGV of the message's read.
+local function take_in(raw, g, was_delayed)
   read_count = read_count + 1
-  local kind, account, class, id, tag, due, continues = read(raw)
+  local code, account, id, tag, due = ARGV[g + 1], ARGV[g + 2], ARGV[g + 3], ARGV[g + 4], tonumber(ARGV[g + 5])
+  local kind, class = string.sub(code, 1, 1), string.sub(code, 2, 2)
+  if tag == '' then tag = nil end
   if not was_delayed and due and due > now + 0.001 then
     redis.call('ZADD', DELAYED, due, raw)
     return
   end
-  if kind == 'other' or kind == 'pass' then
+  if kind ~= 'c' then
     -- No grant, but a worker thread: counted, so that granted jobs do not queue behind these
     -- in the ready queue and then start all at once.
     if tag then
-      redis.call('ZADD', KEYS[27], now + lease_s, tag)
-      redis.call('PEXPIRE', KEYS[27], math.ceil((lease_s + 60) * 1000))
+      redis.call('ZADD', BUSY, now + lease_s, tag)
+      redis.call('PEXPIRE', BUSY, math.ceil((lease_s + 60) * 1000))
     end
-    if kind == 'other' then redis.call('LPUSH', READY, raw) else to_ready(raw, tag) end
+    to_ready(raw, tag, kind == 'p')
   else
     local c = CLASS[class]
-    local push = (was_delayed and continues) and 'LPUSH' or 'RPUSH'
+    local push = (was_delayed and string.sub(code, 3, 3) == '1') and 'LPUSH' or 'RPUSH'
     -- "<intake time>|<id length>|<tag length>|<id><tag><message>": ids and tags are the
     -- producer's strings and may contain any character, so they are cut by length.
     tag = tag or ''
@@ -243,35 +138,62 @@ local function take_in(raw, was_delayed)
   end
 end
 
--- 3. Recovery first, so that a lost message is read again in this same step.
+-- 3. Recovery first (a lost message goes back to the intake list, read in the next step).
 local recovered = 0
-for _, tag in ipairs(redis.call('ZRANGEBYSCORE', TRANSIT_AT, '-inf', now - transit_age, 'LIMIT', 0, 20)) do
+-- A message that has left the ready queue gets transit_age seconds for its worker's custody
+-- write (which clears the record) before it counts as lost.
+local taken = pushed - redis.call('LLEN', READY)
+local left = redis.call('ZRANGEBYSCORE', TRANSIT_AT, '-inf', taken, 'LIMIT', 0, 200)
+for _, tag in ipairs(left) do
+  redis.call('ZREM', TRANSIT_AT, tag)
+  redis.call('ZADD', LEFT, now + transit_age, tag)
+end
+-- An earlier version's records (granted at a time, place unknown): placed once, a few a step.
+for _, tag in ipairs(redis.call('ZRANGE', LEGACY, 0, 9)) do
+  redis.call('ZREM', LEGACY, tag)
   local raw = redis.call('HGET', TRANSIT, tag)
-  if raw and redis.call('LPOS', READY, raw) then
-    redis.call('ZADD', TRANSIT_AT, now, tag)  -- still queued: every worker thread is busy
-  else
+  if raw then
+    local at = redis.call('LPOS', READY, raw)
+    if at then redis.call('ZADD', TRANSIT_AT, pushed - at, tag) else redis.call('ZADD', LEFT, now + transit_age, tag) end
+  end
+end
+if #left > 0 then redis.call('PEXPIRE', LEFT, math.ceil((transit_age + 60) * 1000)) end
+for _, tag in ipairs(redis.call('ZRANGEBYSCORE', LEFT, '-inf', now, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', LEFT, tag)
+  local raw = redis.call('HGET', TRANSIT, tag)
+  if raw then
     redis.call('HDEL', TRANSIT, tag)
-    redis.call('ZREM', TRANSIT_AT, tag)
     -- In kombu's custody (a consumer whose transport did not clear the record): kombu
     -- redelivers it if need be, so it must not be queued a second time.
-    if raw and redis.call('HEXISTS', KEYS[26], tag) == 0 then
-      redis.call('RPUSH', INTAKE, raw)
+    -- At the intake list's head: this step's reads are at its tail; read in the next step.
+    if redis.call('HEXISTS', UNACKED, tag) == 0 then
+      redis.call('LPUSH', INTAKE, raw)
       recovered = recovered + 1
     end
   end
 end
 
 -- 1. Intake.
-for _, key in ipairs({INTAKE, unpack(KEYS, 28)}) do
-  while read_count < max_read do
-    local batch = redis.call('RPOP', key, math.min(100, max_read - read_count))
-    if not batch then break end
-    for _, raw in ipairs(batch) do take_in(raw, false) end
+for _, key in ipairs({INTAKE, unpack(KEYS, 32)}) do
+  local n, g = next_reads()
+  local batch = n > 0 and redis.call('RPOP', key, n)
+  for i, raw in ipairs(batch or {}) do
+    if fingerprint(raw) ~= ARGV[g] then
+      for j = #batch, i, -1 do redis.call('RPUSH', key, batch[j]) end
+      break
+    end
+    take_in(raw, g, false)
+    g = g + 6
   end
 end
-for _, raw in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, max_read)) do
-  redis.call('ZREM', DELAYED, raw)
-  take_in(raw, true)
+local n, g = next_reads()
+if n > 0 then
+  for _, raw in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, n)) do
+    if fingerprint(raw) ~= ARGV[g] then break end
+    redis.call('ZREM', DELAYED, raw)
+    take_in(raw, g, true)
+    g = g + 6
+  end
 end
 
 -- 2. Grants.
@@ -304,9 +226,9 @@ local function expire(set)
   if renewed then redis.call('PEXPIRE', set, math.ceil((lease_s + 60) * 1000)) end
 end
 expire(LEASES)
-expire(KEYS[27])
+expire(BUSY)
 local in_flight = redis.call('ZCARD', LEASES)
-local busy = redis.call('ZCARD', KEYS[27])
+local busy = redis.call('ZCARD', BUSY)
 
 local function account_conf(acct)
   local r = redis.call('HGET', ACCT_RATE, acct)
@@ -349,10 +271,28 @@ local function leave(c, acct)
   redis.call('HDEL', c.credit, acct)
 end
 
+-- Accounts out of the round-robin while their own rate holds them back come back once due
+-- (at most 500 a step; the rest in the next): a walk of the ring then meets only accounts that
+-- may call, so a pick costs the same at any number of waiting accounts.
+local function unpark()
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', PARKED, '-inf', now, 'LIMIT', 0, 500)) do
+    redis.call('ZREM', PARKED, member)
+    redis.call('RPUSH', CLASS[string.sub(member, 1, 1)].ring, string.sub(member, 3))
+  end
+end
+
+-- Seconds until the first parked account may call again, or nil.
+local function parked_wait()
+  local first = redis.call('ZRANGE', PARKED, 0, 0, 'WITHSCORES')
+  if first[2] then return math.max(0, tonumber(first[2]) - now) end
+  return nil
+end
+
 -- Weighted deficit round-robin over the accounts of one class: the next account's oldest job.
+-- An account its own rate holds back leaves the ring for the parked set (it stays active, so
+-- new jobs do not put it back) until its next call is due.
 local function pick(class)
   local c = CLASS[class]
-  local soonest = nil
   for _ = 1, redis.call('LLEN', c.ring) do
     local acct = redis.call('LINDEX', c.ring, 0)
     if not acct then break end
@@ -363,8 +303,8 @@ local function pick(class)
       local arate, weight = account_conf(acct)
       local aw = account_wait(acct, arate)
       if aw > 0 then
-        redis.call('LMOVE', c.ring, c.ring, 'LEFT', 'RIGHT')
-        if not soonest or aw < soonest then soonest = aw end
+        redis.call('LPOP', c.ring)
+        redis.call('ZADD', PARKED, now + aw, class .. ':' .. acct)
       else
         local credit = tonumber(redis.call('HGET', c.credit, acct) or '0')
         if credit <= 0 then credit = weight end
@@ -378,13 +318,14 @@ local function pick(class)
         else
           redis.call('HSET', c.credit, acct, credit)
         end
-        return acct, entry, arate, nil
+        return acct, entry, arate
       end
     end
   end
-  return nil, nil, nil, soonest
+  return nil, nil, nil
 end
 
+unpark()
 local streak = tonumber(redis.call('GET', STREAK) or '0')
 local granted, answer, dwell = 0, nil, {}
 while granted < max_grants do
@@ -395,14 +336,12 @@ while granted < max_grants do
   if not has_i and not has_b then answer = -1 break end
   local order = {'b', 'i'}
   if has_i and (not has_b or streak < max_streak) then order = {'i', 'b'} end
-  local acct, entry, arate, class, soonest = nil, nil, nil, nil, nil
+  local acct, entry, arate, class = nil, nil, nil, nil
   for _, c in ipairs(order) do
-    local s
-    acct, entry, arate, s = pick(c)
+    acct, entry, arate = pick(c)
     if acct then class = c break end
-    if s and (not soonest or s < soonest) then soonest = s end
   end
-  if not acct then answer = soonest or -1 break end
+  if not acct then answer = parked_wait() or -1 break end
   -- entry: "<intake time>|<id length>|<tag length>|<id><tag><message>"
   local p1 = string.find(entry, '|', 1, true)
   local p2 = string.find(entry, '|', p1 + 1, true)
@@ -426,13 +365,14 @@ while granted < max_grants do
   if tag == '' then tag = nil end
   redis.call('ZADD', LEASES, now + lease_s, tag or id)
   in_flight = in_flight + 1
-  to_ready(raw, tag)
+  to_ready(raw, tag, true)
   if class == 'i' then streak = streak + 1 else streak = 0 end
   granted = granted + 1
   dwell[#dwell + 1] = acct
   dwell[#dwell + 1] = class
   dwell[#dwell + 1] = tostring(now - since)
 end
+if pushed ~= pushed0 then redis.call('SET', PUSHED, string.format('%.0f', pushed)) end
 if granted > 0 then
   redis.call('SET', STREAK, streak, 'EX', 3600)
   redis.call('PEXPIRE', LEASES, math.ceil((lease_s + 60) * 1000))

@@ -21,6 +21,7 @@ from celery import Celery
 from config.keys import KOMBU_UNACKED, FairKeys
 from config.settings import Settings, load_settings
 from tasks import dispatcher as dispatcher_module
+from tasks import messages
 from tasks.base import CONTINUES_HEADER
 from tasks.dispatcher import Dispatcher, Intake
 from tasks.limiter import Limiter, carry_over_old_overrides
@@ -376,7 +377,7 @@ def test_a_body_too_large_to_decode_is_never_decoded_and_its_call_still_waits(
     chord embedded in its message) is not read, so its account is not known: it still waits
     for a grant, as the default account's. A large message of another task passes as it is."""
     f = fleet(threads=4, runware_rate_limit="1/s").start(workers=False)
-    huge = "x" * dispatcher_module.MAX_DECODE_BYTES
+    huge = "x" * messages.MAX_DECODE_BYTES
     f.producer.send_task(
         "tasks.enhance_prompt", kwargs={"prompt": huge, "account": "big", "priority": "batch"}
     )
@@ -410,6 +411,89 @@ def test_a_job_lost_between_the_ready_queue_and_a_worker_comes_back(
     taken = f.wait_for(2, timeout=5)
     assert taken[0].account == taken[1].account == "a"
     assert f.client.hlen(f.keys.transit) == 0
+
+
+def _ready_tags(f: Fleet) -> list[str]:
+    return [
+        json.loads(raw)["properties"]["delivery_tag"]
+        for raw in f.client.lrange(f.keys.ready, 0, -1)
+    ]
+
+
+def test_a_grant_still_in_the_ready_queue_is_never_queued_again(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Granted jobs wait in the ready queue longer than the check's grace (every thread busy),
+    with a message someone else put there (kombu restoring one) in front: none is taken for lost
+    while queued. Then two leave the queue without a custody write, the foreign one and one of
+    ours: only ours comes back, once."""
+    monkeypatch.setattr(dispatcher_module, "TRANSIT_CHECK_S", 0.3)
+    f = fleet(threads=0)
+    f.dispatcher.threads = 4
+    f.start(workers=False)
+    f.send("a", 3)
+    wait_until(lambda: f.client.llen(f.keys.ready) == 3, 10, "three granted")
+    foreign = json.dumps({"body": "", "headers": {}, "properties": {"delivery_tag": "kombu-1"}})
+    f.client.rpush(f.keys.ready, foreign)  # restored by kombu: next to be taken
+    time.sleep(1.0)  # three grace periods
+    assert f.client.llen(f.keys.ready) == 4  # nothing was queued again
+    assert f.client.hlen(f.keys.transit) == 3
+    assert f.client.rpop(f.keys.ready) == foreign.encode()
+    lost = json.loads(f.client.rpop(f.keys.ready))  # taken, and the taker died before custody
+    wait_until(lambda: f.client.llen(f.keys.ready) == 3, 5, "the lost grant back")
+    assert _ready_tags(f).count(lost["properties"]["delivery_tag"]) == 1
+    time.sleep(0.8)
+    assert f.client.llen(f.keys.ready) == 3  # once
+
+
+def test_an_earlier_versions_transit_records_are_placed_once(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records an earlier version wrote (granted at a time, place unknown): one whose message is
+    still queued stays recorded, one whose message is gone is queued again."""
+    f = fleet(threads=0)
+    f.dispatcher.threads = 4
+    f.start(workers=False)
+    f.send("a", 2)
+    wait_until(lambda: f.client.llen(f.keys.ready) == 2, 10, "two granted")
+    f.dispatcher.stop()
+    f.dispatcher.join(timeout=3)
+    older, newer = (json.loads(raw) for raw in reversed(f.client.lrange(f.keys.ready, 0, -1)))
+    f.client.rpop(f.keys.ready)  # the older one, lost in a fetch under the earlier version
+    f.client.delete(f.keys.transit_at, f.keys.ready_pushed)
+    for message in (older, newer):
+        f.client.zadd(f.keys.transit_legacy, {message["properties"]["delivery_tag"]: time.time()})
+    monkeypatch.setattr(dispatcher_module, "TRANSIT_CHECK_S", 0.3)
+    heir = Dispatcher(f.client, f.settings, f.dispatcher.intake, 4)
+    heir.start()
+    try:
+        wait_until(lambda: f.client.llen(f.keys.ready) == 2, 5, "the lost one back")
+        assert sorted(_ready_tags(f)) == sorted(
+            m["properties"]["delivery_tag"] for m in (older, newer)
+        )
+        assert f.client.zcard(f.keys.transit_legacy) == 0
+        time.sleep(0.8)
+        assert f.client.llen(f.keys.ready) == 2
+    finally:
+        heir.stop()
+        heir.join(timeout=3)
+
+
+def test_accounts_their_own_rate_holds_back_leave_the_round_robin(fleet: Any) -> None:
+    """With per-account rates, an account that may not call yet waits in the parked set, not in
+    the ring a pick walks: the walk meets only accounts that may call, at any number of them."""
+    f = fleet(threads=0, runware_account_rate_limit=0.5)
+    f.dispatcher.threads = 100
+    for account in range(40):
+        f.send(f"acct-{account}", 2)
+    f.start(workers=False)
+    wait_until(lambda: f.client.llen(f.keys.ready) == 40, 10, "one job of each account")
+    time.sleep(0.3)
+    assert f.client.llen(f.keys.ring("b")) == 0
+    assert f.client.zcard(f.keys.parked) == 40
+    assert f.client.scard(f.keys.active("b")) == 40  # still waiting, so not queued twice
+    wait_until(lambda: f.client.llen(f.keys.ready) == 80, 10, "each account's second job")
+    assert f.client.zcard(f.keys.parked) == 0
 
 
 def test_any_task_id_keeps_its_message_whole(fleet: Any) -> None:

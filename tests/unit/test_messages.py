@@ -1,0 +1,138 @@
+"""How the dispatcher reads a message (tasks/messages.py): what it is, whose, and when due."""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any
+
+import pytest
+
+from tasks import messages
+from tasks.messages import CALL, OTHER, PASS, read
+
+RUNWARE = frozenset({"tasks.enhance_prompt"})
+KNOWN = frozenset({"tasks.enhance_prompt", "tasks.collect_batch"})
+
+
+def message(
+    kwargs: dict[str, Any] | None = None,
+    task: str = "tasks.enhance_prompt",
+    compression: str | None = None,
+    **headers: Any,
+) -> bytes:
+    """A message as kombu's Redis transport stores it (protocol 2, JSON, base64 body)."""
+    body = json.dumps([[], kwargs or {}, {"callbacks": None, "chain": None}]).encode()
+    more = {}
+    if compression:
+        body = zlib.compress(body)
+        more["compression"] = compression
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"lang": "py", "task": task, "id": "id-1", **more, **headers},
+            "properties": {"body_encoding": "base64", "delivery_tag": "tag-1"},
+        }
+    ).encode()
+
+
+def test_a_call_is_read_with_its_account_and_class() -> None:
+    found = read(message({"prompt": "p", "account": "team-a", "priority": "batch"}), RUNWARE, KNOWN)
+    assert (found.kind, found.account, found.klass) == (CALL, "team-a", "b")
+    assert (found.task_id, found.tag, found.due) == ("id-1", "tag-1", None)
+    assert found.code() == "cb0"
+
+
+def test_a_call_without_account_or_priority_is_the_default_accounts_interactive() -> None:
+    found = read(message({"prompt": "p"}), RUNWARE, KNOWN)
+    assert (found.kind, found.account, found.klass) == (CALL, "default", "i")
+
+
+def test_a_compressed_call_is_read_as_sent() -> None:
+    """A producer with `compression="gzip"`: its batch job keeps its account's rate and lane."""
+    raw = message(
+        {"prompt": "p", "account": "x", "priority": "batch"}, compression="application/x-gzip"
+    )
+    found = read(raw, RUNWARE, KNOWN)
+    assert (found.kind, found.account, found.klass) == (CALL, "x", "b")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"account": "a b"},
+        {"account": "team\n"},
+        {"account": "x" * 65},
+        {"account": 7},
+        {"priority": "high"},
+        {"priority": None},
+    ],
+)
+def test_a_call_its_task_would_refuse_passes_without_a_grant(kwargs: dict[str, Any]) -> None:
+    assert read(message({"prompt": "p", **kwargs}), RUNWARE, KNOWN).kind == PASS
+
+
+def test_tasks_that_need_no_grant_and_unknown_tasks() -> None:
+    assert read(message(task="tasks.collect_batch"), RUNWARE, KNOWN).kind == PASS
+    unknown = read(message(task="other_app.send_email"), RUNWARE, KNOWN)
+    assert (unknown.kind, unknown.tag) == (OTHER, "tag-1")
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"body": "", "headers": 3}', b"\xff"])
+def test_what_is_not_a_celery_message_is_other(raw: bytes) -> None:
+    assert read(raw, RUNWARE, KNOWN).kind == OTHER
+
+
+def test_an_eta_is_due_at_its_time_utc_when_it_names_no_zone() -> None:
+    zoned = read(message(eta="2030-01-01T00:00:10+01:00"), RUNWARE, KNOWN)
+    naive = read(message(eta="2030-01-01T00:00:10"), RUNWARE, KNOWN)
+    assert zoned.due == 1893456010.0 - 3600
+    assert naive.due == 1893456010.0
+    assert read(message(eta="soon"), RUNWARE, KNOWN).due is None
+
+
+def test_a_poll_is_marked_as_continuing() -> None:
+    found = read(message({"prompt": "p"}, enhance_continues="1"), RUNWARE, KNOWN)
+    assert found.continues
+    assert found.code() == "ci1"
+
+
+def test_a_body_too_large_is_not_decoded_and_a_bomb_is_not_expanded() -> None:
+    huge = read(
+        message({"prompt": "x" * messages.MAX_DECODE_BYTES, "account": "b"}), RUNWARE, KNOWN
+    )
+    assert (huge.kind, huge.account) == (CALL, "default")
+    bomb_body = zlib.compress(b"[[], {" + b" " * 50_000_000 + b"}, {}]")
+    assert len(bomb_body) < 100_000
+    raw = json.loads(message(compression="application/x-gzip"))
+    raw["body"] = base64.b64encode(bomb_body).decode()
+    found = read(json.dumps(raw).encode(), RUNWARE, KNOWN)
+    assert (found.kind, found.account) == (CALL, "default")
+
+
+def test_protocol_1_messages_are_read_from_their_body() -> None:
+    body = {
+        "task": "tasks.enhance_prompt",
+        "id": "p1",
+        "kwargs": {"account": "old", "priority": "batch"},
+    }
+    raw = json.dumps(
+        {
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {"body_encoding": "base64", "delivery_tag": "t"},
+        }
+    ).encode()
+    found = read(raw, RUNWARE, KNOWN)
+    assert (found.kind, found.account, found.klass, found.task_id) == (CALL, "old", "b", "p1")
+
+
+def test_the_fingerprint_covers_both_ends() -> None:
+    a = message({"prompt": "same"})
+    b = a.replace(b"tag-1", b"tag-2")
+    assert messages.fingerprint(a) != messages.fingerprint(b)
+    assert messages.fingerprint(a).startswith(f"{len(a)}:")
