@@ -4,6 +4,7 @@ asserts nothing.
 
   python -m tests.load fairness [--scenarios a,b,c] [--backlogs 1000,6000,30000] [--rate 80]
                                 [--concurrency 10] [--latency 0.03] [--plot FILE.png]
+                                [--no-drain] [--slow-ms 10]
 
 Every scenario runs on its own Redis with three workers (WORKER_CONCURRENCY=--concurrency), the
 sandbox at --latency seconds, and plain Celery producers (`send_task` by name).
@@ -12,7 +13,9 @@ a. RUNWARE_RATE_LIMIT=--rate. Account A enqueues N batch jobs (one run per N of 
    at once one interactive job of account C and 20 batch jobs of account B: C's time from send
    to result, B's from the first send to the last result (both from the result backend), that
    all of A's N finished, the API's mean rate over the run and its deviation from the limit, the
-   most calls in any 1 s window, and whether any taskUUID was billed twice.
+   most calls in any 1 s window, whether any taskUUID was billed twice, and every Redis command
+   over --slow-ms (Redis's SLOWLOG). With --no-drain it stops once B and C are done: a backlog
+   of 100,000 at 80/s takes 21 minutes to drain, and B's and C's times are what it measures.
 b. RUNWARE_RATE_LIMIT=20. A's 600 batch jobs, 2 s later B's 20 batch jobs: B's time.
 c. Weights A=3, B=1 (set with `enhance-worker limits set`), 400 batch jobs each at --rate: the A:B
    ratio of the calls the API saw while both accounts had jobs waiting.
@@ -47,9 +50,11 @@ from celery.result import AsyncResult
 
 from tests.load.common import (
     accepted_by_prefix,
+    describe,
     fleet,
     max_in_window,
     private_redis,
+    slowlog,
     task_times,
 )
 from tests.load.plot import numbered, plot_rates
@@ -208,6 +213,9 @@ def scenario_a(args: argparse.Namespace, backlog: int) -> None:
         with fleet(url, sandbox, 3, **workers_env(args, rate)) as producer:
             with producer.producer_or_acquire() as warm:  # B's and C's sends find it open
                 warm.connection.ensure_connection(max_retries=3)
+            client.config_set("slowlog-log-slower-than", int(args.slow_ms * 1000))
+            client.config_set("slowlog-max-len", 100_000)
+            client.slowlog_reset()
             enqueue_started = time.monotonic()
             a_ids = send_backlog(url, (("A", "batch") for _ in range(backlog)), "backlog")
             enqueue_s = time.monotonic() - enqueue_started
@@ -218,8 +226,12 @@ def scenario_a(args: argparse.Namespace, backlog: int) -> None:
             b_last = max(done_at(r, timeout=budget) for r, _ in b_sent_results)
             b_took = b_last - b_sent_results[0][1]
             bc_uuids = [uuid_of(r) for r in [c_result] + [r for r, _ in b_sent_results]]
-            wait_ledger(client, backlog + 21, timeout=budget)
-            a_results = read_results(client, a_ids)
+            if args.drain:
+                wait_ledger(client, backlog + 21, timeout=budget)
+                a_results = read_results(client, a_ids)
+            else:
+                a_results = {}
+            slow = describe(slowlog(client), args.slow_ms)
         stats = sandbox.stats()
         client.close()
     a_ok = sum(1 for meta in a_results.values() if meta.get("status") == "SUCCESS")
@@ -230,14 +242,25 @@ def scenario_a(args: argparse.Namespace, backlog: int) -> None:
     )
     plot(args, f"a{backlog}", title, stats, rate)
     uuids = uuids_of(a_results.values()) + bc_uuids
+    if not args.drain:
+        print(
+            f"a. rate {rate:g}/s, A {backlog} batch, then C 1 interactive + B 20 batch: "
+            f"enqueue of A {enqueue_s:.1f}s ({backlog / enqueue_s:.0f}/s); "
+            f"C {c_took * 1000:.0f} ms; B's 20 {b_took:.2f}s; A not drained (--no-drain: "
+            f"{a_accepted} of A's jobs called by then); SLOWLOG over the run:",
+            flush=True,
+        )
+        print("\n".join(slow), flush=True)
+        return
     print(
         f"a. rate {rate:g}/s, A {backlog} batch, then C 1 interactive + B 20 batch: "
         f"enqueue of A {enqueue_s:.1f}s ({backlog / enqueue_s:.0f}/s); C {c_took * 1000:.0f} ms; "
         f"B's 20 {b_took:.2f}s; A {a_ok}/{backlog} SUCCESS (sandbox accepted {a_accepted}); "
         f"{rate_figures(task_times(stats), rate)} ({stats['requests']} HTTP requests); "
-        f"{billing(stats, uuids, backlog + 21)}",
+        f"{billing(stats, uuids, backlog + 21)}; SLOWLOG over the run:",
         flush=True,
     )
+    print("\n".join(slow), flush=True)
 
 
 def scenario_b(args: argparse.Namespace, backlog: int = 600) -> None:
@@ -319,6 +342,15 @@ def main() -> None:
     parser.add_argument("--b-backlog", type=int, default=600, help="A's backlog in b")
     parser.add_argument("--c-backlog", type=int, default=400, help="jobs of each account in c")
     parser.add_argument("--plot", metavar="FILE.png", help="write each run's rates as a PNG")
+    parser.add_argument(
+        "--no-drain",
+        dest="drain",
+        action="store_false",
+        help="in a, stop once B and C are done instead of waiting for all of A's backlog",
+    )
+    parser.add_argument(
+        "--slow-ms", type=float, default=10.0, help="in a, SLOWLOG entries over this (ms)"
+    )
     args = parser.parse_args()
     chosen = {name.strip() for name in args.scenarios.split(",") if name.strip()}
     unknown = chosen - {"a", "b", "c"}

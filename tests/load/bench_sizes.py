@@ -5,6 +5,7 @@ Prints figures; asserts nothing.
   python -m tests.load sizes [--batch 5000x2,10000x5] [--workers 2] [--slow-ms 10]
                              [--accounts 0] [--rate 300] [--account-rate 1]
                              [--flood 0] [--real 800] [--cap 12] [--lease-s 0] [--latency-s 0.3]
+                             [--backlog 0] [--prompt-chars 300,3000]
 
 For each PROMPTSxVERSIONS: one `enhance_batch` of that many prompts (sent by this process, as a
 backend would, with the project's helper), every result read back, then the SLOWLOG: how many
@@ -22,6 +23,11 @@ With --flood N: N jobs that pass without a grant (an invalid `priority`: the tas
 without a call) sent first, then --real jobs, under --rate and --cap (--lease-s short, so a
 lease that expired by the clock would show), the sandbox answering in --latency-s. Prints the
 most calls the API saw in any one second and the most it had in flight, against the limits.
+
+With --backlog N: N jobs of 50 accounts already waiting in the Celery queue (after an outage of
+the fleet, or a producer faster than it), read by the dispatcher's steps alone (no workers, a
+rate of 1/s so that nothing is granted), for each prompt size of --prompt-chars. Every step's
+time in Redis, from the SLOWLOG (threshold 0): median and longest, and per message read.
 """
 
 from __future__ import annotations
@@ -29,38 +35,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections import Counter
 from typing import Any
 
 import redis
 
-from tests.load.common import fleet, private_redis, worker_env
+from tests.load.common import describe, fleet, private_redis, slowlog, worker_env
 from workers.sandbox.services import SandboxProcess, WorkerProcess
-
-
-def slowlog(client: redis.Redis) -> list[dict[str, Any]]:
-    return list(client.slowlog_get(100_000))
-
-
-def describe(entries: list[dict[str, Any]], slow_ms: float) -> list[str]:
-    if not entries:
-        return [f"  no command over {slow_ms:g} ms"]
-    longest: dict[str, int] = {}
-    counts: Counter[str] = Counter()
-    for entry in entries:
-        name = entry["command"].split(b" ", 1)[0].decode(errors="replace").upper()
-        counts[name] += 1
-        longest[name] = max(longest.get(name, 0), int(entry["duration"]))
-    top = max(int(e["duration"]) for e in entries)
-    lines = [f"  {len(entries)} command(s) over {slow_ms:g} ms; the longest {top / 1000:.1f} ms"]
-    for name, micros in sorted(longest.items(), key=lambda kv: -kv[1]):
-        lines.append(f"    {name:<10} {counts[name]:>5} over, longest {micros / 1000:.1f} ms")
-    for entry in sorted(entries, key=lambda e: -int(e["duration"]))[:3]:
-        # An EVALSHA names its script by its keys (SLOWLOG keeps the first 32 arguments).
-        words = entry["command"].decode(errors="replace").split(" ")
-        shown = " ".join(w[:40] for w in words[:6])
-        lines.append(f"    {int(entry['duration']) / 1000:.1f} ms: {shown} ...")
-    return lines
 
 
 def batch(producer: Any, prompts: int, versions: int) -> tuple[float, int, int]:
@@ -188,6 +168,55 @@ def flood(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
     producer.close()
 
 
+def backlog_steps(args: argparse.Namespace) -> None:
+    import statistics
+
+    from celery import Celery
+
+    from config.settings import load_settings
+    from tasks import dispatcher
+    from tasks.dispatcher import Dispatcher, Intake
+
+    task = "tasks.enhance_prompt"
+    for chars in (int(c) for c in args.prompt_chars.split(",")):
+        with private_redis() as server:
+            url = server.url(0)
+            client = redis.Redis.from_url(url)
+            sender = Celery(broker=url)
+            with sender.producer_or_acquire() as producer:
+                for n in range(args.backlog):
+                    kwargs = {"prompt": "x" * chars, "account": f"a{n % 50}", "priority": "batch"}
+                    sender.send_task(task, kwargs=kwargs, producer=producer)
+            sender.close()
+            settings = load_settings(_env_file=None, runware_rate_limit=1.0)
+            intake = Intake(("celery",), frozenset({task}), frozenset({task}))
+            pump = Dispatcher(client, settings, intake, 4)
+            client.config_set("slowlog-log-slower-than", 0)
+            client.config_set("slowlog-max-len", 1_000_000)
+            client.slowlog_reset()
+            started = time.monotonic()
+            while client.llen("celery"):
+                client.set(pump.keys.dispatcher, pump.id)  # this process holds the role
+                pump.pump()
+            took = time.monotonic() - started
+            steps = [
+                int(e["duration"])
+                for e in slowlog(client)
+                if e["command"].startswith(b"EVALSHA") and b"fair:intake" in e["command"]
+            ]
+            read = dispatcher.MAX_READ
+            median = statistics.median(steps)
+            p99 = sorted(steps)[int(len(steps) * 0.99)]
+            print(
+                f"backlog of {args.backlog} jobs, prompts of {chars} characters: read in "
+                f"{took:.1f} s ({args.backlog / took:.0f}/s) by {len(steps)} steps of up to "
+                f"{read}; a step held Redis {median / 1000:.2f} ms (median), "
+                f"{p99 / 1000:.2f} (p99), {max(steps) / 1000:.2f} ms at most, "
+                f"{median / read:.1f} us per message"
+            )
+            client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", default=None, help="5000x2,10000x5; none with --accounts")
@@ -201,9 +230,13 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=12)
     parser.add_argument("--lease-s", type=float, default=0.0)
     parser.add_argument("--latency-s", type=float, default=0.3)
+    parser.add_argument("--backlog", type=int, default=0)
+    parser.add_argument("--prompt-chars", default="300,3000")
     args = parser.parse_args()
+    if args.backlog:
+        backlog_steps(args)
     if args.batch is None:
-        args.batch = "" if args.accounts or args.flood else "5000x2,10000x5"
+        args.batch = "" if args.accounts or args.flood or args.backlog else "5000x2,10000x5"
     sizes = [tuple(int(v) for v in item.split("x")) for item in args.batch.split(",") if item]
     with private_redis() as server, SandboxProcess() as sandbox:
         url = server.url(0)

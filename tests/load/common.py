@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,3 +135,30 @@ def result_across_failover(result: Any, deadline: float) -> Any:
             if time.monotonic() >= deadline:
                 raise TimeoutError("no result before the deadline") from None
             time.sleep(0.5)
+
+
+def slowlog(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every entry of Redis's SLOWLOG (set slowlog-log-slower-than first)."""
+    return list(client.slowlog_get(100_000))
+
+
+def describe(entries: list[dict[str, Any]], slow_ms: float) -> list[str]:
+    """SLOWLOG entries as lines: how many, the longest per command, the three longest."""
+    if not entries:
+        return [f"  no command over {slow_ms:g} ms"]
+    longest: dict[str, int] = {}
+    counts: Counter[str] = Counter()
+    for entry in entries:
+        name = entry["command"].split(b" ", 1)[0].decode(errors="replace").upper()
+        counts[name] += 1
+        longest[name] = max(longest.get(name, 0), int(entry["duration"]))
+    top = max(int(e["duration"]) for e in entries)
+    lines = [f"  {len(entries)} command(s) over {slow_ms:g} ms; the longest {top / 1000:.1f} ms"]
+    for name, micros in sorted(longest.items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {name:<10} {counts[name]:>5} over, longest {micros / 1000:.1f} ms")
+    for entry in sorted(entries, key=lambda e: -int(e["duration"]))[:3]:
+        # An EVALSHA names its script by its keys (SLOWLOG keeps the first 32 arguments).
+        words = entry["command"].decode(errors="replace").split(" ")
+        shown = " ".join(w[:40] for w in words[:6])
+        lines.append(f"    {int(entry['duration']) / 1000:.1f} ms: {shown} ...")
+    return lines
