@@ -36,6 +36,8 @@ def configure(app: Celery, settings: Settings) -> None:
         result_backend=result_backend_url(settings.result_backend),
         redis_backend_use_ssl=redis_urls.ssl_options(settings.result_backend),
         # JSON only: a pickle message could run code in the worker, and a secret could hide in it.
+        # The fleet's own queue: another Celery app on the same Redis keeps `celery` to itself.
+        task_default_queue=settings.celery_task_default_queue,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

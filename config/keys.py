@@ -77,6 +77,12 @@ class FairKeys:
         return self._k(f"credit:{klass}")
 
     @property
+    def rejected(self) -> str:
+        """Messages no worker could read, set aside by the dispatcher's step until it files
+        them in the dead letters (a list)."""
+        return self._k("rejected")
+
+    @property
     def parked(self) -> str:
         """Accounts of either class out of the round-robin while their own rate holds them back
         (member: class letter and account, "i:team-a"; score: when they may call again)."""

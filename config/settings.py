@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         default=60.0,
         description="seconds between the workers' checks of unsettled calls with Runware, > 0",
     )
+    runware_budget_wait_max_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="seconds a job the budget refuses only until unsettled calls are "
+        "reconciled waits for them (re-scheduled every RUNWARE_RECONCILE_S, its retries "
+        "untouched) before such refusals count as retries, >= 0",
+    )
     runware_items_retention_s: int = Field(
         default=3600,
         ge=60,
@@ -261,6 +268,15 @@ class Settings(BaseSettings):
     )
     celery_result_backend: str | None = Field(
         default=None, description="a result backend URL overriding REDIS_URL for results"
+    )
+    celery_task_default_queue: str = Field(
+        default="enhance",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.:@-]+$",
+        description="the fleet's own Celery queue: the project's helpers send to it, workers "
+        "read it unless -Q names others (not Celery's default `celery`, which other apps on "
+        "the same Redis use)",
     )
     celery_result_expires_s: int = Field(
         default=86_400, ge=60, description="seconds results are kept, an integer >= 60"

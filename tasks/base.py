@@ -36,6 +36,7 @@ from config.settings import get_settings
 from tasks import metrics
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
+    BUDGET_UNSETTLED,
     ConflictTaskUUID,
     PermanentError,
     TaskTimeout,
@@ -53,6 +54,7 @@ from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
+BUDGET_WAIT_HEADER = "enhance_budget_wait_since"  # when a job's first such refusal came
 
 
 def backoff_seconds(
@@ -135,7 +137,9 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 f"{self.name} takes keyword arguments only (got {len(args)} positional)"
             )
 
-    def reschedule(self, countdown: float, why: str) -> Ignore:
+    def reschedule(
+        self, countdown: float, why: str, headers: dict[str, Any] | None = None
+    ) -> Ignore:
         """Send this job again in `countdown` seconds without touching its retry budget.
 
         The new message keeps the task id, arguments, retry count and chain links; this run ends
@@ -150,7 +154,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             self.request,
             countdown=countdown,
             retries=self.request.retries,
-            headers=self._headers(continues=True),
+            headers={**self._headers(continues=True), **(headers or {})},
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
 
@@ -266,6 +270,16 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         """Raise the retry of this job; or, once its retries are spent, return the error it
         fails with."""
         settings = get_settings()
+        if exc.code == BUDGET_UNSETTLED:
+            # It fits once unsettled calls are reconciled: it waits for that, its retries
+            # untouched, for at most RUNWARE_BUDGET_WAIT_MAX_S from its first such refusal.
+            own = self.request.headers if isinstance(self.request.headers, dict) else {}
+            since = float(own.get(BUDGET_WAIT_HEADER) or time.time())
+            left = settings.runware_budget_wait_max_s - (time.time() - since)
+            if left > 0:
+                countdown = min(exc.retry_after or settings.runware_reconcile_s, left)
+                why = f"waits for unsettled calls to be reconciled ({exc})"
+                raise self.reschedule(countdown, why, {BUDGET_WAIT_HEADER: repr(since)})
         retries = int(self.request.retries or 0)
         limit = _or(self.retry_limit, settings.runware_max_retries)
         if retries >= limit:

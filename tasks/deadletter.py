@@ -1,12 +1,14 @@
 """Jobs that failed for good (permanent error, retries exhausted, budget, bad input), kept in a
 Redis list with their reason so that nothing fails silently and any can be requeued.
 
-Entries: {"taskUUID", "task", "reason", "failedAt", "taskId", "args", "kwargs"}; the list keeps
-the newest DEAD_LETTER_MAX.
+Entries: {"taskUUID", "task", "reason", "failedAt", "taskId", "args", "kwargs"}, and for a
+message no worker could read (filed by the dispatcher) its first bytes under "message"; the
+list keeps the newest DEAD_LETTER_MAX.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +22,7 @@ from tasks.redact import redact
 from tasks.state import per_process, redis_client
 
 DEAD_LETTER_MAX = 10_000
+UNREADABLE_KEPT = 4096  # bytes of an unreadable message kept in its entry
 # A job that failed inside a batch is requeued on its own, as the task it stands for.
 REQUEUE_AS = {"tasks.enhance_batch_item": "tasks.enhance_prompt"}
 
@@ -54,17 +57,44 @@ class DeadLetters:
         pipe.ltrim(self.key, 0, DEAD_LETTER_MAX - 1)
         pipe.execute()
 
+    def record_unreadable(self, raw: bytes, reason: str, task: str = "") -> str:
+        """File a message no worker could read, with its reason and its first
+        UNREADABLE_KEPT bytes (as text); its id in the list ("message-" and a digest)."""
+        ident = "message-" + hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:16]
+        kept = raw[:UNREADABLE_KEPT].decode(errors="replace")
+        if len(raw) > UNREADABLE_KEPT:
+            kept += f"... ({len(raw)} bytes in all)"
+        entry = {
+            "taskUUID": ident,
+            "task": task or "(unreadable message)",
+            "reason": redact(f"UnreadableMessage: {reason}; set aside before any worker"),
+            "failedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+            "taskId": "",
+            "args": [],
+            "kwargs": {},
+            "message": redact(kept),
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lpush(self.key, json.dumps(entry))
+        pipe.ltrim(self.key, 0, DEAD_LETTER_MAX - 1)
+        pipe.execute()
+        return ident
+
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, newest first."""
         return [json.loads(raw) for raw in self.redis.lrange(self.key, 0, -1)]
 
     def retry(self, app: Celery, task_uuids: list[str] | None = None) -> list[str]:
-        """Requeue the entries with these taskUUIDs (all when None), keeping each taskUUID so
-        Runware never bills it twice; remove them from the list. Returns the new task ids."""
+        """Requeue the entries with these taskUUIDs (all when None) under their own Celery task
+        id, so every task (one of the user's own too, whose taskUUID derives from that id) keeps
+        its taskUUID and Runware never bills a call twice; remove them from the list. Returns
+        the task ids."""
         requeued: list[str] = []
         for raw in self.redis.lrange(self.key, 0, -1):
             entry = json.loads(raw)
             if task_uuids is not None and entry["taskUUID"] not in task_uuids:
+                continue
+            if "message" in entry:  # an unreadable message: nothing to requeue, it stays
                 continue
             kwargs = dict(entry["kwargs"])
             if entry["task"] in ("tasks.enhance_prompt", "tasks.enhance_batch_item") or (
@@ -72,7 +102,9 @@ class DeadLetters:
             ):
                 kwargs.setdefault("taskUUID", entry["taskUUID"])
             name = REQUEUE_AS.get(entry["task"], entry["task"])
-            result = app.send_task(name, args=entry["args"], kwargs=kwargs)
+            result = app.send_task(
+                name, args=entry["args"], kwargs=kwargs, task_id=entry.get("taskId") or None
+            )
             self.redis.lrem(self.key, 1, raw)  # type: ignore[arg-type]
             requeued.append(str(result.id))
         return requeued

@@ -41,6 +41,7 @@ import redis
 from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys
 from config.settings import Settings
 from tasks import messages, metrics, scripts
+from tasks.deadletter import DeadLetters, get_dead_letters
 from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
 from tasks.state import seconds as redis_seconds
@@ -94,6 +95,7 @@ class Dispatcher(threading.Thread):
         threads: int,
         limiter: Limiter | None = None,
         ident: str | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         super().__init__(name="fair-dispatcher", daemon=True)
         self.redis = client
@@ -110,6 +112,7 @@ class Dispatcher(threading.Thread):
         self._source_keys = celery_queue_keys(intake.queues)
         self._pump_keys, self._pump_args = self._pump_keys_args()
         self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
+        self._dead_letters = dead_letters
 
     # --- life cycle ---
     def stop(self) -> None:
@@ -140,6 +143,8 @@ class Dispatcher(threading.Thread):
                     self._beat(self.threads)
                     self._clock_skew = redis_seconds(self.redis.time()) - time.time()
                     self._last_beat = time.monotonic()
+                    if holding and self.redis.llen(self.keys.rejected):  # a filing that failed
+                        self._file_rejected()
                 if not holding:
                     holding = bool(
                         self.redis.set(self.keys.dispatcher, self.id, nx=True, px=LOCK_MS)
@@ -197,6 +202,7 @@ class Dispatcher(threading.Thread):
             keys.transit_left,
             keys.transit_legacy,
             keys.parked,
+            keys.rejected,
             *self._source_keys,
         ]
         args: list[str | int | float] = [
@@ -250,8 +256,10 @@ class Dispatcher(threading.Thread):
         """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
         script_keys, args = self._pump_keys, self._pump_args
         reply = scripts.run(self._pump, script_keys, [*args, *self._reads()])
-        code, wait, granted, _read, recovered, due_in = reply[:6]
-        for index in range(6, len(reply), 3):
+        code, wait, granted, _read, recovered, due_in, rejected = reply[:7]
+        if int(rejected):
+            self._file_rejected()
+        for index in range(7, len(reply), 3):
             account, klass, waited = reply[index : index + 3]
             label = metrics.ACCOUNTS.label(account.decode())
             metrics.LIMIT_WAIT.labels(label, PRIORITY_NAMES[klass.decode()]).observe(float(waited))
@@ -262,6 +270,22 @@ class Dispatcher(threading.Thread):
                 int(recovered),
             )
         return int(code), float(wait), int(granted), float(due_in)
+
+    def _file_rejected(self) -> None:
+        """Move the messages the step set aside as unreadable into the dead letters, each with
+        its reason (a message leaves the broker's list only once it is filed)."""
+        dead = self._dead_letters or get_dead_letters()
+        waiting: list[bytes] = self.redis.lrange(self.keys.rejected, 0, -1)  # type: ignore[assignment]
+        for raw in waiting[::-1]:
+            found = messages.read(raw, self.intake.runware_tasks, self.intake.known_tasks)
+            ident = dead.record_unreadable(raw, found.reason or "unreadable", found.task)
+            self.redis.lrem(self.keys.rejected, -1, raw)  # type: ignore[arg-type]
+            logger.error(
+                "A message no worker could read (%s) was set aside: `enhance-worker failed list` "
+                "shows it as %s.",
+                found.reason,
+                ident,
+            )
 
     def _step(self) -> bool:
         """Pump once and wait as long as nothing can change; False if the role was lost."""

@@ -19,6 +19,11 @@ class WorkerError(Exception):
     """Root of every error this service raises on purpose."""
 
 
+# The code of a budget refusal that only waits for unsettled calls to be reconciled (the ledger
+# raises it as a TransientError; tasks/base.py waits it out without spending retries).
+BUDGET_UNSETTLED = "budgetUnsettled"
+
+
 class ValidationError(WorkerError, ValueError):
     """A request argument is missing, of the wrong type or out of range; never retried."""
 

@@ -37,7 +37,7 @@ from redis.commands.core import Script
 from config.keys import StateKeys
 from config.settings import Settings, get_settings
 from tasks import metrics
-from tasks.errors import BudgetExceeded, TransientError
+from tasks.errors import BUDGET_UNSETTLED, BudgetExceeded, TransientError
 from tasks.scripts import register
 from tasks.scripts import run as run_script
 from tasks.state import hold_through_outage, per_process, redis_client, text
@@ -290,7 +290,7 @@ class Ledger:
             return TransientError(
                 f"{said}, of which {'' if complete else 'at least '}${unsettled / MICRO:.6f} is "
                 "unsettled calls being reconciled; no call was made",
-                code="budgetUnsettled",
+                code=BUDGET_UNSETTLED,
                 retry_after=settings.runware_reconcile_s,
             )
         metrics.BUDGET_REFUSALS.labels("fleet" if which == 1 else "account").inc()

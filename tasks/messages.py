@@ -12,8 +12,12 @@ A message is one of:
 - CALL: a task that calls Runware (it waits for a grant), with its account and priority class;
 - PASS: a task the workers know that needs no grant, or a call whose `account` or `priority`
   the task refuses (it fails at once, naming the field, without calling Runware);
-- OTHER: a task the workers do not know (Celery reports it), or a message Celery could not
-  read.
+- OTHER: a task the workers do not know (Celery reports it);
+- BAD: a message no worker could read (not JSON, an envelope without its properties, delivery
+  tag or body, a content type other than JSON, a compression kombu does not know). It never
+  reaches a worker (kombu raises on some of these outside any recoverable error, and the worker
+  exits): the dispatcher files it in the dead letters with the reason (`enhance-worker failed
+  list`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.schemas import check_account
+from tasks.schemas import PRIORITIES, check_account
 
 # The largest body decoded (after decompression) to read a call's account and priority. A
 # call's own arguments are far smaller (prompts <= 3,000 characters, URLs <= 2,048, five
@@ -38,8 +42,13 @@ from tasks.schemas import check_account
 MAX_DECODE_BYTES = 256 * 1024
 FINGERPRINT_SPAN = 512  # bytes from each end of a message that its fingerprint covers
 
-CALL, PASS, OTHER = "c", "p", "o"
-CLASSES = {"interactive": "i", "batch": "b"}
+CALL, PASS, OTHER, BAD = "c", "p", "o", "x"
+ACCEPTED_CONTENT = "application/json"  # the workers accept JSON only (config/celery.py)
+COMPRESSIONS = frozenset(
+    {"application/x-gzip", "gzip", "zlib", "application/x-bz2", "bzip2", "bzip"}
+    | {"application/x-lzma", "lzma", "xz"}
+)
+CLASSES = {name: name[0] for name in PRIORITIES}  # interactive -> i, batch -> b
 CONTINUES_HEADER = "enhance_continues"  # set by tasks/base.py on a poll or retry it sends
 
 
@@ -47,13 +56,15 @@ CONTINUES_HEADER = "enhance_continues"  # set by tasks/base.py on a poll or retr
 class Read:
     """A message as the dispatcher's step needs it."""
 
-    kind: str  # CALL, PASS or OTHER
+    kind: str  # CALL, PASS, OTHER or BAD
     account: str = ""  # CALL only
     klass: str = ""  # CALL only: "i" or "b"
     task_id: str = ""
     tag: str = ""  # kombu's delivery tag ("" if none)
     due: float | None = None  # epoch seconds of its ETA or countdown, if any
     continues: bool = False  # a poll or step of a call under way: ahead of its account's queue
+    reason: str = ""  # BAD only: why no worker could read it
+    task: str = ""  # the task's name, when the message names one
 
     def code(self) -> str:
         """The kind, the class and `continues` in one word (pump.lua reads it by position)."""
@@ -130,16 +141,42 @@ def _body(env: dict[str, Any], headers: dict[str, Any]) -> Any:
         return None
 
 
+def _unreadable(env: dict[str, Any]) -> str:
+    """Why no worker could take this envelope ("" if one can)."""
+    props = env.get("properties")
+    if not isinstance(props, dict):
+        return "no `properties` object in the envelope"
+    if not isinstance(props.get("delivery_tag"), str):
+        return "no `delivery_tag` in the envelope's properties"
+    if not isinstance(props.get("delivery_info"), dict):
+        return "no `delivery_info` in the envelope's properties"
+    if not isinstance(env.get("body"), str):
+        return "no `body` string in the envelope"
+    if "headers" in env and not isinstance(env["headers"], dict):
+        return "`headers` is not an object"
+    content = env.get("content-type")
+    if content != ACCEPTED_CONTENT:
+        return f"content type {content!r}: the workers accept {ACCEPTED_CONTENT} only"
+    headers = env.get("headers") or {}
+    method = headers.get("compression")
+    if method is not None and method not in COMPRESSIONS:
+        return f"compression {method!r}: not one kombu can decompress"
+    return ""
+
+
 def read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]) -> Read:
     """What `raw` (a message as kombu stores it in Redis) is, for the dispatcher."""
     try:
         env = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return Read(OTHER)
+        return Read(BAD, reason="not JSON: not a message kombu wrote")
     if not isinstance(env, dict):
-        return Read(OTHER)
+        return Read(BAD, reason="not a JSON object: not a message kombu wrote")
     headers: dict[str, Any] = env["headers"] if isinstance(env.get("headers"), dict) else {}
-    props: dict[str, Any] = env["properties"] if isinstance(env.get("properties"), dict) else {}
+    bad = _unreadable(env)
+    if bad:
+        return Read(BAD, reason=bad, task=_text(headers.get("task")) or "")
+    props: dict[str, Any] = env["properties"]
     tag = _text(props.get("delivery_tag")) or ""
     task, task_id, eta = headers.get("task"), headers.get("id"), headers.get("eta")
     continues = headers.get(CONTINUES_HEADER) == "1"

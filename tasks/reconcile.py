@@ -32,10 +32,11 @@ from config.keys import FairKeys
 from config.settings import Settings, get_settings
 from tasks.base import RunwareTask
 from tasks.dispatcher import live_workers
-from tasks.errors import AuthenticationError, PermanentError, TransientError
+from tasks.errors import AuthenticationError, PermanentError, TransientError, ValidationError
 from tasks.ledger import DAY_S, Ledger, Reservation, get_ledger
 from tasks.limiter import broker_redis, get_limiter
 from tasks.runware import get_client
+from tasks.schemas import check_account, check_priority
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,13 @@ def reconcile_call(
 ) -> dict[str, Any]:
     """Settle one unsettled call: ask Runware for its outcome with getResponse and record its
     real cost once, or drop its reservation. Returns `{"taskUUID", "state", "cost"}` where state
-    is `settled`, `released`, `running` or `unknown` (Runware could not be asked; next period)."""
+    is `settled`, `released`, `running` or `unknown` (Runware could not be asked; next period).
+    An `account` or `priority` the dispatcher would not grant (the same rule) fails at once."""
+    try:
+        check_account(account)
+        check_priority(priority)
+    except ValueError as exc:
+        raise ValidationError(f"invalid reconcile_call request: {exc}") from None
     ledger = get_ledger()
     try:
         return _check(ledger, taskUUID, account, claimed, started)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import pydantic
@@ -75,6 +75,16 @@ def check_account(label: object) -> str:
 
 
 PriorityStr = Literal["interactive", "batch"]
+PRIORITIES: tuple[str, ...] = get_args(PriorityStr)
+
+
+def check_priority(value: object) -> str:
+    """`value` if it is a priority class, else ValueError naming them."""
+    if not isinstance(value, str) or value not in PRIORITIES:
+        raise ValueError(f"priority {value!r} is not one of {', '.join(PRIORITIES)}")
+    return value
+
+
 UUID4Str = Annotated[StrictStr, pydantic.AfterValidator(_check_uuid4)]
 HttpURLStr = Annotated[StrictStr, Field(max_length=2048), pydantic.AfterValidator(_check_http_url)]
 

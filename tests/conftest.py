@@ -21,6 +21,7 @@ import requests
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.producer import backend_app
 from workers.sandbox import Sandbox, SandboxConfig
 from workers.sandbox.services import RedisServer, WorkerProcess
 
@@ -155,7 +156,7 @@ class RunningWorker:
     app: Celery = field(init=False)
 
     def __post_init__(self) -> None:
-        self.app = Celery(broker=self.redis_url, backend=self.redis_url)
+        self.app = backend_app(broker=self.redis_url, backend=self.redis_url)
 
     def send(self, **kwargs: object) -> object:
         return self.app.send_task("tasks.enhance_prompt", kwargs=kwargs)

@@ -313,8 +313,8 @@ def _cmd_failed(args: argparse.Namespace) -> int:
         return 0 if requeued or not wanted else 1
     entries = dead.entries()
     if args.json:
-        keys = ("taskUUID", "task", "reason", "failedAt")
-        print(json.dumps([{k: e[k] for k in keys} for e in entries]))
+        keys = ("taskUUID", "task", "reason", "failedAt", "message")
+        print(json.dumps([{k: e[k] for k in keys if k in e} for e in entries]))
         return 0
     if not entries:
         print("no failed jobs")

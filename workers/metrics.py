@@ -223,7 +223,7 @@ class RedisStateCollector(Collector):
                 labels = [OTHER, PRIORITY_NAMES[klass]]
                 waiting.add_metric(labels, sum(row[1] for row in rest))
                 oldest.add_metric(labels, max(row[2] for row in rest))
-        # One queue in practice (`celery`); the fair and ready jobs are counted under the first.
+        # One queue in practice (`enhance`); the fair and ready jobs are counted under the first.
         for position, queue in enumerate(self.queues):
             depth.add_metric([queue], (incoming + fair + ready) if position == 0 else 0)
         yield from (depth, waiting, oldest)

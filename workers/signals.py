@@ -22,9 +22,9 @@ from workers import logs, metrics
 
 logger = logging.getLogger(__name__)
 
-# The queues this worker would have consumed (the default `celery`, or -Q): the dispatcher takes
-# jobs from them into the fair queues; the worker threads consume the ready queue.
-_intake_queues: list[str] = ["celery"]
+# The queues this worker would have consumed (CELERY_TASK_DEFAULT_QUEUE, `enhance`, or -Q): the
+# dispatcher takes jobs from them into the fair queues; the worker threads consume the ready queue.
+_intake_queues: list[str] = []
 _dispatcher: list[Dispatcher] = []
 _reconciler: list[Reconciler] = []
 _ident: list[str] = []
@@ -82,6 +82,8 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     app = sender.app
     threads = _concurrency(sender)
+    if not _intake_queues:
+        _intake_queues.append(settings.celery_task_default_queue)
     intake = Intake(
         queues=tuple(_intake_queues),
         runware_tasks=frozenset(n for n, t in app.tasks.items() if isinstance(t, RunwareTask)),

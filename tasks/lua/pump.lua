@@ -32,7 +32,8 @@
 --      27 busy zset (jobs passed without a grant: they hold worker threads too)
 --      28 pushes onto the ready queue (a counter)  29 records whose message left the ready queue
 --      30 an earlier version's transit:at zset     31 parked accounts (zset: class:account -> TAT)
---      32.. the Celery queues to take jobs from (kombu's lists), in consumption order
+--      32 messages no worker could read, for the dispatcher to file in the dead letters
+--      33.. the Celery queues to take jobs from (kombu's lists), in consumption order
 -- ARGV  1 dispatcher id     2 lock ms              3 rate/s (0: none)
 --       4 burst             5 in-flight cap (0: none)
 --       6 default per-account rate/s (0: none)     7 lease seconds
@@ -46,20 +47,22 @@
 --         delivery tag, due time (epoch seconds or ''). A message popped here whose fingerprint
 --         differs (another consumer took the one that was read) ends that list's reading for
 --         the step, and what was popped goes back as it was.
--- Returns {code, wait, granted, read, recovered, due_in, account1, class1, dwell1, ...}
+-- Returns {code, wait, granted, read, recovered, due_in, rejected, account1, class1, dwell1, ...}
 --   code 1 OK, -3 NOT_DISPATCHER (this caller does not hold the lock)
 --   wait: '0' more may be due now; > 0 seconds to the next possible grant; '-1' nobody waits;
 --         '-2' the in-flight cap or every worker thread is taken
 --   due_in: seconds until the next delayed message is due, '-1' none
+--   rejected: messages this step set aside as unreadable (KEYS[32])
 --   then one triple per grant: account, class (i|b), seconds it waited since intake
 
-if redis.call('GET', KEYS[9]) ~= ARGV[1] then return {-3, '0', 0, 0, 0, '-1'} end
+if redis.call('GET', KEYS[9]) ~= ARGV[1] then return {-3, '0', 0, 0, 0, '-1', 0} end
 redis.call('PEXPIRE', KEYS[9], tonumber(ARGV[2]))
 
 local INTAKE, DELAYED, READY, LEASES, TRANSIT, TRANSIT_AT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local WORKERS, SEEN, OVERRIDES, TAT, COOLDOWN = KEYS[7], KEYS[8], KEYS[10], KEYS[11], KEYS[12]
 local ACCT_RATE, ACCT_WEIGHT, ACCT_TAT, STREAK, WAKE = KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
 local UNACKED, BUSY, PUSHED, LEFT, LEGACY, PARKED = KEYS[26], KEYS[27], KEYS[28], KEYS[29], KEYS[30], KEYS[31]
+local REJECTED = KEYS[32]
 local CLASS = {
   i = {active = KEYS[18], ring = KEYS[19], credit = KEYS[20], q = KEYS[21]},
   b = {active = KEYS[22], ring = KEYS[23], credit = KEYS[24], q = KEYS[25]},
@@ -104,7 +107,7 @@ local function to_ready(raw, tag, recorded)
   end
 end
 
-local read_count = 0
+local read_count, rejected = 0, 0
 -- A message whose countdown just ended and that continues a call under way (a poll, marked so
 -- by the task: header enhance_continues '1') goes to the head of its account's list, so that a
 -- video being polled does not wait behind its own account's backlog. A retry starts over: it
@@ -119,7 +122,10 @@ local function take_in(raw, g, was_delayed)
     redis.call('ZADD', DELAYED, due, raw)
     return
   end
-  if kind ~= 'c' then
+  if kind == 'x' then  -- no worker could read it: set aside for the dead letters
+    redis.call('LPUSH', REJECTED, raw)
+    rejected = rejected + 1
+  elseif kind ~= 'c' then
     -- No grant, but a worker thread: counted, so that granted jobs do not queue behind these
     -- in the ready queue and then start all at once.
     if tag then
@@ -174,7 +180,7 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', LEFT, '-inf', now, 'LIMIT', 0, 
 end
 
 -- 1. Intake.
-for _, key in ipairs({INTAKE, unpack(KEYS, 32)}) do
+for _, key in ipairs({INTAKE, unpack(KEYS, 33)}) do
   local n, g = next_reads()
   local batch = n > 0 and redis.call('RPOP', key, n)
   for i, raw in ipairs(batch or {}) do
@@ -388,6 +394,6 @@ local due_in = '-1'
 local next_due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
 if next_due[2] then due_in = tostring(math.max(0, tonumber(next_due[2]) - now)) end
 redis.call('DEL', WAKE)
-local reply = {1, tostring(answer or 0), granted, read_count, recovered, due_in}
+local reply = {1, tostring(answer or 0), granted, read_count, recovered, due_in, rejected}
 for _, v in ipairs(dwell) do reply[#reply + 1] = v end
 return reply

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import redis
-from celery import Celery
 
 from config.keys import FairKeys
 from tests.conftest import (
@@ -20,6 +19,7 @@ from tests.conftest import (
     worker_env,
 )
 from tests.load.common import ledger_micro
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
 
@@ -132,7 +132,7 @@ def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
     server = RedisServer(appendonly=True).start()
     env = worker_env(server.url(0), sandbox, WORKER_CONCURRENCY="8", RUNWARE_RATE_LIMIT="10")
     worker = WorkerProcess(env, name="chaos-redis").start()
-    producer = Celery(broker=server.url(0), backend=server.url(0))
+    producer = backend_app(broker=server.url(0), backend=server.url(0))
     try:
         pending = [
             producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"restart {n}"})

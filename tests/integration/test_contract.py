@@ -27,13 +27,15 @@ def _check_shape(result: dict[str, Any], prompt: str, versions: int) -> None:
 
 
 def test_a_bare_celery_app_enqueues_by_name(main_worker: RunningWorker, sandbox: Sandbox) -> None:
-    """Backend code that does not import this project: send_task by name, .get() the result."""
+    """Backend code that does not import this project: send_task by name to the fleet's queue
+    (the README's snippet), .get() the result."""
     bare = Celery(broker=main_worker.redis_url, backend=main_worker.redis_url)
     try:
         prompt = "quiet midnight tea ceremony in a giant overgrown glasshouse"
         result = bare.send_task(
             "tasks.enhance_prompt",
             kwargs={"prompt": prompt, "promptVersions": 3, "promptMaxLength": 260},
+            queue="enhance",
         ).get(timeout=30)
     finally:
         bare.close()

@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from tests.conftest import (
     FAST_REDELIVERY,
@@ -25,6 +24,7 @@ from tests.conftest import (
     worker_env,
 )
 from tests.load.common import ledger_micro
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
 
@@ -124,17 +124,24 @@ def test_a_failed_batch_item_is_a_dead_letter_too(
     )
 
 
-def test_pickle_is_refused(main_worker: RunningWorker, sandbox: Sandbox) -> None:
-    evil = Celery(broker=main_worker.redis_url, backend=main_worker.redis_url)
+def test_pickle_is_refused(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """A pickle message is never unpickled: the dispatcher sets it aside before any worker, and
+    it is listed among the failed jobs with the content type it was refused for."""
+    worker = start_worker("pickle")
+    evil = backend_app(broker=worker.redis_url, backend=worker.redis_url)
     evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     try:
         result = evil.send_task("tasks.enhance_prompt", kwargs={"prompt": "pickled"})
         deadline = time.monotonic() + 10
-        while "ContentDisallowed" not in main_worker.process.log():
-            assert time.monotonic() < deadline, "the worker did not refuse the pickle message"
-            time.sleep(0.05)
+        while not (listed := json.loads(_cli(worker.redis_url, "failed", "list", "--json"))):
+            assert time.monotonic() < deadline, "the pickle message was not set aside"
+            time.sleep(0.2)
+        (entry,) = listed
+        assert entry["task"] == "tasks.enhance_prompt"
+        assert "content type 'application/x-python-serialize'" in entry["reason"]
         assert result.state == "PENDING"
         assert sandbox.state.requests == 0
+        assert "ContentDisallowed" not in worker.process.log()  # no worker ever saw it
     finally:
         evil.close()
 
@@ -145,7 +152,7 @@ def test_a_redis_with_a_password(sandbox: Sandbox) -> None:
         url = server.url(0)
         assert password in url
         worker = WorkerProcess(worker_env(url, sandbox), name="auth").start()
-        producer = Celery(broker=url, backend=url)
+        producer = backend_app(broker=url, backend=url)
         try:
             result = producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "auth"})
             assert result.get(timeout=30)["text"]
@@ -171,3 +178,22 @@ def test_a_visibility_timeout_shorter_than_a_wait_stops_the_worker(bad: dict[str
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "CELERY_VISIBILITY_TIMEOUT_S=30 must be longer than" in line
+
+
+def test_a_retried_task_of_ones_own_keeps_its_taskuuid(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """`failed retry` of a task the project does not know by name (tests.shout derives its
+    taskUUID from the Celery task id): requeued under the same id, so the same taskUUID, and
+    Runware, which bills a taskUUID once, is not billed for it twice."""
+    worker = start_worker("dead-own", app="tests.integration.own_task_app")
+    sandbox.configure(fail_next=["400"])
+    failed = worker.app.send_task("tests.shout", kwargs={"prompt": "a loud lake"})
+    with pytest.raises(Exception, match="HTTP 400"):
+        failed.get(timeout=30)
+    (entry,) = json.loads(_cli(worker.redis_url, "failed", "list", "--json"))
+    out = _cli(worker.redis_url, "failed", "retry", entry["taskUUID"])
+    assert out.strip() == f"requeued 1 job(s): {failed.id}"
+    result = worker.app.AsyncResult(failed.id).get(timeout=30)
+    assert result["taskUUID"] == entry["taskUUID"]
+    assert sandbox.state.accepted == {entry["taskUUID"]: 1}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from celery import Celery, chord
+from celery import chord
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Connection
 
@@ -17,6 +17,7 @@ from config.backend import ResultStore
 from config.celery import result_backend_url
 from tests.conftest import StartWorker, assert_billed_once, wait_until
 from tests.load.common import ledger_micro
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer
 
@@ -45,7 +46,7 @@ def test_the_app_writes_results_through_the_one_trip_store(
     """Plain and compressed (a compressed result cannot be read by the script: its success
     is noted beside it, with the same lifetime)."""
     url = redis_server.url(9)
-    app = Celery(broker=url, backend=result_backend_url(url))
+    app = backend_app(broker=url, backend=result_backend_url(url))
     app.conf.result_compression = compression
     backend = app.backend
     assert isinstance(backend, ResultStore)
@@ -78,8 +79,8 @@ def test_a_result_written_by_the_store_reaches_a_waiting_get(redis_server: Redis
     write waits until the reader is subscribed (so only the published message can wake it),
     and the control shows that a write without the message does not wake it."""
     url = redis_server.url(9)
-    writer = Celery(broker=url, backend=result_backend_url(url))
-    reader = Celery(broker=url, backend=url)
+    writer = backend_app(broker=url, backend=result_backend_url(url))
+    reader = backend_app(broker=url, backend=url)
     client = redis.Redis.from_url(url)
 
     def subscribed(task_id: str) -> bool:
@@ -152,7 +153,7 @@ def test_compressed_results_are_smaller_and_read_by_a_plain_celery_producer(
     assert stored is not None
     assert stored.startswith(b"\x00celery-compressed\x00")
     assert len(stored) < len(json.dumps(result))
-    assert Celery(backend=worker.redis_url).AsyncResult(sent.id).get(timeout=5) == result  # type: ignore[attr-defined]
+    assert backend_app(backend=worker.redis_url).AsyncResult(sent.id).get(timeout=5) == result  # type: ignore[attr-defined]
     items = [
         worker.app.signature("tasks.enhance_batch_item", kwargs={"prompt": p, "priority": "batch"})
         for p in ("a fox", "an owl")

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import redis
-from celery import Celery
 
 from tests.conftest import StartWorker, assert_billed_once, worker_env
 from tests.load.common import max_in_window
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, WorkerProcess
 
@@ -146,7 +146,7 @@ def test_pools_follow_the_concurrency_the_worker_runs_with(
     url = redis_server.url(57)
     env = worker_env(url, sandbox, WORKER_CONCURRENCY="2", RUNWARE_BATCH_MAX="1")
     worker = WorkerProcess(env, name="wide", extra_args=["-c", "80"]).start()
-    producer = Celery(broker=url, backend=url)
+    producer = backend_app(broker=url, backend=url)
     try:
         pending = [
             producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"wide {n}"})

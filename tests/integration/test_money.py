@@ -308,3 +308,38 @@ def test_a_check_refused_for_the_key_keeps_the_call_unsettled(
     report = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
     assert report["unsettled_calls"] == 1
     client.close()
+
+
+def test_a_refusal_that_waits_only_on_reconciliation_spends_no_retries(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """A job the budget refuses only because unsettled calls hold it waits for their
+    reconciliation (re-scheduled, its retries untouched: here it has none), and runs once they
+    are settled; past RUNWARE_BUDGET_WAIT_MAX_S such a refusal counts as a retry again."""
+    worker = start_worker(
+        "budget-wait",
+        RUNWARE_DAILY_BUDGET_USD="0.003",
+        RUNWARE_MAX_RETRIES="0",
+        RUNWARE_BUDGET_WAIT_MAX_S="4",
+    )
+    client = redis.Redis.from_url(worker.redis_url)
+    crashed = Ledger(client, load_settings(_env_file=None))
+    held = str(uuid.uuid4())
+    crashed.begin(held, "team", 0.0025, "promptEnhance m")
+    crashed.give_up(held)  # unsettled: $0.0025 of $0.003 held until reconciled
+    waiting = worker.send(prompt="fits once the call is settled")
+    wait_until(
+        lambda: "waits for unsettled calls to be reconciled" in worker.process.log(), 20, "a wait"
+    )
+    assert crashed.release(held)  # reconciled: Runware never had it
+    assert waiting.get(timeout=30)["cost"] == 0.0013  # type: ignore[attr-defined]
+    assert "gave up" not in worker.process.log()
+    # A call that stays unsettled: the job waits 4 s, then fails with its retries spent.
+    held = str(uuid.uuid4())
+    crashed.begin(held, "team", 0.0025, "promptEnhance m")
+    crashed.give_up(held)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="gave up after 0 retries"):
+        worker.send(prompt="never fits").get(timeout=30)  # type: ignore[attr-defined]
+    assert time.monotonic() - started >= 3.5
+    client.close()

@@ -26,6 +26,7 @@ from tests.conftest import (
     scrape_metrics,
     wait_until,
 )
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, free_port
 
@@ -326,13 +327,12 @@ def test_ctrl_c_leaves_the_jobs_and_says_how_to_collect_them(
 def test_the_queue_depth_counts_jobs_not_yet_taken_in(redis_server: RedisServer) -> None:
     """With no dispatcher running, sent jobs stay in Celery's list (plain and priority): the
     depth gauge counts them there too."""
-    from celery import Celery
 
     from config.settings import load_settings
     from workers.metrics import RedisStateCollector
 
     url = redis_server.url(56)
-    producer = Celery(broker=url)
+    producer = backend_app(broker=url)
     producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "waiting"})
     producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "urgent"}, priority=6)
     producer.close()
@@ -544,7 +544,6 @@ def test_per_account_gauges_stay_bounded_with_the_rest_summed(redis_server: Redi
     import uuid
 
     import redis as redis_lib
-    from celery import Celery
 
     from config.settings import load_settings
     from tasks.dispatcher import Dispatcher, Intake
@@ -560,7 +559,7 @@ def test_per_account_gauges_stay_bounded_with_the_rest_summed(redis_server: Redi
     )
     client = redis_lib.Redis.from_url(url)
     client.flushdb()
-    producer = Celery(broker=url)
+    producer = backend_app(broker=url)
     for account, count in (("a", 5), ("b", 4), ("c", 1), ("d", 2)):
         for n in range(count):
             producer.send_task(

@@ -28,6 +28,7 @@ from celery import Celery
 
 from tests.conftest import run_cli, worker_env
 from tests.load.common import max_in_window
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import (
     READY,
@@ -176,7 +177,7 @@ def test_a_worker_on_a_tls_only_redis(
     # How a user configures a Celery producer for a TLS Redis (Celery's documented settings).
     plain = f"rediss://127.0.0.1:{tls_redis.port}/2"
     verify = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": certificates.server.ca}
-    producer = Celery(broker=plain, backend=plain)
+    producer = backend_app(broker=plain, backend=plain)
     producer.conf.broker_use_ssl = verify
     producer.conf.redis_backend_use_ssl = verify
     _run_rate_limited_jobs(worker, producer, url, sandbox, 25)
@@ -213,7 +214,7 @@ def test_a_worker_on_a_unix_socket_redis_with_a_password(sandbox: Sandbox) -> No
         # How a user points a Celery producer at a unix socket (kombu's and Celery's form).
         path = urlsplit(url).path
         socket_url = f"redis+socket://:{quote(SOCKET_PASSWORD, safe='')}@{path}?virtual_host=3"
-        producer = Celery(broker=socket_url, backend=socket_url)
+        producer = backend_app(broker=socket_url, backend=socket_url)
         _run_rate_limited_jobs(worker, producer, url, sandbox, 25)
     log = worker.log()
     assert SOCKET_PASSWORD not in log

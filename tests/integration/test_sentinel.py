@@ -15,12 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from celery import Celery
 
 from config.settings import load_settings
 from tasks.ledger import Ledger
 from tests.conftest import FAST_REDELIVERY, run_cli, wait_until, worker_env
 from tests.load.common import ledger_micro, max_in_window, result_across_failover
+from tests.producer import backend_app
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer, SentinelGroup, WorkerProcess
 
@@ -58,7 +58,7 @@ def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
     )
     workers = [WorkerProcess(env, name=f"sentinel{n}").start() for n in range(2)]
     # A producer as Celery documents it for Sentinel: nothing of this project's in it.
-    producer = Celery(broker=group.url, backend=group.url)
+    producer = backend_app(broker=group.url, backend=group.url)
     producer.conf.broker_transport_options = {"master_name": MASTER}
     producer.conf.result_backend_transport_options = {"master_name": MASTER}
     try:

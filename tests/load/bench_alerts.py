@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 from celery import Celery
 
+from tests.producer import backend_app
+
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "enhance-worker.json"
@@ -208,7 +210,7 @@ def main() -> None:
             port = worker.metrics_port()
             rules = short_rules(Path(directory))
             with PrometheusServer([f"127.0.0.1:{port}"], [rules]) as prometheus:
-                producer = Celery(broker=server.url(), backend=server.url())
+                producer = backend_app(broker=server.url(), backend=server.url())
                 report = run_scenario(producer, prometheus, sandbox.configure, KEY)
                 producer.close()
         finally:

@@ -25,13 +25,13 @@ import uuid
 from typing import Any
 
 import redis
-from celery import Celery
 
 from config.keys import FairKeys
 from config.settings import load_settings
 from tasks.dispatcher import Dispatcher, Intake
 from tasks.ledger import Ledger, call_shape
 from tasks.limiter import Limiter
+from tests.producer import backend_app
 from workers.sandbox.services import RedisServer
 
 SHAPE = call_shape({"taskType": "promptEnhance", "model": "m", "promptVersions": 1})
@@ -94,7 +94,7 @@ def bench_dispatcher(server: RedisServer, processes: int, messages: int, db: int
     url = server.url(db)
     settings = load_settings(_env_file=None, key_prefix="cap")
     client = redis.Redis.from_url(url)
-    producer = Celery(broker=url)
+    producer = backend_app(broker=url)
     for n in range(messages):
         producer.send_task(
             "tasks.enhance_prompt",

@@ -21,9 +21,8 @@ import itertools
 import time
 from typing import Any
 
-from celery import Celery
-
 from tests.load.common import KEY, ledger_micro, max_in_window, result_across_failover
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, SentinelGroup, WorkerProcess
 
 MASTER = "enhance"
@@ -70,7 +69,7 @@ def main() -> None:
         "LOG_LEVEL": "INFO",  # (the ready line the bench waits for is logged at INFO)
     }
     workers = [WorkerProcess(env, name=f"failover{n}") for n in range(args.workers)]
-    producer = Celery(broker=group.url, backend=group.url)
+    producer = backend_app(broker=group.url, backend=group.url)
     producer.conf.broker_transport_options = {"master_name": MASTER}
     producer.conf.result_backend_transport_options = {"master_name": MASTER}
     try:

@@ -58,6 +58,7 @@ from tests.load.common import (
     task_times,
 )
 from tests.load.plot import numbered, plot_rates
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess
 
 TASK = "tasks.enhance_prompt"
@@ -67,7 +68,7 @@ PRICE_MICRO = 1300  # the sandbox's price of one promptEnhance version
 # --- sending ----------------------------------------------------------------------------------
 def send_backlog(redis_url: str, jobs: Iterable[tuple[str, str]], label: str) -> list[str]:
     """Send (account, priority) jobs through one connection; their task ids, in order."""
-    sender = Celery(broker=redis_url)  # no result backend: no subscription per task
+    sender = backend_app(broker=redis_url)  # no result backend: no subscription per task
     ids: list[str] = []
     try:
         with sender.producer_or_acquire() as producer:

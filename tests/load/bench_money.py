@@ -66,11 +66,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
-from celery import Celery
 
 from config.keys import StateKeys
 from tests.load.bench_fairness import read_results
 from tests.load.common import KEY, fleet, ledger_micro, max_in_window, private_redis
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 ENHANCE = "tasks.enhance_prompt"
@@ -95,7 +95,7 @@ KILL_ENV = {
 # --- sending and reading ----------------------------------------------------------------------
 def send(redis_url: str, jobs: Iterable[tuple[str, dict[str, Any]]]) -> list[str]:
     """Send (task name, kwargs) jobs through one connection; their task ids, in order."""
-    sender = Celery(broker=redis_url)  # no result backend: results are read in bulk
+    sender = backend_app(broker=redis_url)  # no result backend: results are read in bulk
     ids: list[str] = []
     try:
         with sender.producer_or_acquire() as producer:

@@ -23,9 +23,9 @@ import tempfile
 import time
 
 import redis
-from celery import Celery
 
 from tests.load.common import KEY, ledger_micro, max_in_window
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess, redis_server_binary
 
 NET = "10.77.0"
@@ -126,7 +126,7 @@ def main() -> None:
     }
     workers = [HostWorker(host, env, name=host) for host in WORKER_HOSTS]
     client = redis.Redis.from_url(url)
-    producer = Celery(broker=url, backend=url)
+    producer = backend_app(broker=url, backend=url)
     try:
         deadline = time.monotonic() + 20
         while True:

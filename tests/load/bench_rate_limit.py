@@ -23,6 +23,7 @@ import redis
 
 from tests.load.common import accepted_by_prefix, fleet, private_redis, rate_report, run_jobs
 from tests.load.plot import plot_rates
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
@@ -86,9 +87,8 @@ def lease_recovery() -> dict[str, float]:
             "RUNWARE_TIMEOUT_S": "120",
         }
         worker = WorkerProcess(env, name="doomed").start()
-        from celery import Celery
 
-        producer = Celery(broker=server.url(), backend=server.url())
+        producer = backend_app(broker=server.url(), backend=server.url())
         for n in range(4):
             producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"held {n}"})
         client = redis.Redis.from_url(server.url())

@@ -40,6 +40,7 @@ from typing import Any
 import redis
 
 from tests.load.common import describe, fleet, private_redis, slowlog, worker_env
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
@@ -62,7 +63,6 @@ def series(port: int) -> int:
 
 
 def many_accounts(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
-    from celery import Celery
 
     env = worker_env(
         url,
@@ -77,7 +77,7 @@ def many_accounts(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -
         for worker in workers:
             worker.start()
         port = workers[0].metrics_port()
-        producer = Celery(broker=url, backend=url)
+        producer = backend_app(broker=url, backend=url)
         client.slowlog_reset()
         started = time.monotonic()
         pending = [
@@ -89,7 +89,7 @@ def many_accounts(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -
         ]
         sent_in = time.monotonic() - started
         during = series(port)
-        probe = Celery(broker=url, backend=url)  # another client, as another backend process
+        probe = backend_app(broker=url, backend=url)  # another client, as another backend process
         asked = time.monotonic()
         probe.send_task(
             "tasks.enhance_prompt", kwargs={"prompt": "now please", "account": "vip"}
@@ -116,7 +116,6 @@ def many_accounts(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -
 
 
 def flood(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
-    from celery import Celery
 
     from tests.load.common import max_in_window
 
@@ -130,7 +129,7 @@ def flood(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
     )
     sandbox.reset()
     sandbox.configure(latency_s=args.latency_s)
-    producer = Celery(broker=url, backend=url)
+    producer = backend_app(broker=url, backend=url)
     workers = [WorkerProcess(env, name=f"flood{n}") for n in range(args.workers)]
     try:
         for worker in workers:
@@ -171,8 +170,6 @@ def flood(url: str, sandbox: SandboxProcess, args: argparse.Namespace) -> None:
 def backlog_steps(args: argparse.Namespace) -> None:
     import statistics
 
-    from celery import Celery
-
     from config.settings import load_settings
     from tasks import dispatcher
     from tasks.dispatcher import Dispatcher, Intake
@@ -182,7 +179,7 @@ def backlog_steps(args: argparse.Namespace) -> None:
         with private_redis() as server:
             url = server.url(0)
             client = redis.Redis.from_url(url)
-            sender = Celery(broker=url)
+            sender = backend_app(broker=url)
             with sender.producer_or_acquire() as producer:
                 for n in range(args.backlog):
                     kwargs = {"prompt": "x" * chars, "account": f"a{n % 50}", "priority": "batch"}

@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 
 from tests.load.common import KEY, private_redis
+from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
@@ -91,7 +92,7 @@ def measure(
     sandbox: SandboxProcess,
     latency: float,
 ) -> dict[str, float]:
-    producer = Celery(broker=url, backend=url)
+    producer = backend_app(broker=url, backend=url)
     procs = [Proc(worker.pid) for worker in workers]
     sequential(producer, task, 20, make)  # warm up: connections, imports
     low = sequential(producer, task, 100, make)
@@ -204,7 +205,7 @@ def run_project(
 
 
 def soak(worker: WorkerProcess, url: str, jobs: int) -> None:
-    producer = Celery(broker=url, backend=url)
+    producer = backend_app(broker=url, backend=url)
     proc = Proc(worker.pid)
     chunk = max(1, jobs // 10)
     for start in range(0, jobs, chunk):

@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 
 from config.keys import StateKeys
+from tests.producer import backend_app
 from workers.sandbox.services import RedisServer, SandboxProcess, WorkerProcess
 
 KEY = "bench-key"
@@ -42,7 +43,7 @@ def fleet(
     try:
         for worker in workers:
             worker.start()
-        producer = Celery(broker=redis_url, backend=redis_url)
+        producer = backend_app(broker=redis_url, backend=redis_url)
         yield producer
         producer.close()
     finally:

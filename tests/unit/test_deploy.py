@@ -240,13 +240,13 @@ def test_keda_scales_the_worker_on_the_fleet_backlog() -> None:
     assert BACKLOG_METRIC in _promql_metrics(query)
     missing = _promql_metrics(query) - _exported_metrics()
     assert missing == set(), f"not declared in workers/metrics.py or tasks/metrics.py: {missing}"
-    # A `redis` list trigger, if any, reads the broker's `celery` list. It is the only way to wake
-    # a fleet scaled to zero (no worker then exports the metric or drains `celery`).
+    # A `redis` list trigger, if any, reads the fleet's queue `enhance`. It is the only way to wake
+    # a fleet scaled to zero (no worker then exports the metric or drains `enhance`).
     redis = [t for t in triggers if t["type"] == "redis"]
     assert len(triggers) == 1 + len(redis)
     for trigger in redis:
         meta = trigger["metadata"]
-        assert meta["listName"] == "celery"
+        assert meta["listName"] == "enhance"
         address = f"redis://{meta['address']}/{meta.get('databaseIndex', '0')}"
         assert address == CONFIGMAP["REDIS_URL"]
     assert spec["minReplicaCount"] >= 1 or redis

@@ -34,7 +34,11 @@ def message(
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {"lang": "py", "task": task, "id": "id-1", **more, **headers},
-            "properties": {"body_encoding": "base64", "delivery_tag": "tag-1"},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": "tag-1",
+                "delivery_info": {"exchange": "", "routing_key": "enhance"},
+            },
         }
     ).encode()
 
@@ -81,9 +85,33 @@ def test_tasks_that_need_no_grant_and_unknown_tasks() -> None:
     assert (unknown.kind, unknown.tag) == (OTHER, "tag-1")
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"body": "", "headers": 3}', b"\xff"])
-def test_what_is_not_a_celery_message_is_other(raw: bytes) -> None:
-    assert read(raw, RUNWARE, KNOWN).kind == OTHER
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"body": "", "headers": {}}', "no `properties`"),
+        (b'{"body": "", "properties": {"delivery_info": {}}}', "no `delivery_tag`"),
+        (b'{"body": "", "properties": {"delivery_tag": "t"}}', "no `delivery_info`"),
+        (b'{"properties": {"delivery_tag": "t", "delivery_info": {}}}', "no `body`"),
+    ],
+)
+def test_what_no_worker_could_read_is_bad_with_its_reason(raw: bytes, reason: str) -> None:
+    found = read(raw, RUNWARE, KNOWN)
+    assert found.kind == messages.BAD
+    assert found.reason.startswith(reason)
+
+
+def test_a_content_type_or_compression_the_workers_cannot_read_is_bad() -> None:
+    pickled = json.loads(message())
+    pickled["content-type"] = "application/x-python-serialize"
+    found = read(json.dumps(pickled).encode(), RUNWARE, KNOWN)
+    assert (found.kind, found.task) == (messages.BAD, "tasks.enhance_prompt")
+    assert "application/x-python-serialize" in found.reason
+    squeezed = read(message(compression="application/x-snappy"), RUNWARE, KNOWN)
+    assert squeezed.kind == messages.BAD
+    assert "compression 'application/x-snappy'" in squeezed.reason
 
 
 def test_an_eta_is_due_at_its_time_utc_when_it_names_no_zone() -> None:
@@ -124,7 +152,7 @@ def test_protocol_1_messages_are_read_from_their_body() -> None:
             "body": base64.b64encode(json.dumps(body).encode()).decode(),
             "content-type": "application/json",
             "headers": {},
-            "properties": {"body_encoding": "base64", "delivery_tag": "t"},
+            "properties": {"body_encoding": "base64", "delivery_tag": "t", "delivery_info": {}},
         }
     ).encode()
     found = read(raw, RUNWARE, KNOWN)
@@ -136,3 +164,34 @@ def test_the_fingerprint_covers_both_ends() -> None:
     b = a.replace(b"tag-1", b"tag-2")
     assert messages.fingerprint(a) != messages.fingerprint(b)
     assert messages.fingerprint(a).startswith(f"{len(a)}:")
+
+
+@pytest.mark.parametrize(
+    "account", ["a", "team-a.b:c@d_e", "a b", "team\n", "x" * 64, "x" * 65, "", "é", 3]
+)
+@pytest.mark.parametrize("priority", ["interactive", "batch", "high", None])
+def test_the_dispatcher_grants_exactly_the_calls_the_tasks_accept(
+    account: Any, priority: Any
+) -> None:
+    """One rule, from both sides: a call the dispatcher grants is one its task accepts, and a
+    call it passes without a grant is one its task refuses (so no call is made ungranted)."""
+    from pydantic import ValidationError
+
+    from tasks.schemas import EnhanceRequest, check_account, check_priority
+
+    kwargs = {"prompt": "p", "account": account, "priority": priority}
+    granted = read(message(kwargs), RUNWARE, KNOWN).kind == CALL
+    try:
+        EnhanceRequest(**kwargs)
+    except ValidationError:
+        accepted = False
+    else:
+        accepted = True
+    try:  # what tasks.reconcile_call checks
+        check_account(account)
+        check_priority(priority)
+    except ValueError:
+        reconcile_accepts = False
+    else:
+        reconcile_accepts = True
+    assert granted == accepted == reconcile_accepts

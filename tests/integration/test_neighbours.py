@@ -1,0 +1,89 @@
+"""Sharing Redis with other software: another Celery app with its own worker and Celery's
+default queue beside the fleet, each gets all of its own jobs done and never sees the other's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from tests.conftest import StartWorker, run_cli
+
+
+def _start_other_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "celery", "-A", "tests.integration.other_app", "worker",
+        "--pool", "threads", "-c", "4", "--without-mingle", "--without-gossip",
+        "--hostname", "otherapp@%h", "--loglevel", "INFO",
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "OTHER_APP_REDIS_URL": url},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while " ready." not in log.read_text(errors="replace"):
+        assert process.poll() is None, log.read_text(errors="replace")[-2000:]
+        assert time.monotonic() < deadline, "the other app's worker was not ready in 30 s"
+        time.sleep(0.1)
+    return process
+
+
+def test_another_celery_app_on_the_same_redis_keeps_its_jobs_and_we_keep_ours(
+    start_worker: StartWorker,
+) -> None:
+    ours = start_worker("neighbour")
+    log = Path(tempfile.mkstemp(prefix="otherapp-", suffix=".log")[1])
+    other_worker = _start_other_worker(ours.redis_url, log)
+    theirs_app = Celery("otherapp", broker=ours.redis_url, backend=ours.redis_url)
+    try:
+        theirs = [theirs_app.send_task("otherapp.add", args=[n, n]) for n in range(50)]
+        mine = [ours.send(prompt=f"a lighthouse, neighbour {n}") for n in range(50)]
+        assert [r.get(timeout=90) for r in theirs] == [2 * n for n in range(50)]
+        done = [r.get(timeout=90) for r in mine]  # type: ignore[attr-defined]
+        assert len({d["taskUUID"] for d in done}) == 50
+    finally:
+        theirs_app.close()
+        other_worker.terminate()
+        other_worker.wait(timeout=20)
+    assert "unregistered task" not in log.read_text(errors="replace")
+    assert "unregistered task" not in ours.process.log()
+
+
+def test_messages_no_worker_could_read_go_to_the_dead_letters_and_no_worker_dies(
+    start_worker: StartWorker,
+) -> None:
+    """A non-JSON string and an envelope without `properties` on the fleet's queue (kombu raises
+    on both outside any recoverable error: a worker that took one exited): both are filed in the
+    dead letters with their reason before any worker sees them, every worker stays up, and the
+    next 20 jobs are done."""
+    first = start_worker("unreadable")
+    second = start_worker("unreadable", same_db_as=first)
+    client = redis.Redis.from_url(first.redis_url)
+    client.lpush("enhance", b"this is not a message")
+    client.lpush(
+        "enhance", json.dumps({"body": "e30=", "headers": {"task": "tasks.enhance_prompt"}})
+    )
+    client.close()
+    done = [first.send(prompt=f"after the garbage {n}") for n in range(20)]
+    assert len({r.get(timeout=60)["taskUUID"] for r in done}) == 20  # type: ignore[attr-defined]
+    for worker in (first, second):
+        assert worker.process.process is not None
+        assert worker.process.process.poll() is None, worker.process.log()[-2000:]
+    listed = json.loads(run_cli(first.redis_url, "failed", "list", "--json", check=True).stdout)
+    reasons = sorted(e["reason"] for e in listed)
+    assert len(reasons) == 2, listed
+    assert reasons[0].startswith("UnreadableMessage: no `properties` object in the envelope")
+    assert reasons[1].startswith("UnreadableMessage: not JSON")
+    assert {e["task"] for e in listed} == {"tasks.enhance_prompt", "(unreadable message)"}
+    assert any(e["message"] == "this is not a message" for e in listed)
