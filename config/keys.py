@@ -77,6 +77,12 @@ class FairKeys:
         return self._k(f"credit:{klass}")
 
     @property
+    def intakes(self) -> str:
+        """What each live worker process would read: its queues (-Q), its tasks and which of
+        them call Runware (worker id -> JSON); the dispatcher serves the union."""
+        return self._k("workers:intake")
+
+    @property
     def rejected(self) -> str:
         """Messages no worker could read, set aside by the dispatcher's step until it files
         them in the dead letters (a list)."""

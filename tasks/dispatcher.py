@@ -27,6 +27,7 @@ jobs never pile up and then burst out faster than the rate.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -68,6 +69,30 @@ class Intake:
     runware_tasks: frozenset[str]
     known_tasks: frozenset[str]
 
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "queues": list(self.queues),
+                "runware": sorted(self.runware_tasks),
+                "known": sorted(self.known_tasks),
+            }
+        )
+
+    def union(self, others: list[bytes]) -> Intake:
+        """This intake with every other live worker's (their JSON, as heartbeat.lua returns
+        them): its own queues first (the blocking wait watches the first), then the others'."""
+        queues, runware, known = list(self.queues), set(self.runware_tasks), set(self.known_tasks)
+        for raw in others:
+            try:
+                other = json.loads(raw)
+                more = [str(q) for q in other["queues"]]
+                runware.update(str(t) for t in other["runware"])
+                known.update(str(t) for t in other["known"])
+            except (ValueError, KeyError, TypeError):
+                continue  # written by another version: its own beat will say it again
+            queues.extend(q for q in sorted(more) if q not in queues)
+        return Intake(tuple(queues), frozenset(runware), frozenset(known))
+
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -100,7 +125,8 @@ class Dispatcher(threading.Thread):
         super().__init__(name="fair-dispatcher", daemon=True)
         self.redis = client
         self.settings = settings
-        self.intake = intake
+        self.own_intake = intake  # what this worker reads (its -Q and its tasks)
+        self.intake = intake  # what the fleet reads: the union of every live worker's
         self.threads = threads
         self.limiter = limiter  # told when the fleet has cool-down strikes to clear
         self.keys = FairKeys(settings.key_prefix)
@@ -128,12 +154,49 @@ class Dispatcher(threading.Thread):
             logger.warning("Could not leave the fleet cleanly (%s); it expires.", exc)
 
     def _beat(self, threads: int) -> None:
-        strikes = self._heartbeat(
-            keys=[self.keys.workers, self.keys.workers_seen, self.keys.strikes],
-            args=[self.id, threads, REGISTRATION_S],
+        keys = self.keys
+        reply = self._heartbeat(
+            keys=[keys.workers, keys.workers_seen, keys.strikes, keys.intakes],
+            args=[self.id, threads, REGISTRATION_S, self.own_intake.as_json()],
         )
-        if strikes and self.limiter is not None:
+        if reply[0] and self.limiter is not None:
             self.limiter.strikes = True
+        if threads:
+            self._serve(self.own_intake.union(reply[1:]))
+            self._watch_own_queue()
+
+    def _serve(self, intake: Intake) -> None:
+        """Read and grant for `intake` from the next step on: workers started with different
+        -Q sets or task modules are all served, whichever of them holds the role."""
+        if intake == self.intake:
+            return
+        if set(intake.queues) != set(self.own_intake.queues) or (
+            intake.runware_tasks != self.own_intake.runware_tasks
+        ):
+            logger.warning(
+                "Workers of the fleet read different queues or know different tasks; the "
+                "dispatcher serves them all: queues %s (this worker's: %s), %d task(s) that call "
+                "Runware.",
+                ", ".join(intake.queues),
+                ", ".join(self.own_intake.queues),
+                len(intake.runware_tasks),
+            )
+        self.intake = intake
+        self._source_keys = celery_queue_keys(intake.queues)
+        self._pump_keys, self._pump_args = self._pump_keys_args()
+
+    def _watch_own_queue(self) -> None:
+        """The jobs waiting in the fleet's own queue (CELERY_TASK_DEFAULT_QUEUE) while no live
+        worker reads it (every one started with a -Q that leaves it out): a gauge the alert
+        QueueWithoutReader watches; 0 while it is read."""
+        queue = self.settings.celery_task_default_queue
+        waiting = 0
+        if queue not in self.intake.queues:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in celery_queue_keys([queue]):
+                    pipe.llen(key)
+                waiting = sum(pipe.execute())
+        metrics.UNREAD_QUEUE.labels(queue).set(waiting)
 
     def run(self) -> None:
         holding = False

@@ -37,6 +37,12 @@ RUNWARE_BATCH_SIZE = Histogram(
     "Tasks carried by one HTTP request to Runware (RUNWARE_BATCH_MAX, RUNWARE_BATCH_WINDOW_MS).",
     buckets=(1, 2, 3, 4, 6, 8, 10, 16, 25, 50, 100),
 )
+UNREAD_QUEUE = Gauge(
+    "enhance_unread_queue_jobs",
+    "Jobs waiting in the fleet's own queue while no live worker reads it (each started with a "
+    "-Q that leaves it out); 0 while it is read.",
+    ["queue"],
+)
 RUNWARE_IN_FLIGHT = Gauge(
     "enhance_runware_in_flight_calls",
     "Calls to Runware open right now in this worker.",

@@ -14,7 +14,10 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from tests.conftest import StartWorker, run_cli
+from tests.conftest import StartWorker, run_cli, worker_env
+from tests.producer import backend_app
+from workers.sandbox import Sandbox
+from workers.sandbox.services import RedisServer, WorkerProcess
 
 
 def _start_other_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
@@ -87,3 +90,32 @@ def test_messages_no_worker_could_read_go_to_the_dead_letters_and_no_worker_dies
     assert reasons[1].startswith("UnreadableMessage: not JSON")
     assert {e["task"] for e in listed} == {"tasks.enhance_prompt", "(unreadable message)"}
     assert any(e["message"] == "this is not a message" for e in listed)
+
+
+def test_a_worker_reading_other_queues_that_holds_the_role_still_serves_ours(
+    sandbox: Sandbox,
+) -> None:
+    """A worker started with `-Q video` first holds the dispatcher role; a normal worker joins.
+    The dispatcher serves the union of the live workers' queues: 30/30 jobs sent to `enhance`
+    are done, and nothing waits unread."""
+    with RedisServer() as server:
+        url = server.url(0)
+        video = WorkerProcess(worker_env(url, sandbox), name="qvideo", extra_args=["-Q", "video"])
+        video.start()
+        normal = WorkerProcess(worker_env(url, sandbox), name="qnormal").start()
+        client = redis.Redis.from_url(url)
+        producer = backend_app(broker=url, backend=url)
+        try:
+            holder = client.get("enhance:fair:dispatcher") or b""
+            assert f":{video.pid}:".encode() in holder  # the -Q video worker pumps
+            sent = [
+                producer.send_task("tasks.enhance_prompt", kwargs={"prompt": f"union {n}"})
+                for n in range(30)
+            ]
+            assert len({r.get(timeout=60)["taskUUID"] for r in sent}) == 30
+        finally:
+            producer.close()
+            client.close()
+            normal.stop()
+            video.stop()
+        assert "serves them all: queues video, enhance" in video.log()

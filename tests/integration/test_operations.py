@@ -178,7 +178,7 @@ def test_metrics_after_a_run(start_worker: StartWorker, sandbox: Sandbox) -> Non
     assert m[(jobs, (("outcome", "failure"), ("task", "tasks.enhance_prompt")))] == 1
     assert m[("enhance_job_retries_total", (("task", "tasks.enhance_prompt"),))] == 1
     assert m[("enhance_dead_letters_total", (("task", "tasks.enhance_prompt"),))] == 1
-    assert m[("enhance_queue_depth", (("queue", "celery"),))] == 0
+    assert m[("enhance_queue_depth", (("queue", "enhance"),))] == 0
     assert m[("enhance_fleet_in_flight_calls", ())] == 0
     assert m[("enhance_dead_letter_jobs", ())] == 1
     assert m[("enhance_runware_in_flight_calls", ())] == 0
@@ -212,7 +212,7 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     wait_until(lambda: scrape_metrics(port)[oldest] > first, 30, "the oldest wait grows")
     m = scrape_metrics(port)
     assert m[key] == 19
-    assert m[("enhance_queue_depth", (("queue", "celery"),))] == 19  # (the running one is not)
+    assert m[("enhance_queue_depth", (("queue", "enhance"),))] == 19  # (the running one is not)
     assert m[("enhance_fleet_in_flight_calls", ())] == 1
     assert m[("enhance_runware_in_flight_calls", ())] == 1
     assert m[("enhance_delayed_jobs", ())] == 1  # the countdown waits in Redis
@@ -221,7 +221,7 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     assert all(r.get(timeout=60)["text"] for r in bulk)
     later.revoke()
     m = scrape_metrics(port)
-    assert m[("enhance_queue_depth", (("queue", "celery"),))] == 0
+    assert m[("enhance_queue_depth", (("queue", "enhance"),))] == 0
     assert key not in m
     assert m[("enhance_fleet_in_flight_calls", ())] == 0
 
@@ -336,7 +336,7 @@ def test_the_queue_depth_counts_jobs_not_yet_taken_in(redis_server: RedisServer)
     producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "waiting"})
     producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "urgent"}, priority=6)
     producer.close()
-    collector = RedisStateCollector(load_settings(_env_file=None, redis_url=url), ["celery"])
+    collector = RedisStateCollector(load_settings(_env_file=None, redis_url=url), ["enhance"])
     depth = {
         sample.name: sample.value
         for family in collector.collect()
@@ -386,7 +386,7 @@ def test_the_fleet_gauges_read_money_limits_and_cool_down_from_redis(
     limiter.note("throttled")
 
     def gauges() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        collector = RedisStateCollector(settings, ["celery"])
+        collector = RedisStateCollector(settings, ["enhance"])
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in collector.collect()
@@ -436,7 +436,7 @@ def test_the_fleet_gauges_read_money_limits_and_cool_down_from_redis(
     assert ("enhance_redis_used_memory_bytes", (("redis", "state"),)) not in m
 
     # Scrapes within the reading's lifetime share it: two collects, one run of each script.
-    collector = RedisStateCollector(settings, ["celery"])
+    collector = RedisStateCollector(settings, ["enhance"])
     collector.ttl_s = 3600.0  # the same reading, however slow this machine is between collects
     before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     first, second = list(collector.collect()), list(collector.collect())
@@ -530,7 +530,9 @@ def test_with_fleet_gauges_from_the_dispatcher_one_worker_reports_them(
     ports = [metrics_port(first), metrics_port(second)]
 
     def reporters() -> list[bool]:
-        return [("enhance_queue_depth", (("queue", "celery"),)) in scrape_metrics(p) for p in ports]
+        return [
+            ("enhance_queue_depth", (("queue", "enhance"),)) in scrape_metrics(p) for p in ports
+        ]
 
     wait_until(lambda: sorted(reporters()) == [False, True], 30, "exactly one worker reporting")
     for port in ports:  # a worker's own metrics are there either way
@@ -568,7 +570,7 @@ def test_per_account_gauges_stay_bounded_with_the_rest_summed(redis_server: Redi
             )
     producer.close()
     runware = frozenset({"tasks.enhance_prompt"})
-    intake = Intake(("celery",), runware, runware)
+    intake = Intake(("enhance",), runware, runware)
     dispatcher = Dispatcher(client, settings, intake, threads=0)  # no thread: nothing granted
     client.set(dispatcher.keys.dispatcher, dispatcher.id)
     dispatcher.pump()
@@ -579,7 +581,7 @@ def test_per_account_gauges_stay_bounded_with_the_rest_summed(redis_server: Redi
         ledger.end(task, account, cost, [{"text": "x"}])
     m = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in RedisStateCollector(settings, ["celery"]).collect()
+        for family in RedisStateCollector(settings, ["enhance"]).collect()
         for s in family.samples
     }
     waiting = {
