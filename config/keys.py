@@ -28,6 +28,20 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_UNACKED = "unacked"
 
 
+def other_layout_keys(queues: tuple[str, ...] | list[str]) -> list[str]:
+    """The lists a producer with other kombu `priority_steps` or `sep` would put these queues'
+    messages in (Celery's documentation suggests steps 0..9 and sep ':' for Redis): every step
+    1..9 under kombu's separator and under ':', less the lists `celery_queue_keys` names."""
+    usual = set(celery_queue_keys(queues))
+    return [
+        key
+        for name in queues
+        for sep in (KOMBU_PRIORITY_SEPARATOR, ":")
+        for step in range(1, 10)
+        if (key := f"{name}{sep}{step}") not in usual
+    ]
+
+
 def celery_queue_keys(queues: tuple[str, ...] | list[str]) -> list[str]:
     """The Redis lists that hold the messages of these Celery queues, in kombu's order."""
     return [

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import redis
 
-from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys
+from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys, other_layout_keys
 from config.settings import Settings
 from tasks import messages, metrics, scripts
 from tasks.deadletter import DeadLetters, get_dead_letters
@@ -135,6 +135,8 @@ class Dispatcher(threading.Thread):
         self._pump = scripts.register(client, "pump")
         self._heartbeat = scripts.register(client, "heartbeat")
         self._last_beat = 0.0
+        self._other_layouts: list[str] = []  # lists of producers with other priority steps
+        self._unread = True  # whether messages may wait to be read before the next step
         self._source_keys = celery_queue_keys(intake.queues)
         self._pump_keys, self._pump_args = self._pump_keys_args()
         self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
@@ -163,6 +165,7 @@ class Dispatcher(threading.Thread):
             self.limiter.strikes = True
         if threads:
             self._serve(self.own_intake.union(reply[1:]))
+            self._look_for_other_layouts()
             self._watch_own_queue()
 
     def _serve(self, intake: Intake) -> None:
@@ -182,7 +185,30 @@ class Dispatcher(threading.Thread):
                 len(intake.runware_tasks),
             )
         self.intake = intake
-        self._source_keys = celery_queue_keys(intake.queues)
+        self._source_keys = celery_queue_keys(intake.queues) + self._other_layouts
+        self._pump_keys, self._pump_args = self._pump_keys_args()
+
+    def _look_for_other_layouts(self) -> None:
+        """Read, too, the lists a producer with other kombu `priority_steps` or `sep` filled
+        (checked every heartbeat: one EXISTS per possible list), so that its jobs are served
+        rather than left where no worker looks."""
+        candidates = other_layout_keys(self.intake.queues)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in candidates:
+                pipe.exists(key)
+            found = [key for key, n in zip(candidates, pipe.execute(), strict=True) if n]
+        found = sorted(set(found) | set(self._other_layouts))  # once seen, read until restart
+        if found == self._other_layouts:
+            return
+        logger.warning(
+            "Messages in %s: a producer sends with kombu `priority_steps` or `sep` other than "
+            "the workers' (steps 0, 3, 6, 9 and kombu's separator); the dispatcher reads them "
+            "too, but their Celery priority is not used. Configure producers without those "
+            "transport options.",
+            ", ".join(repr(k) for k in found),
+        )
+        self._other_layouts = found
+        self._source_keys = celery_queue_keys(self.intake.queues) + found
         self._pump_keys, self._pump_args = self._pump_keys_args()
 
     def _watch_own_queue(self) -> None:
@@ -318,11 +344,15 @@ class Dispatcher(threading.Thread):
     def pump(self) -> tuple[int, float, int, float]:
         """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
         script_keys, args = self._pump_keys, self._pump_args
-        reply = scripts.run(self._pump, script_keys, [*args, *self._reads()])
-        code, wait, granted, _read, recovered, due_in, rejected = reply[:7]
+        # Messages are looked at only when the last step said some wait to be read (or one was
+        # just taken in by the blocking wait): a step with nothing to read is one round trip.
+        reads = self._reads() if self._unread else [0] * (len(self._source_keys) + 2)
+        reply = scripts.run(self._pump, script_keys, [*args, *reads])
+        code, wait, granted, _read, recovered, due_in, rejected, unread = reply[:8]
+        self._unread = int(code) != Pump.OK or bool(int(unread))
         if int(rejected):
             self._file_rejected()
-        for index in range(7, len(reply), 3):
+        for index in range(8, len(reply), 3):
             account, klass, waited = reply[index : index + 3]
             label = metrics.ACCOUNTS.label(account.decode())
             metrics.LIMIT_WAIT.labels(label, PRIORITY_NAMES[klass.decode()]).observe(float(waited))
@@ -365,13 +395,14 @@ class Dispatcher(threading.Thread):
             # popped, so a kill here loses nothing: the next step reads the intake list).
             if timeout > 0.1:
                 # (Redis takes a fractional timeout; redis-py's annotation says int.)
-                self.redis.blmove(
+                moved = self.redis.blmove(
                     self._source_keys[0],
                     self.keys.intake,
                     timeout,  # type: ignore[arg-type]
                     "RIGHT",
                     "LEFT",
                 )
+                self._unread = self._unread or moved is not None
             else:
                 self._stopped.wait(timeout)
         elif timeout <= 0.25:

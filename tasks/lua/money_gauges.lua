@@ -5,7 +5,8 @@
 --       2 reservations (hash taskUUID -> cjson {e = estimate micro, a = account, ...})
 --       3 reservations by due time (zset)   4 reserved sums (hash: total, acct:<a>)
 --       5 dead letters (list)
--- Returns {dead letters, unsettled calls, today's totals (flat HGETALL), reserved sums (flat),
+-- Returns {dead letters, unsettled calls, today's fleet total (flat: 'total' -> micro; the
+--          per-account fields are read in chunks by the caller), reserved sums (flat),
 --          unsettled by account (flat: 'total' and 'acct:<a>' -> micro)}
 -- A reservation is unsettled once it is due (its job stopped following it); until the
 -- reconciler settles it, it counts against the budgets at its estimate, like one in progress.
@@ -40,6 +41,6 @@ for _, field in ipairs(order) do
   unsettled[#unsettled + 1] = sums[field]
 end
 return {
-  redis.call('LLEN', KEYS[5]), count, redis.call('HGETALL', KEYS[1]),
+  redis.call('LLEN', KEYS[5]), count, {'total', redis.call('HGET', KEYS[1], 'total') or 0},
   redis.call('HGETALL', KEYS[4]), unsettled,
 }

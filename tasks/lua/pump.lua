@@ -47,15 +47,18 @@
 --         delivery tag, due time (epoch seconds or ''). A message popped here whose fingerprint
 --         differs (another consumer took the one that was read) ends that list's reading for
 --         the step, and what was popped goes back as it was.
--- Returns {code, wait, granted, read, recovered, due_in, rejected, account1, class1, dwell1, ...}
+-- Returns {code, wait, granted, read, recovered, due_in, rejected, unread,
+--          account1, class1, dwell1, ...}
 --   code 1 OK, -3 NOT_DISPATCHER (this caller does not hold the lock)
 --   wait: '0' more may be due now; > 0 seconds to the next possible grant; '-1' nobody waits;
 --         '-2' the in-flight cap or every worker thread is taken
 --   due_in: seconds until the next delayed message is due, '-1' none
 --   rejected: messages this step set aside as unreadable (KEYS[32])
+--   unread: messages left to read after this step (the intake list, the Celery queues, delayed
+--           ones due): the dispatcher reads them before its next step, which is then due now
 --   then one triple per grant: account, class (i|b), seconds it waited since intake
 
-if redis.call('GET', KEYS[9]) ~= ARGV[1] then return {-3, '0', 0, 0, 0, '-1', 0} end
+if redis.call('GET', KEYS[9]) ~= ARGV[1] then return {-3, '0', 0, 0, 0, '-1', 0, 0} end
 redis.call('PEXPIRE', KEYS[9], tonumber(ARGV[2]))
 
 local INTAKE, DELAYED, READY, LEASES, TRANSIT, TRANSIT_AT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -388,12 +391,14 @@ end
 -- at once, and the timeline restarts at it): it goes, so the set holds the accounts that
 -- called in about their last interval, not one entry for every account ever rate-limited.
 redis.call('ZREMRANGEBYSCORE', ACCT_TAT, '-inf', now - 1)
-if read_count >= max_read then answer = 0 end
+local unread = redis.call('LLEN', INTAKE) + redis.call('ZCOUNT', DELAYED, '-inf', now)
+for _, key in ipairs({unpack(KEYS, 33)}) do unread = unread + redis.call('LLEN', key) end
+if unread > 0 then answer = 0 end
 
 local due_in = '-1'
 local next_due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
 if next_due[2] then due_in = tostring(math.max(0, tonumber(next_due[2]) - now)) end
 redis.call('DEL', WAKE)
-local reply = {1, tostring(answer or 0), granted, read_count, recovered, due_in, rejected}
+local reply = {1, tostring(answer or 0), granted, read_count, recovered, due_in, rejected, unread}
 for _, v in ipairs(dwell) do reply[#reply + 1] = v end
 return reply

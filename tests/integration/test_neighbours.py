@@ -119,3 +119,25 @@ def test_a_worker_reading_other_queues_that_holds_the_role_still_serves_ours(
             normal.stop()
             video.stop()
         assert "serves them all: queues video, enhance" in video.log()
+
+
+def test_a_producer_with_other_priority_steps_and_sep_is_served(start_worker: StartWorker) -> None:
+    """Celery's documentation suggests `priority_steps` 0..9 and `sep` ':' for Redis: such a
+    producer's priority-5 message lands in `enhance:5`, a list the workers' own layout never
+    names. The dispatcher finds it within a heartbeat, serves it, and says why."""
+    worker = start_worker("steps")
+    producer = backend_app(broker=worker.redis_url, backend=worker.redis_url)
+    producer.conf.broker_transport_options = {
+        "priority_steps": list(range(10)),
+        "sep": ":",
+        "queue_order_strategy": "priority",
+    }
+    try:
+        result = producer.send_task(
+            "tasks.enhance_prompt", kwargs={"prompt": "a fox in steps"}, priority=5
+        )
+        assert result.get(timeout=30)["text"]
+    finally:
+        producer.close()
+    assert "'enhance:5'" in worker.process.log()
+    assert "a producer sends with kombu `priority_steps` or `sep`" in worker.process.log()
