@@ -107,7 +107,8 @@ def bench_dispatcher(server: RedisServer, processes: int, messages: int, db: int
     consumers = [
         ctx.Process(target=_consume, args=(url, keys, messages, taken)) for _ in range(processes)
     ]
-    intake = Intake(("celery",), frozenset({"tasks.enhance_prompt"}), frozenset())
+    runware = frozenset({"tasks.enhance_prompt"})
+    intake = Intake(("enhance",), runware, runware)
     dispatcher = Dispatcher(client, settings, intake, 64, Limiter(client, settings))
     for consumer in consumers:
         consumer.start()

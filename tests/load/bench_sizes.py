@@ -186,13 +186,13 @@ def backlog_steps(args: argparse.Namespace) -> None:
                     sender.send_task(task, kwargs=kwargs, producer=producer)
             sender.close()
             settings = load_settings(_env_file=None, runware_rate_limit=1.0)
-            intake = Intake(("celery",), frozenset({task}), frozenset({task}))
+            intake = Intake(("enhance",), frozenset({task}), frozenset({task}))
             pump = Dispatcher(client, settings, intake, 4)
             client.config_set("slowlog-log-slower-than", 0)
             client.config_set("slowlog-max-len", 1_000_000)
             client.slowlog_reset()
             started = time.monotonic()
-            while client.llen("celery"):
+            while client.llen("enhance"):
                 client.set(pump.keys.dispatcher, pump.id)  # this process holds the role
                 pump.pump()
             took = time.monotonic() - started
