@@ -138,7 +138,11 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             )
 
     def reschedule(
-        self, countdown: float, why: str, headers: dict[str, Any] | None = None
+        self,
+        countdown: float,
+        why: str,
+        headers: dict[str, Any] | None = None,
+        continues: bool = True,
     ) -> Ignore:
         """Send this job again in `countdown` seconds without touching its retry budget.
 
@@ -154,7 +158,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             self.request,
             countdown=countdown,
             retries=self.request.retries,
-            headers={**self._headers(continues=True), **(headers or {})},
+            headers={**self._headers(continues=continues), **(headers or {})},
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
 
@@ -164,6 +168,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         due) or starts over (a retry: it queues behind the account's waiting jobs, as a new
         job would, so that failing jobs cannot keep fresh ones from ever starting)."""
         own = self.request.headers if isinstance(self.request.headers, dict) else {}
+        # (A budget wait's start goes only to the re-schedule that continues that wait.)
+        own = {k: v for k, v in own.items() if k != BUDGET_WAIT_HEADER}
         return {**own, CONTINUES_HEADER: "1" if continues else "0"}
 
     def on_failure(
@@ -279,7 +285,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             if left > 0:
                 countdown = min(exc.retry_after or settings.runware_reconcile_s, left)
                 why = f"waits for unsettled calls to be reconciled ({exc})"
-                raise self.reschedule(countdown, why, {BUDGET_WAIT_HEADER: repr(since)})
+                # Not ahead of its account's queue (it is no call under way): like a retry.
+                raise self.reschedule(
+                    countdown, why, {BUDGET_WAIT_HEADER: repr(since)}, continues=False
+                )
         retries = int(self.request.retries or 0)
         limit = _or(self.retry_limit, settings.runware_max_retries)
         if retries >= limit:

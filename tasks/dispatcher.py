@@ -46,6 +46,7 @@ from tasks.deadletter import DeadLetters, get_dead_letters
 from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
 from tasks.state import seconds as redis_seconds
+from tasks.state import text
 
 logger = logging.getLogger(__name__)
 
@@ -190,26 +191,36 @@ class Dispatcher(threading.Thread):
 
     def _look_for_other_layouts(self) -> None:
         """Read, too, the lists a producer with other kombu `priority_steps` or `sep` filled
-        (checked every heartbeat: one EXISTS per possible list), so that its jobs are served
+        (checked every heartbeat: one TYPE per possible list), so that its jobs are served
         rather than left where no worker looks."""
         candidates = other_layout_keys(self.intake.queues)
         with self.redis.pipeline(transaction=False) as pipe:
             for key in candidates:
-                pipe.exists(key)
-            found = [key for key, n in zip(candidates, pipe.execute(), strict=True) if n]
-        found = sorted(set(found) | set(self._other_layouts))  # once seen, read until restart
+                pipe.type(key)
+            kinds = pipe.execute()
+        # Lists only: another app's key of that name (a hash `enhance:3`) is none of ours. A
+        # list once seen is read while it is empty (gone) too, until it holds something else.
+        kind_of = {key: text(kind) for key, kind in zip(candidates, kinds, strict=True)}
+        found = sorted(
+            key
+            for key, kind in kind_of.items()
+            if kind == "list" or (kind == "none" and key in self._other_layouts)
+        )
         if found == self._other_layouts:
+            return
+        new = [key for key in found if key not in self._other_layouts]
+        self._other_layouts = found
+        self._source_keys = celery_queue_keys(self.intake.queues) + found
+        self._pump_keys, self._pump_args = self._pump_keys_args()
+        if not new:
             return
         logger.warning(
             "Messages in %s: a producer sends with kombu `priority_steps` or `sep` other than "
             "the workers' (steps 0, 3, 6, 9 and kombu's separator); the dispatcher reads them "
             "too, but their Celery priority is not used. Configure producers without those "
             "transport options.",
-            ", ".join(repr(k) for k in found),
+            ", ".join(repr(k) for k in new),
         )
-        self._other_layouts = found
-        self._source_keys = celery_queue_keys(self.intake.queues) + found
-        self._pump_keys, self._pump_args = self._pump_keys_args()
 
     def _watch_own_queue(self) -> None:
         """The jobs waiting in the fleet's own queue (CELERY_TASK_DEFAULT_QUEUE) while no live

@@ -159,13 +159,27 @@ def _unreadable(env: dict[str, Any]) -> str:
         return f"content type {content!r}: the workers accept {ACCEPTED_CONTENT} only"
     headers = env.get("headers") or {}
     method = headers.get("compression")
-    if method is not None and method not in COMPRESSIONS:
+    if method is not None and (not isinstance(method, str) or method not in COMPRESSIONS):
         return f"compression {method!r}: not one kombu can decompress"
     return ""
 
 
 def read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]) -> Read:
-    """What `raw` (a message as kombu stores it in Redis) is, for the dispatcher."""
+    """What `raw` (a message as kombu stores it in Redis) is, for the dispatcher. Never raises:
+    a message that makes the reading fail is BAD (the dispatcher must never stall on one)."""
+    try:
+        found = _read(raw, runware_tasks, known_tasks)
+    except Exception as exc:  # nested past the recursion limit, a corrupt compressed body...
+        return Read(BAD, reason=f"unreadable ({type(exc).__name__})")
+    for text in (found.task_id, found.tag):
+        try:
+            text.encode()  # the step's arguments are UTF-8
+        except UnicodeEncodeError:
+            return Read(BAD, reason="a task id or delivery tag that is not valid UTF-8")
+    return found
+
+
+def _read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]) -> Read:
     try:
         env = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

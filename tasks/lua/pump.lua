@@ -166,7 +166,6 @@ for _, tag in ipairs(redis.call('ZRANGE', LEGACY, 0, 9)) do
     if at then redis.call('ZADD', TRANSIT_AT, pushed - at, tag) else redis.call('ZADD', LEFT, now + transit_age, tag) end
   end
 end
-if #left > 0 then redis.call('PEXPIRE', LEFT, math.ceil((transit_age + 60) * 1000)) end
 for _, tag in ipairs(redis.call('ZRANGEBYSCORE', LEFT, '-inf', now, 'LIMIT', 0, 200)) do
   redis.call('ZREM', LEFT, tag)
   local raw = redis.call('HGET', TRANSIT, tag)

@@ -126,6 +126,10 @@ def test_a_producer_with_other_priority_steps_and_sep_is_served(start_worker: St
     producer's priority-5 message lands in `enhance:5`, a list the workers' own layout never
     names. The dispatcher finds it within a heartbeat, serves it, and says why."""
     worker = start_worker("steps")
+    client = redis.Redis.from_url(worker.redis_url)
+    # A key of a name the dispatcher looks for, but not a list: never read as one.
+    client.hset("enhance\x06\x161", "another app's", "hash")
+    client.close()
     producer = backend_app(broker=worker.redis_url, backend=worker.redis_url)
     producer.conf.broker_transport_options = {
         "priority_steps": list(range(10)),

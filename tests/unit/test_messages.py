@@ -195,3 +195,25 @@ def test_the_dispatcher_grants_exactly_the_calls_the_tasks_accept(
     else:
         reconcile_accepts = True
     assert granted == accepted == reconcile_accepts
+
+
+def test_reading_never_raises_whatever_the_message() -> None:
+    """A message that makes the reading fail is BAD: an exception here would stall the fleet's
+    dispatcher on it for good."""
+    corrupt = json.loads(message({"prompt": "p"}, compression="application/x-gzip"))
+    corrupt["body"] = base64.b64encode(b"not zlib at all").decode()
+    odd_id = json.loads(message({"prompt": "p"}))
+    odd_id["headers"]["id"] = "\udc80"
+    listed = json.loads(message({"prompt": "p"}))
+    listed["headers"]["compression"] = ["gzip"]
+    for raw in (
+        b"[" * 100_000,
+        json.dumps(corrupt).encode(),
+        json.dumps(odd_id).encode(),
+        json.dumps(listed).encode(),
+    ):
+        found = read(raw, RUNWARE, KNOWN)
+        assert found.kind in (messages.BAD, CALL)
+        if found.kind == CALL:  # the corrupt body: not read, so the default account's
+            assert found.account == "default"
+    assert read(json.dumps(odd_id).encode(), RUNWARE, KNOWN).kind == messages.BAD
