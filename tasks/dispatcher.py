@@ -1,8 +1,9 @@
 """The fair intake: how a job gets from the Celery queue to a worker thread, fairly and within
 the fleet's limits, whatever the size of the backlog in front of it.
 
-    producers ─▶ Celery queue `celery` (kombu's Redis list, FIFO; producers unchanged)
-                    │ the dispatcher reads every message as it arrives (pump.lua, atomic)
+    producers ─▶ the fleet's Celery queue `enhance` (kombu's Redis list, FIFO)
+                    │ the dispatcher reads every message as it arrives (tasks/messages.py),
+                    │ then moves it (pump.lua, atomic, checking it is the message it read)
                     ├──▶ delayed (sorted set by due time): countdowns, retries, polls
                     ▼
       q:i/<account>, q:b/<account>   waiting jobs, one list per account and priority class
