@@ -243,24 +243,20 @@ def scenario_a(args: argparse.Namespace, backlog: int) -> None:
     )
     plot(args, f"a{backlog}", title, stats, rate)
     uuids = uuids_of(a_results.values()) + bc_uuids
-    if not args.drain:
-        print(
-            f"a. rate {rate:g}/s, A {backlog} batch, then C 1 interactive + B 20 batch: "
-            f"enqueue of A {enqueue_s:.1f}s ({backlog / enqueue_s:.0f}/s); "
-            f"C {c_took * 1000:.0f} ms; B's 20 {b_took:.2f}s; A not drained (--no-drain: "
-            f"{a_accepted} of A's jobs called by then); SLOWLOG over the run:",
-            flush=True,
-        )
-        print("\n".join(slow), flush=True)
-        return
-    print(
+    head = (
         f"a. rate {rate:g}/s, A {backlog} batch, then C 1 interactive + B 20 batch: "
         f"enqueue of A {enqueue_s:.1f}s ({backlog / enqueue_s:.0f}/s); C {c_took * 1000:.0f} ms; "
-        f"B's 20 {b_took:.2f}s; A {a_ok}/{backlog} SUCCESS (sandbox accepted {a_accepted}); "
-        f"{rate_figures(task_times(stats), rate)} ({stats['requests']} HTTP requests); "
-        f"{billing(stats, uuids, backlog + 21)}; SLOWLOG over the run:",
-        flush=True,
+        f"B's 20 {b_took:.2f}s; "
     )
+    if args.drain:
+        tail = (
+            f"A {a_ok}/{backlog} SUCCESS (sandbox accepted {a_accepted}); "
+            f"{rate_figures(task_times(stats), rate)} ({stats['requests']} HTTP requests); "
+            f"{billing(stats, uuids, backlog + 21)}"
+        )
+    else:
+        tail = f"A not drained (--no-drain: {a_accepted} of A's jobs called by then)"
+    print(f"{head}{tail}; SLOWLOG over the run:", flush=True)
     print("\n".join(slow), flush=True)
 
 
