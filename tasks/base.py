@@ -167,10 +167,14 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         continues a call under way (a poll: it goes to the head of its account's queue when
         due) or starts over (a retry: it queues behind the account's waiting jobs, as a new
         job would, so that failing jobs cannot keep fresh ones from ever starting)."""
-        own = self.request.headers if isinstance(self.request.headers, dict) else {}
         # (A budget wait's start goes only to the re-schedule that continues that wait.)
-        own = {k: v for k, v in own.items() if k != BUDGET_WAIT_HEADER}
+        own = {k: v for k, v in self._own_headers().items() if k != BUDGET_WAIT_HEADER}
         return {**own, CONTINUES_HEADER: "1" if continues else "0"}
+
+    def _own_headers(self) -> dict[str, Any]:
+        """The custom headers of the message this run came from."""
+        headers = self.request.headers
+        return headers if isinstance(headers, dict) else {}
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -279,8 +283,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         if exc.code == BUDGET_UNSETTLED:
             # It fits once unsettled calls are reconciled: it waits for that, its retries
             # untouched, for at most RUNWARE_BUDGET_WAIT_MAX_S from its first such refusal.
-            own = self.request.headers if isinstance(self.request.headers, dict) else {}
-            since = float(own.get(BUDGET_WAIT_HEADER) or time.time())
+            since = float(self._own_headers().get(BUDGET_WAIT_HEADER) or time.time())
             left = settings.runware_budget_wait_max_s - (time.time() - since)
             if left > 0:
                 countdown = min(exc.retry_after or settings.runware_reconcile_s, left)

@@ -42,6 +42,7 @@ class DeadLetters:
         task_id: str,
         args: list[Any],
         kwargs: dict[str, Any],
+        message: str | None = None,
     ) -> None:
         entry = {
             "taskUUID": task_uuid,
@@ -52,6 +53,8 @@ class DeadLetters:
             "args": args,
             "kwargs": kwargs,
         }
+        if message is not None:  # a message no worker could read: its first bytes
+            entry["message"] = redact(message)
         pipe = self.redis.pipeline(transaction=True)
         pipe.lpush(self.key, json.dumps(entry, default=str))
         pipe.ltrim(self.key, 0, DEAD_LETTER_MAX - 1)
@@ -64,20 +67,8 @@ class DeadLetters:
         kept = raw[:UNREADABLE_KEPT].decode(errors="replace")
         if len(raw) > UNREADABLE_KEPT:
             kept += f"... ({len(raw)} bytes in all)"
-        entry = {
-            "taskUUID": ident,
-            "task": task or "(unreadable message)",
-            "reason": redact(f"UnreadableMessage: {reason}; set aside before any worker"),
-            "failedAt": datetime.now(UTC).isoformat(timespec="seconds"),
-            "taskId": "",
-            "args": [],
-            "kwargs": {},
-            "message": redact(kept),
-        }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lpush(self.key, json.dumps(entry))
-        pipe.ltrim(self.key, 0, DEAD_LETTER_MAX - 1)
-        pipe.execute()
+        why = f"UnreadableMessage: {reason}; set aside before any worker"
+        self.record(ident, task or "(unreadable message)", why, "", [], {}, message=kept)
         return ident
 
     def entries(self) -> list[dict[str, Any]]:

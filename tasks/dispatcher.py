@@ -139,8 +139,8 @@ class Dispatcher(threading.Thread):
         self._last_beat = 0.0
         self._other_layouts: list[str] = []  # lists of producers with other priority steps
         self._unread = True  # whether messages may wait to be read before the next step
-        self._source_keys = celery_queue_keys(intake.queues)
-        self._pump_keys, self._pump_args = self._pump_keys_args()
+        self._own_intake_json = intake.as_json()  # said in every heartbeat
+        self._set_sources()
         self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
         self._dead_letters = dead_letters
 
@@ -161,7 +161,7 @@ class Dispatcher(threading.Thread):
         keys = self.keys
         reply = self._heartbeat(
             keys=[keys.workers, keys.workers_seen, keys.strikes, keys.intakes],
-            args=[self.id, threads, REGISTRATION_S, self.own_intake.as_json()],
+            args=[self.id, threads, REGISTRATION_S, self._own_intake_json],
         )
         if reply[0] and self.limiter is not None:
             self.limiter.strikes = True
@@ -187,7 +187,12 @@ class Dispatcher(threading.Thread):
                 len(intake.runware_tasks),
             )
         self.intake = intake
-        self._source_keys = celery_queue_keys(intake.queues) + self._other_layouts
+        self._set_sources()
+
+    def _set_sources(self) -> None:
+        """The lists the steps read (the fleet's queues in kombu's layout, then the lists of
+        producers with another layout), and the step's keys and arguments with them."""
+        self._source_keys = celery_queue_keys(self.intake.queues) + self._other_layouts
         self._pump_keys, self._pump_args = self._pump_keys_args()
 
     def _look_for_other_layouts(self) -> None:
@@ -211,8 +216,7 @@ class Dispatcher(threading.Thread):
             return
         new = [key for key in found if key not in self._other_layouts]
         self._other_layouts = found
-        self._source_keys = celery_queue_keys(self.intake.queues) + found
-        self._pump_keys, self._pump_args = self._pump_keys_args()
+        self._set_sources()
         if not new:
             return
         logger.warning(

@@ -182,7 +182,8 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', LEFT, '-inf', now, 'LIMIT', 0, 
 end
 
 -- 1. Intake.
-for _, key in ipairs({INTAKE, unpack(KEYS, 33)}) do
+local SOURCES = {unpack(KEYS, 33)}  -- the Celery queues' lists
+for _, key in ipairs({INTAKE, unpack(SOURCES)}) do
   local n, g = next_reads()
   local batch = n > 0 and redis.call('RPOP', key, n)
   for i, raw in ipairs(batch or {}) do
@@ -391,7 +392,7 @@ end
 -- called in about their last interval, not one entry for every account ever rate-limited.
 redis.call('ZREMRANGEBYSCORE', ACCT_TAT, '-inf', now - 1)
 local unread = redis.call('LLEN', INTAKE) + redis.call('ZCOUNT', DELAYED, '-inf', now)
-for _, key in ipairs({unpack(KEYS, 33)}) do unread = unread + redis.call('LLEN', key) end
+for _, key in ipairs(SOURCES) do unread = unread + redis.call('LLEN', key) end
 if unread > 0 then answer = 0 end
 
 local due_in = '-1'
