@@ -66,6 +66,8 @@ def configure(app: Celery, settings: Settings) -> None:
             "fair_leases_key": keys.leases,
             "fair_busy_key": keys.busy,
             "fair_wake_key": keys.wake,
+            # ... and sets aside a message in the ready queue that kombu cannot read.
+            "fair_rejected_key": keys.rejected,
             **group,
         },
         result_backend_transport_options={
@@ -98,6 +100,9 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
+        # A job of a task this worker does not register goes back to its queue, and a message
+        # it cannot decode goes to the dead letters: Celery's own consumer drops both.
+        worker_consumer="workers.consumer:Consumer",
         timezone="UTC",
     )
 

@@ -98,9 +98,16 @@ class FairKeys:
 
     @property
     def rejected(self) -> str:
-        """Messages no worker could read, set aside by the dispatcher's step until it files
-        them in the dead letters (a list)."""
+        """Messages set aside by the dispatcher's step, that no worker could read or whose task
+        no worker registers, until the dispatcher files them in the dead letters or parks them
+        in `unknown` (a list)."""
         return self._k("rejected")
+
+    @property
+    def unknown(self) -> str:
+        """Jobs of a task no live worker of the fleet registers, parked until one does or the
+        operator moves them (a list, newest first; tasks/unknown.py)."""
+        return self._k("unknown")
 
     @property
     def parked(self) -> str:

@@ -9,7 +9,13 @@
    is in neither), or in kombu's unacknowledged set (kombu redelivers it after the visibility
    timeout). And the transaction that acknowledges a job also gives back its slot (the lease
    named by its delivery tag) and wakes the dispatcher, so a job costs no round trip for it.
-2. One redis-py client per connection pool. kombu builds a new `redis.Redis` for every publish,
+2. A message no worker can read, met in the ready queue, is set aside instead of stopping the
+   worker. The fleet's dispatcher files such messages before any worker sees them; one pushed
+   straight onto the ready queue (`enhance.ready`) still reaches a worker, where kombu's parsing
+   raises outside any error Celery recovers from and the worker exits. Here the message goes to
+   the dispatcher's list of unreadable messages (it files them in the dead letters, with their
+   reason), and the worker goes on.
+3. One redis-py client per connection pool. kombu builds a new `redis.Redis` for every publish,
    acknowledgement and unacked-index update; with redis-py 6 and later each one copies a table
    of some 250 reply callbacks, which the profile showed as 7% of the worker's CPU at full load.
    A Redis client is thread-safe, so this channel keeps one per pool.
@@ -22,13 +28,18 @@ schemes: tools that pick a client by scheme, such as Flower's broker view, keep 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
+
+logger = logging.getLogger(__name__)
 
 
 class QoS(kombu_redis.QoS):
@@ -73,6 +84,7 @@ class Channel(kombu_redis.Channel):
     fair_leases_key = ""
     fair_busy_key = ""
     fair_wake_key = ""
+    fair_rejected_key = ""
     from_transport_options = (
         *kombu_redis.Channel.from_transport_options,
         "fair_transit_key",
@@ -80,13 +92,71 @@ class Channel(kombu_redis.Channel):
         "fair_leases_key",
         "fair_busy_key",
         "fair_wake_key",
+        "fair_rejected_key",
     )
     _shared_client: Any = None
+    _popped: Any = None  # the last BRPOP reply, while kombu parses and delivers it
+
+    def _brpop_read(self, **options: Any) -> Any:
+        kombus: Any = super()
+        self._popped = None
+        try:
+            return kombus._brpop_read(**options)
+        except Exception as exc:
+            popped, self._popped = self._popped, None
+            if not popped or not self.fair_rejected_key or isinstance(exc, virtual.Empty):
+                raise
+            # kombu counts KeyError among the connection errors: a message without its
+            # properties is one, and Celery "reconnects", losing it. Any other connection error
+            # is the broker's.
+            channel: Any = self  # kombu-stubs lacks the channel's attributes
+            broker = tuple(e for e in channel.connection_errors if e is not KeyError)
+            if isinstance(exc, (KombuError, *broker)):
+                raise
+            self._set_aside(popped[1], exc)
+            raise virtual.Empty() from None
+
+    def _set_aside(self, raw: bytes, exc: Exception) -> None:
+        """Hand a message that kombu could not read to the dispatcher, which files it in the
+        dead letters; clear whatever kombu or the dispatcher recorded of it first, so it is not
+        delivered again."""
+        tag: Any = None
+        with contextlib.suppress(Exception):  # no tag: nothing was recorded under one
+            tag = loads(raw)["properties"]["delivery_tag"]
+        client = self._create_client()
+        with client.pipeline(transaction=True) as pipe:
+            if isinstance(tag, str):
+                pipe.hdel(self.unacked_key, tag)
+                pipe.zrem(self.unacked_index_key, tag)
+                if self.fair_transit_key:
+                    pipe.hdel(self.fair_transit_key, tag)
+                    pipe.zrem(self.fair_transit_at_key, tag)
+            pipe.lpush(self.fair_rejected_key, raw)
+            pipe.lpush(self.fair_wake_key, "1")
+            pipe.ltrim(self.fair_wake_key, 0, 15)
+            pipe.execute()
+        logger.error(
+            "A message in the ready queue that no worker can read (%s: %s) was set aside for "
+            "the dead letters (`enhance-worker failed list`).",
+            type(exc).__name__,
+            str(exc)[:200],
+        )
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         kombus: Any = super()  # kombu-stubs lacks the channel's private methods
         if asynchronous:  # the BRPOP/LISTEN client: kombu's own, one per channel anyway
-            return kombus._create_client(asynchronous=True)
+            client = kombus._create_client(asynchronous=True)
+            parse = client.parse_response
+
+            def parse_response(connection: Any, command: str, **options: Any) -> Any:
+                reply = parse(connection, command, **options)
+                if command == "BRPOP":
+                    self._popped = reply  # kept for _brpop_read, should kombu fail to read it
+                return reply
+
+            client.parse_response = parse_response
+            return client
+
         if self.connection.client is None:
             # The connection was closed under this channel (Redis went away) and kombu still
             # asks for a client (to restore or ack): say so as the connection error it is,

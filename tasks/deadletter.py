@@ -67,7 +67,7 @@ class DeadLetters:
         kept = raw[:UNREADABLE_KEPT].decode(errors="replace")
         if len(raw) > UNREADABLE_KEPT:
             kept += f"... ({len(raw)} bytes in all)"
-        why = f"UnreadableMessage: {reason}; set aside before any worker"
+        why = f"UnreadableMessage: {reason}; set aside, no task ran"
         self.record(ident, task or "(unreadable message)", why, "", [], {}, message=kept)
         return ident
 

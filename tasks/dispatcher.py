@@ -42,7 +42,7 @@ import redis
 
 from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys, other_layout_keys
 from config.settings import Settings
-from tasks import messages, metrics, scripts
+from tasks import messages, metrics, scripts, unknown
 from tasks.deadletter import DeadLetters, get_dead_letters
 from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
@@ -143,6 +143,7 @@ class Dispatcher(threading.Thread):
         self._set_sources()
         self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
         self._dead_letters = dead_letters
+        self._returned_for: frozenset[str] = frozenset()  # the tasks parked jobs were checked for
 
     # --- life cycle ---
     def stop(self) -> None:
@@ -168,7 +169,7 @@ class Dispatcher(threading.Thread):
         if threads:
             self._serve(self.own_intake.union(reply[1:]))
             self._look_for_other_layouts()
-            self._watch_own_queue()
+            self._watch_waiting()
 
     def _serve(self, intake: Intake) -> None:
         """Read and grant for `intake` from the next step on: workers started with different
@@ -227,18 +228,31 @@ class Dispatcher(threading.Thread):
             ", ".join(repr(k) for k in new),
         )
 
-    def _watch_own_queue(self) -> None:
-        """The jobs waiting in the fleet's own queue (CELERY_TASK_DEFAULT_QUEUE) while no live
-        worker reads it (every one started with a -Q that leaves it out): a gauge the alert
-        QueueWithoutReader watches; 0 while it is read."""
+    def _watch_waiting(self) -> None:
+        """Gauges of jobs that wait for something other than the rate: those in the fleet's own
+        queue (CELERY_TASK_DEFAULT_QUEUE) while no live worker reads it (every one started with
+        a -Q that leaves it out; the alert QueueWithoutReader, 0 while it is read), and those
+        parked because no live worker registers their task (JobsOfUnknownTask)."""
         queue = self.settings.celery_task_default_queue
-        waiting = 0
-        if queue not in self.intake.queues:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for key in celery_queue_keys([queue]):
-                    pipe.llen(key)
-                waiting = sum(pipe.execute())
-        metrics.UNREAD_QUEUE.labels(queue).set(waiting)
+        unread = queue not in self.intake.queues
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.keys.unknown)
+            for key in celery_queue_keys([queue]) if unread else []:
+                pipe.llen(key)
+            parked, *waiting = pipe.execute()
+        metrics.UNREAD_QUEUE.labels(queue).set(sum(waiting))
+        metrics.UNKNOWN_TASK_JOBS.set(parked)
+
+    def _return_known(self) -> None:
+        """Send the parked jobs of unknown tasks whose task a live worker now registers back to
+        their queue (looked at when the fleet's tasks change, and on taking the role)."""
+        known = self.intake.known_tasks
+        if known == self._returned_for:
+            return
+        self._returned_for = known
+        sent = unknown.UnknownTasks(self.redis, self.keys).return_known(known)
+        if sent:
+            logger.info("%d parked job(s) of tasks a worker now registers went back.", sent)
 
     def run(self) -> None:
         holding = False
@@ -248,8 +262,10 @@ class Dispatcher(threading.Thread):
                     self._beat(self.threads)
                     self._clock_skew = redis_seconds(self.redis.time()) - time.time()
                     self._last_beat = time.monotonic()
-                    if holding and self.redis.llen(self.keys.rejected):  # a filing that failed
-                        self._file_rejected()
+                    if holding:
+                        if self.redis.llen(self.keys.rejected):  # a filing that failed
+                            self._file_rejected()
+                        self._return_known()
                 if not holding:
                     holding = bool(
                         self.redis.set(self.keys.dispatcher, self.id, nx=True, px=LOCK_MS)
@@ -257,6 +273,7 @@ class Dispatcher(threading.Thread):
                     if not holding:
                         self._stopped.wait(random.uniform(0.3, 0.7))
                         continue
+                    self._returned_for = frozenset()  # the parked jobs are looked at anew
                 holding = self._step()
             except (redis.RedisError, OSError) as exc:
                 if self._stopped.is_set():
@@ -381,12 +398,24 @@ class Dispatcher(threading.Thread):
         return int(code), float(wait), int(granted), float(due_in)
 
     def _file_rejected(self) -> None:
-        """Move the messages the step set aside as unreadable into the dead letters, each with
-        its reason (a message leaves the broker's list only once it is filed)."""
+        """File the messages the step set aside: an unreadable one in the dead letters, with
+        its reason; one of a task no worker registers with the parked jobs of unknown tasks. A
+        message leaves the broker's list only once it is filed."""
         dead = self._dead_letters or get_dead_letters()
         waiting: list[bytes] = self.redis.lrange(self.keys.rejected, 0, -1)  # type: ignore[assignment]
         for raw in waiting[::-1]:
             found = messages.read(raw, self.intake.runware_tasks, self.intake.known_tasks)
+            if found.kind == messages.OTHER:
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lpush(self.keys.unknown, raw)
+                    pipe.lrem(self.keys.rejected, -1, raw)  # type: ignore[arg-type]
+                    pipe.execute()
+                logger.warning(
+                    "A job of task %r, which no live worker of the fleet registers, is parked "
+                    "until one does (`enhance-worker unknown list`).",
+                    unknown.describe(raw).task,
+                )
+                continue
             ident = dead.record_unreadable(raw, found.reason or "unreadable", found.task)
             self.redis.lrem(self.keys.rejected, -1, raw)  # type: ignore[arg-type]
             logger.error(

@@ -43,6 +43,11 @@ UNREAD_QUEUE = Gauge(
     "-Q that leaves it out); 0 while it is read.",
     ["queue"],
 )
+UNKNOWN_TASK_JOBS = Gauge(
+    "enhance_unknown_task_jobs",
+    "Jobs parked because no live worker of the fleet registers their task (`enhance-worker "
+    "unknown`); they go back by themselves once one does.",
+)
 RUNWARE_IN_FLIGHT = Gauge(
     "enhance_runware_in_flight_calls",
     "Calls to Runware open right now in this worker.",

@@ -1,5 +1,5 @@
 """The console command `enhance-worker`: demo, sandbox, enhance, batch, cost, reconcile, failed,
-limits. Every failure is one line with an exit status of its own (workers/preflight.py)."""
+unknown, limits. Every failure is one line with an exit status of its own (workers/preflight.py)."""
 
 from __future__ import annotations
 
@@ -323,6 +323,37 @@ def _cmd_failed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unknown(args: argparse.Namespace) -> int:
+    from config.keys import FairKeys
+    from tasks.limiter import broker_redis
+    from tasks.unknown import UnknownTasks
+
+    settings = _ready()
+    parked = UnknownTasks(broker_redis(settings), FairKeys(settings.key_prefix))
+    if args.action == "move":
+        moved = parked.move(
+            lambda p: (args.to or p.queue or None) if args.task in (None, p.task) else None
+        )
+        print(f"moved {moved} job(s)")
+        return 0
+    if args.action == "drop":
+        if args.task is None and not args.all:
+            print("enhance-worker: name the task (--task NAME), or --all", file=sys.stderr)
+            return 2
+        print(f"dropped {parked.drop(args.task)} job(s)")
+        return 0
+    summary = parked.summary()
+    if args.json:
+        rows = [{"task": t, "queue": q, "jobs": n} for (t, q), n in summary.most_common()]
+        print(json.dumps(rows))
+        return 0
+    if not summary:
+        print("no parked jobs")
+    for (task, queue), count in summary.most_common():
+        print(f"{count:>8}  {task or '(no task name)'}  (sent to {queue or '?'})")
+    return 0
+
+
 def _day(text: str) -> str:
     from datetime import date
 
@@ -438,6 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     failed_retry = failed_sub.add_parser("retry", help="requeue (all, or these taskUUIDs)")
     failed_retry.add_argument("task_uuids", nargs="*", metavar="TASKUUID")
     failed.set_defaults(func=_cmd_failed)
+
+    parked = sub.add_parser(
+        "unknown", help="jobs parked because no worker of the fleet registers their task"
+    )
+    parked_sub = parked.add_subparsers(dest="action", required=True)
+    parked_list = parked_sub.add_parser("list", help="how many wait, by task and queue")
+    parked_list.add_argument("--json", action="store_true")
+    parked_move = parked_sub.add_parser(
+        "move", help="send them to a queue (default: back to the one each was sent to)"
+    )
+    parked_move.add_argument("--task", help="only the jobs of this task")
+    parked_move.add_argument("--to", metavar="QUEUE", help="the Celery queue to send them to")
+    parked_drop = parked_sub.add_parser("drop", help="delete them")
+    parked_drop.add_argument("--task", help="only the jobs of this task")
+    parked_drop.add_argument("--all", action="store_true", help="every parked job")
+    parked.set_defaults(func=_cmd_unknown)
 
     limits = sub.add_parser("limits", help="show or change the fleet-wide limits at run time")
     limits_sub = limits.add_subparsers(dest="action", required=True)

@@ -32,7 +32,8 @@
 --      27 busy zset (jobs passed without a grant: they hold worker threads too)
 --      28 pushes onto the ready queue (a counter)  29 records whose message left the ready queue
 --      30 an earlier version's transit:at zset     31 parked accounts (zset: class:account -> TAT)
---      32 messages no worker could read, for the dispatcher to file in the dead letters
+--      32 messages set aside (no worker could read them, or none registers their task), for
+--         the dispatcher to file in the dead letters or to park
 --      33.. the Celery queues to take jobs from (kombu's lists), in consumption order
 -- ARGV  1 dispatcher id     2 lock ms              3 rate/s (0: none)
 --       4 burst             5 in-flight cap (0: none)
@@ -53,7 +54,7 @@
 --   wait: '0' more may be due now; > 0 seconds to the next possible grant; '-1' nobody waits;
 --         '-2' the in-flight cap or every worker thread is taken
 --   due_in: seconds until the next delayed message is due, '-1' none
---   rejected: messages this step set aside as unreadable (KEYS[32])
+--   rejected: messages this step set aside (KEYS[32])
 --   unread: messages left to read after this step (the intake list, the Celery queues, delayed
 --           ones due): the dispatcher reads them before its next step, which is then due now
 --   then one triple per grant: account, class (i|b), seconds it waited since intake
@@ -125,7 +126,9 @@ local function take_in(raw, g, was_delayed)
     redis.call('ZADD', DELAYED, due, raw)
     return
   end
-  if kind == 'x' then  -- no worker could read it: set aside for the dead letters
+  if kind == 'x' or kind == 'o' then
+    -- No worker could read it, or no worker registers its task: set aside, for the dispatcher
+    -- to file in the dead letters or park with the jobs of unknown tasks.
     redis.call('LPUSH', REJECTED, raw)
     rejected = rejected + 1
   elseif kind ~= 'c' then

@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 from celery import Celery
 
+from config.keys import FairKeys
 from tests.conftest import StartWorker, run_cli, worker_env
 from tests.producer import backend_app
 from workers.sandbox import Sandbox
@@ -90,6 +91,106 @@ def test_messages_no_worker_could_read_go_to_the_dead_letters_and_no_worker_dies
     assert reasons[1].startswith("UnreadableMessage: not JSON")
     assert {e["task"] for e in listed} == {"tasks.enhance_prompt", "(unreadable message)"}
     assert any(e["message"] == "this is not a message" for e in listed)
+
+
+def test_a_worker_that_meets_an_unreadable_message_in_the_ready_queue_survives_it(
+    start_worker: StartWorker,
+) -> None:
+    """The same two messages pushed straight onto the ready queue, past the dispatcher: the
+    worker that pops one hands it to the dead letters and goes on (kombu's parsing raised
+    outside any recoverable error, and the worker exited)."""
+    first = start_worker("ready-garbage")
+    second = start_worker("ready-garbage", same_db_as=first)
+    client = redis.Redis.from_url(first.redis_url)
+    ready = FairKeys("enhance").ready
+    client.lpush(ready, b"not a message either")
+    client.lpush(ready, json.dumps({"body": "e30=", "headers": {"task": "tasks.enhance_prompt"}}))
+    deadline = time.monotonic() + 10
+    while client.llen(ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.llen(ready) == 0, "no worker took the messages"
+    client.close()
+    done = [first.send(prompt=f"after the ready garbage {n}") for n in range(20)]
+    assert len({r.get(timeout=60)["taskUUID"] for r in done}) == 20  # type: ignore[attr-defined]
+    for worker in (first, second):
+        assert worker.process.process is not None
+        assert worker.process.process.poll() is None, worker.process.log()[-2000:]
+    deadline = time.monotonic() + 15  # filed by the dispatcher at its next heartbeat
+    while True:
+        out = run_cli(first.redis_url, "failed", "list", "--json", check=True).stdout
+        listed = json.loads(out)
+        if len(listed) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    reasons = sorted(e["reason"] for e in listed)
+    assert len(reasons) == 2, listed
+    assert reasons[0].startswith("UnreadableMessage: no `properties` object in the envelope")
+    assert reasons[1].startswith("UnreadableMessage: not JSON")
+    logs = first.process.log() + second.process.log()
+    assert "was set aside for the dead letters" in logs
+
+
+def _parked(url: str) -> list[dict[str, object]]:
+    out = run_cli(url, "unknown", "list", "--json", check=True).stdout
+    return sorted(json.loads(out), key=lambda row: str(row["task"]))
+
+
+def test_jobs_of_a_task_no_worker_registers_are_parked_and_go_back_once_one_does(
+    sandbox: Sandbox,
+) -> None:
+    """Jobs of tasks no worker of the fleet registers, on the fleet's queue (another app's job
+    routed there by mistake, and one sent before the worker that knows it is deployed), are
+    parked, not failed as unregistered. A worker that registers the one task joins: its jobs go
+    back by themselves and are done (some land first on the worker that does not know it,
+    which puts them back). The other app's jobs are moved to its queue and its worker does
+    them: nothing of anyone's is lost."""
+    with RedisServer() as server:
+        url = server.url(0)
+        plain = WorkerProcess(worker_env(url, sandbox), name="plain").start()
+        producer = backend_app(broker=url, backend=url)
+        log = Path(tempfile.mkstemp(prefix="otherapp-", suffix=".log")[1])
+        other: subprocess.Popen[bytes] | None = None
+        extra: WorkerProcess | None = None
+        try:
+            doubles = [
+                producer.send_task("tests.extra.double", args=[n], queue="enhance")
+                for n in range(1, 4)
+            ]
+            adds = [
+                producer.send_task("otherapp.add", args=[n, n], queue="enhance") for n in range(3)
+            ]
+            deadline = time.monotonic() + 20
+            while _parked(url) != [
+                {"task": "otherapp.add", "queue": "enhance", "jobs": 3},
+                {"task": "tests.extra.double", "queue": "enhance", "jobs": 3},
+            ]:
+                assert time.monotonic() < deadline, _parked(url)
+                time.sleep(0.3)
+            assert "unregistered task" not in plain.log()
+            assert all(r.state == "PENDING" for r in doubles + adds)  # not failed
+
+            include = ["--include", "tests.integration.extra_tasks"]
+            extra = WorkerProcess(worker_env(url, sandbox), name="extra", extra_args=include)
+            extra.start()
+            assert [r.get(timeout=60) for r in doubles] == [2, 4, 6]
+            assert _parked(url) == [{"task": "otherapp.add", "queue": "enhance", "jobs": 3}]
+
+            moved = run_cli(url, "unknown", "move", "--task", "otherapp.add", "--to", "celery")
+            assert moved.stdout.strip() == "moved 3 job(s)"
+            other = _start_other_worker(url, log)
+            assert [r.get(timeout=60) for r in adds] == [0, 2, 4]
+            assert _parked(url) == []
+        finally:
+            producer.close()
+            if other is not None:
+                other.terminate()
+                other.wait(timeout=20)
+            if extra is not None:
+                extra.stop()
+            plain.stop()
+        logs = plain.log() + (extra.log() if extra else "")
+        assert "unregistered task" not in logs
+        assert "unregistered task" not in log.read_text(errors="replace")
 
 
 def test_a_worker_reading_other_queues_that_holds_the_role_still_serves_ours(

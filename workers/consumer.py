@@ -1,0 +1,56 @@
+"""The worker's Celery consumer: Celery's own, but no message it cannot run is thrown away.
+
+Celery fails a message whose task the worker does not register ("unregistered task": the
+result is marked failed and the message dropped), and acknowledges and drops one it cannot
+decode or whose envelope is invalid, with a log line as the only trace. In this fleet every
+worker consumes the one ready queue, so such a message either belongs to another worker (one
+with other task modules) or reached the ready queue past the dispatcher, which sets such
+messages aside before any worker sees them:
+- a task this worker does not know goes back to its queue: the dispatcher grants it again (a
+  worker that knows it takes it) or, if no live worker registers it, parks it
+  (`enhance-worker unknown`);
+- a message Celery cannot decode or run goes to the dead letters with the reason
+  (`enhance-worker failed list`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+logger = logging.getLogger(__name__)
+
+
+class Consumer(CeleryConsumer):
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = (message.headers or {}).get("task") or "?"
+        logger.warning(
+            "Task %r is not registered in this worker: its job goes back to its queue, for a "
+            "worker that registers it (give every worker of the fleet the same task modules).",
+            name,
+        )
+        celery_consumer: Any = self  # celery-types lacks the attributes __init__ sets
+        message.reject_log_error(logger, celery_consumer.connection_errors, requeue=True)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._set_aside(message, f"InvalidTaskError: {exc}")
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._set_aside(message, f"{type(exc).__name__}: {exc}")
+
+    def _set_aside(self, message: Any, reason: str) -> None:
+        from tasks.deadletter import get_dead_letters
+
+        raw = json.dumps(getattr(message, "_raw", None) or {}, default=str).encode()
+        task = str((message.headers or {}).get("task") or "")
+        ident = get_dead_letters().record_unreadable(raw, reason, task)
+        logger.error(
+            "A message this worker cannot run (%s) was set aside: `enhance-worker failed list` "
+            "shows it as %s.",
+            reason[:200],
+            ident,
+        )
+        message.ack()
