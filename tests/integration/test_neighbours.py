@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from celery import Celery
 
@@ -246,3 +247,41 @@ def test_a_producer_with_other_priority_steps_and_sep_is_served(start_worker: St
         producer.close()
     assert "'enhance:5'" in worker.process.log()
     assert "a producer sends with kombu `priority_steps` or `sep`" in worker.process.log()
+
+
+def test_calls_sent_compressed_or_with_a_priority_the_fleet_refuses_are_never_ungranted(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Every Runware call is granted under its own account's limits: batch jobs of one account
+    sent gzip-compressed reach Runware at that account's rate (read as the default account's,
+    interactive, they went out together), and `tasks.reconcile_call` with `priority="high"`
+    fails at once naming the field, with no getResponse call at Runware."""
+    worker = start_worker("grants")
+    run_cli(worker.redis_url, "limits", "set", "acct-z", "--rate", "2/s", check=True)
+    producer = backend_app(broker=worker.redis_url, backend=worker.redis_url)
+    try:
+        sent = [
+            producer.send_task(
+                "tasks.enhance_prompt",
+                kwargs={"prompt": f"compressed {n}", "account": "acct-z", "priority": "batch"},
+                compression="gzip",
+            )
+            for n in range(6)
+        ]
+        done = [r.get(timeout=60) for r in sent]
+        high = producer.send_task(
+            "tasks.reconcile_call",
+            kwargs={"taskUUID": "0f2d6c1e-9f5a-4bde-8a47-1b3c5d7e9f01", "priority": "high"},
+        )
+        with pytest.raises(Exception, match="priority") as failure:
+            high.get(timeout=30)
+    finally:
+        producer.close()
+    assert type(failure.value).__name__ == "ValidationError"
+    reached = sorted(at for at, prompt in sandbox.state.accepted_log if "compressed" in prompt)
+    assert len(reached) == 6 == len({d["taskUUID"] for d in done})
+    # 2/s for acct-z only (the default account has no rate of its own): six calls span at least 2.5 s (less a margin for timer granularity).
+    assert reached[-1] - reached[0] >= 2.2, [round(t - reached[0], 3) for t in reached]
+    logged = [uuids for _, _, uuids in sandbox.state.request_log]
+    assert not any("0f2d6c1e-9f5a-4bde-8a47-1b3c5d7e9f01" in uuids for uuids in logged)
+    assert "getResponse" not in sandbox.state.by_type
