@@ -197,3 +197,30 @@ def test_a_retried_task_of_ones_own_keeps_its_taskuuid(
     result = worker.app.AsyncResult(failed.id).get(timeout=30)
     assert result["taskUUID"] == entry["taskUUID"]
     assert sandbox.state.accepted == {entry["taskUUID"]: 1}
+
+
+def test_a_retried_task_of_ones_own_that_gave_up_after_a_billed_call_is_billed_once(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """A task of one's own whose call Runware accepted (and billed) but answered too late, and
+    that then gave up: `failed retry` sends it under the same task id, so the same taskUUID,
+    and Runware's answer is fetched, not bought a second time."""
+    worker = start_worker(
+        "dead-billed", app="tests.integration.own_task_app", RUNWARE_TIMEOUT_S="1",
+        RUNWARE_RETRY_BACKOFF_S="0.05", RUNWARE_RETRY_BACKOFF_MAX_S="0.2",
+    )  # fmt: skip
+    # Accepted and billed, the answer too late; then every retry (5: the task's retry_limit)
+    # meets a server error, and the task gives up.
+    sandbox.configure(fail_next=["hang"] + ["500"] * 5, hang_s=1.5)
+    failed = worker.app.send_task("tests.shout", kwargs={"prompt": "a billed bay"})
+    with pytest.raises(Exception, match="HTTP 500"):
+        failed.get(timeout=30)
+    (entry,) = json.loads(_cli(worker.redis_url, "failed", "list", "--json"))
+    assert sandbox.state.accepted == {entry["taskUUID"]: 1}  # Runware has billed it
+    billed = sandbox.state.billed_micro
+    out = _cli(worker.redis_url, "failed", "retry", entry["taskUUID"])
+    assert out.strip() == f"requeued 1 job(s): {failed.id}"
+    result = worker.app.AsyncResult(failed.id).get(timeout=30)
+    assert result["taskUUID"] == entry["taskUUID"]
+    assert sandbox.state.accepted == {entry["taskUUID"]: 1}
+    assert sandbox.state.billed_micro == billed

@@ -280,7 +280,8 @@ def test_calls_sent_compressed_or_with_a_priority_the_fleet_refuses_are_never_un
     assert type(failure.value).__name__ == "ValidationError"
     reached = sorted(at for at, prompt in sandbox.state.accepted_log if "compressed" in prompt)
     assert len(reached) == 6 == len({d["taskUUID"] for d in done})
-    # 2/s for acct-z only (the default account has no rate of its own): six calls span at least 2.5 s (less a margin for timer granularity).
+    # 2/s for acct-z only (the default account has no rate of its own): six calls span at
+    # least 2.5 s (less a margin for timer granularity).
     assert reached[-1] - reached[0] >= 2.2, [round(t - reached[0], 3) for t in reached]
     logged = [uuids for _, _, uuids in sandbox.state.request_log]
     assert not any("0f2d6c1e-9f5a-4bde-8a47-1b3c5d7e9f01" in uuids for uuids in logged)
