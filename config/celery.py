@@ -96,9 +96,10 @@ def configure(app: Celery, settings: Settings) -> None:
         result_backend_always_retry=True,
         result_backend_max_retries=20,
         # Soft shutdown (on SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT): running jobs get
-        # this long to finish, then they are requeued; idle workers stop at once.
+        # up to this long to finish (workers/shutdown.py waits only while they run), then they
+        # are requeued; an idle worker stops at once.
         worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
-        worker_enable_soft_shutdown_on_idle=True,
+        worker_enable_soft_shutdown_on_idle=False,
         worker_hijack_root_logger=False,
         # A job of a task this worker does not register goes back to its queue, and a message
         # it cannot decode goes to the dead letters: Celery's own consumer drops both.

@@ -174,12 +174,17 @@ class Limiter:
         """The configured and overridden limits, what is in flight now, and the accounts."""
         settings, keys = self.settings, self.keys
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.overrides)
-        pipe.zcard(keys.leases)
-        pipe.get(keys.cooldown)
         pipe.time()
-        raw_overrides, in_flight, cooldown, clock = pipe.execute()
+        pipe.hgetall(keys.overrides)
+        pipe.get(keys.cooldown)
+        pipe.llen(keys.ready)
+        clock, raw_overrides, cooldown, granted = pipe.execute()
         now = redis_seconds(clock)
+        # A call holds a lease (by delivery tag) from its grant to its acknowledgement, renewed
+        # while it runs: a lease past its expiry is a stopped worker's, and a granted job still
+        # in the ready queue holds one but runs nowhere yet.
+        leased = int(self.redis.zcount(keys.leases, now, "+inf"))
+        in_flight = max(0, leased - int(granted))
         overrides = {text(k): float(v) for k, v in raw_overrides.items()}
         return {
             "settings": {
@@ -189,7 +194,8 @@ class Limiter:
                 "account_rate": settings.runware_account_rate_limit,
             },
             "overrides": overrides,
-            "in_flight": int(in_flight),
+            "in_flight": in_flight,
+            "granted_waiting": int(granted),
             "cooldown_s": max(0.0, float(cooldown) - now) if cooldown else 0.0,
             "accounts": self.accounts(),
         }

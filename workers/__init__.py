@@ -23,9 +23,12 @@ def _load_app() -> Celery:
         import tasks  # noqa: F401 - registers the tasks on the app
         import workers.signals  # noqa: F401 - connects the worker life-cycle hooks
         from config.celery import app
+        from workers.shutdown import Worker
     except ConfigError as exc:  # one line, naming the variable, instead of a traceback
         sys.stderr.write(f"enhance-worker: {exc}\n")
         raise SystemExit(2) from None
+    # `celery worker` runs app.Worker: here, one whose soft shutdown waits only while jobs run.
+    app.Worker = app.subclass_with_self(Worker)  # type: ignore[misc]  # a cached_property
     return app
 
 

@@ -154,6 +154,7 @@ def _cmd_limits(args: argparse.Namespace) -> int:
                 shown = int(shown)
             print(f"{name:>14}: {shown} ({source})")
         print(f"{'in flight':>14}: {state['in_flight']}")
+        print(f"{'granted, queued':>14}: {state['granted_waiting']}")
         print(f"{'cool-down':>14}: {state['cooldown_s']:.2f}s")
         for name, account in state["accounts"].items():
             rate = format_rate(account["rate"]) if account["rate"] else "fleet"

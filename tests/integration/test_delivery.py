@@ -73,7 +73,7 @@ def test_soft_shutdown_ends_running_calls_and_leaves_waiting_jobs(
     first.process.process.send_signal(signal.SIGTERM)
     first.process.process.wait(timeout=30)
     log = first.process.log()
-    assert "Soft Shutdown" in log
+    assert "Soft shutdown: 3 running job(s)" in log
     assert log.count(" succeeded: ") == 3  # the running calls ended here, none started after
     heir = start_worker("soft-heir", same_db_as=first, **settings)
     results = [p.get(timeout=60) for p in pending]
@@ -224,3 +224,36 @@ def test_a_retried_task_of_ones_own_that_gave_up_after_a_billed_call_is_billed_o
     assert result["taskUUID"] == entry["taskUUID"]
     assert sandbox.state.accepted == {entry["taskUUID"]: 1}
     assert sandbox.state.billed_micro == billed
+
+
+def test_sigterm_stops_an_idle_worker_at_once_and_a_busy_one_when_its_calls_end(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """SIGTERM remapped to the soft shutdown, as every deploy file sets, with the default
+    WORKER_SOFT_SHUTDOWN_S (30 s): an idle worker exits at once (Celery slept the 30 s), a busy
+    one as soon as its running calls end, each recorded; afterwards `limits show` counts no
+    call in flight."""
+    settings = {"REMAP_SIGTERM": "SIGQUIT", "WORKER_CONCURRENCY": "3", "RUNWARE_TIMEOUT_S": "5"}
+    idle = start_worker("idle-stop", **settings)
+    assert idle.process.process is not None
+    started = time.monotonic()
+    idle.process.process.send_signal(signal.SIGTERM)
+    idle.process.process.wait(timeout=40)
+    idle_s = time.monotonic() - started
+    assert idle_s < 10, f"an idle worker took {idle_s:.1f}s to stop"
+
+    sandbox.configure(latency_s=2.0)
+    busy = start_worker("busy-stop", same_db_as=idle, **settings)
+    running = [busy.send(prompt=f"stopping {n}") for n in range(3)]
+    wait_until(lambda: len(sandbox.state.accepted) == 3, 20, "three calls at Runware")
+    assert busy.process.process is not None
+    started = time.monotonic()
+    busy.process.process.send_signal(signal.SIGTERM)
+    busy.process.process.wait(timeout=40)
+    busy_s = time.monotonic() - started
+    assert busy_s < 15, f"a busy worker took {busy_s:.1f}s to stop, its calls took 2 s"
+    assert busy.process.log().count(" succeeded: ") == 3
+    assert len({r.get(timeout=10)["taskUUID"] for r in running}) == 3  # type: ignore[attr-defined]
+    shown = json.loads(_cli(busy.redis_url, "limits", "show", "--json"))
+    assert shown["in_flight"] == 0
+    assert_billed_once(sandbox, [r.get() for r in running], ledger=ledger_micro(busy.redis_url))  # type: ignore[attr-defined]
