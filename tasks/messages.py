@@ -216,7 +216,7 @@ def _read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]
         kwargs = {}
     account, priority = kwargs.get("account", "default"), kwargs.get("priority", "interactive")
     try:
-        check_account(account)
+        account = check_account(account)
     except ValueError:
         return Read(PASS, task_id=task_id, tag=tag, due=due, continues=continues)
     klass = CLASSES.get(priority) if isinstance(priority, str) else None

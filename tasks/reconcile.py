@@ -61,7 +61,7 @@ def reconcile_call(
     is `settled`, `released`, `running` or `unknown` (Runware could not be asked; next period).
     An `account` or `priority` the dispatcher would not grant (the same rule) fails at once."""
     try:
-        check_account(account)
+        account = check_account(account)
         check_priority(priority)
     except ValueError as exc:
         raise ValidationError(f"invalid reconcile_call request: {exc}") from None

@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 from config.settings import ENHANCE_MODEL
 from tasks.errors import ValidationError
@@ -52,24 +60,36 @@ def _check_http_url(value: str) -> str:
     return value
 
 
-# The same rule is applied by the fair intake (tasks/lua/pump.lua): never a `/`, which the Redis
-# key layout reserves (config/keys.py).
-ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
+# The same rule is applied by the fair intake (tasks/messages.py reads a message's account with
+# check_account): never a `/`, which the Redis key layout reserves (config/keys.py). An integer
+# account id (a database key) stands for its decimal string.
+ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:@+-]+$"
 ACCOUNT_MAX = 64
+
+
+def _account_text(value: object) -> object:
+    return str(value) if type(value) is int else value
+
+
 AccountStr = Annotated[
-    StrictStr, Field(min_length=1, max_length=ACCOUNT_MAX, pattern=ACCOUNT_PATTERN)
+    StrictStr,
+    BeforeValidator(_account_text),
+    Field(min_length=1, max_length=ACCOUNT_MAX, pattern=ACCOUNT_PATTERN),
 ]
 
 
 def check_account(label: object) -> str:
-    """`label` if it is a valid account label, else ValueError naming the rule."""
+    """The account label `label` stands for (an integer id as its decimal string), else
+    ValueError naming the rule."""
+    label = _account_text(label)
     if (
         not isinstance(label, str)
         or not 1 <= len(label) <= ACCOUNT_MAX
         or not re.fullmatch(ACCOUNT_PATTERN, label)
     ):
         raise ValueError(
-            f"account {label!r} is not a label of 1..{ACCOUNT_MAX} letters, digits or _.:@-"
+            f"account {label!r} is not a label of 1..{ACCOUNT_MAX} letters, digits or _.:@+- "
+            "(or an integer id)"
         )
     return label
 

@@ -11,6 +11,7 @@ import pytest
 
 from tasks import messages
 from tasks.messages import CALL, OTHER, PASS, read
+from tasks.schemas import EnhanceRequest
 
 RUNWARE = frozenset({"tasks.enhance_prompt"})
 KNOWN = frozenset({"tasks.enhance_prompt", "tasks.collect_batch"})
@@ -50,6 +51,26 @@ def test_a_call_is_read_with_its_account_and_class() -> None:
     assert found.code() == "cb0"
 
 
+@pytest.mark.parametrize(
+    ("sent", "label"), [(12345, "12345"), ("bob+test@example.com", "bob+test@example.com")]
+)
+def test_an_integer_account_id_or_a_plus_address_is_an_account(sent: object, label: str) -> None:
+    """The dispatcher and the tasks take the same labels: an integer id as its decimal string
+    (the task's validation gives the same), a `+` in an e-mail address as it is."""
+    found = read(message({"prompt": "p", "account": sent}), RUNWARE, KNOWN)
+    assert (found.kind, found.account) == (CALL, label)
+    assert EnhanceRequest(prompt="a lake", account=sent).account == label
+
+
+@pytest.mark.parametrize("sent", [True, 1.5, "a/b", "", "x" * 65, "tab\there"])
+def test_what_no_task_takes_as_an_account_passes_without_a_grant(sent: object) -> None:
+    """Refused alike on both sides: the task then fails at once, naming the field."""
+    found = read(message({"prompt": "p", "account": sent}), RUNWARE, KNOWN)
+    assert found.kind == PASS
+    with pytest.raises(ValueError, match="account"):
+        EnhanceRequest(prompt="a lake", account=sent)
+
+
 def test_a_call_without_account_or_priority_is_the_default_accounts_interactive() -> None:
     found = read(message({"prompt": "p"}), RUNWARE, KNOWN)
     assert (found.kind, found.account, found.klass) == (CALL, "default", "i")
@@ -70,7 +91,7 @@ def test_a_compressed_call_is_read_as_sent() -> None:
         {"account": "a b"},
         {"account": "team\n"},
         {"account": "x" * 65},
-        {"account": 7},
+        {"account": 7.0},
         {"priority": "high"},
         {"priority": None},
     ],
