@@ -110,7 +110,7 @@ def configure(app: Celery, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from `settings` (default: the environment)."""
-    app = Celery("enhance_worker", include=TASK_MODULES)
+    app = Celery("enhance_worker", include=TASK_MODULES, amqp="config.transport:AMQP")
     configure(app, settings or get_settings())
     return app
 

@@ -20,6 +20,10 @@
    of some 250 reply callbacks, which the profile showed as 7% of the worker's CPU at full load.
    A Redis client is thread-safe, so this channel keeps one per pool.
 
+Also `AMQP` (Celery's messaging class, named by config/celery.py) with a connection whose printable
+URL masks a password only when there is one: kombu prints `redis://:**@host` for a URL with none,
+in Celery's start-up banner and its "Connected to" line.
+
 Everything else (connections, pools, TLS, acks, the visibility-timeout restore) is kombu's own.
 `register()` (called by config/celery.py) makes it the transport of kombu's `redis`, `rediss`,
 `redis+socket` and `sentinel` URL schemes in this process, so that broker URLs keep their usual
@@ -31,9 +35,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
+from celery.app.amqp import AMQP as CeleryAMQP
+from kombu import Connection as KombuConnection
 from kombu.exceptions import KombuError
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
@@ -190,6 +197,29 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     """kombu's Sentinel transport with the channel above."""
 
     Channel = SentinelChannel
+
+
+class Connection(KombuConnection):
+    """kombu's connection; its URL as printed shows `redis://host`, not `redis://:**@host`, when
+    it has no password."""
+
+    def as_uri(
+        self,
+        include_password: bool = False,
+        mask: str = "**",
+        getfields: Callable[..., Any] | None = None,
+    ) -> str:
+        kombus: Any = super()
+        more = {"getfields": getfields} if getfields is not None else {}
+        shown: str = kombus.as_uri(include_password or not self.password, mask, **more)
+        return shown
+
+
+class AMQP(CeleryAMQP):
+    """Celery's messaging, with the connection above."""
+
+    Connection = Connection
+    BrokerConnection = Connection
 
 
 def register() -> None:

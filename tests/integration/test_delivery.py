@@ -252,7 +252,12 @@ def test_sigterm_stops_an_idle_worker_at_once_and_a_busy_one_when_its_calls_end(
     busy.process.process.wait(timeout=40)
     busy_s = time.monotonic() - started
     assert busy_s < 15, f"a busy worker took {busy_s:.1f}s to stop, its calls took 2 s"
-    assert busy.process.log().count(" succeeded: ") == 3
+    log = busy.process.log()
+    assert log.count(" succeeded: ") == 3
+    # A Redis URL with no password is shown as it is (kombu printed `redis://:**@` for it).
+    assert f"transport:   {busy.redis_url}" in log
+    assert "redis://:**@" not in log
+    assert "redis://<redacted>@" not in log
     assert len({r.get(timeout=10)["taskUUID"] for r in running}) == 3  # type: ignore[attr-defined]
     shown = json.loads(_cli(busy.redis_url, "limits", "show", "--json"))
     assert shown["in_flight"] == 0
