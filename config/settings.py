@@ -6,7 +6,11 @@ that names the variable and says what it accepts; the worker entry point turns t
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -557,6 +561,47 @@ def _one_line(error: pydantic.ValidationError) -> str:
         message = str(item["msg"]).removeprefix("Value error, ")
         parts.append(f"{field.upper()}={shown!r} is not accepted ({message}); expected {accepts}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+# Prefixes of the variables this service reads; another variable under one is likely a typo.
+CHECKED_PREFIXES = ("RUNWARE_", "REDIS_", "CELERY_")
+# Variables under those prefixes that Celery itself reads from the environment.
+CELERY_OWN = frozenset(
+    {
+        "CELERY_BENCH", "CELERY_BENCH_EVERY", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL",
+        "CELERY_CONFIG_MODULE", "CELERY_CUSTOM_WORKER_POOL", "CELERY_LOADER", "CELERY_LOG_FILE",
+        "CELERY_LOG_LEVEL", "CELERY_LOG_REDIRECT", "CELERY_LOG_REDIRECT_LEVEL", "CELERY_RDB_HOST",
+        "CELERY_RDB_PORT", "CELERY_RDBSIG", "CELERY_SKIP_CHECKS", "CELERY_TRACE_APP",
+    }
+)  # fmt: skip
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line for each RUNWARE_*, REDIS_* or CELERY_* variable that no setting (nor Celery)
+    reads, with the setting it may have meant: a misspelled name is otherwise silently
+    ignored. `environ`: by default the process environment and the .env file the settings
+    read."""
+    if environ is None:
+        environ = {**_dotenv_names(), **os.environ}
+    known = {name.upper() for name in Settings.model_fields} | CELERY_OWN
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(CHECKED_PREFIXES) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"{name} is set but is not a setting of this service (ignored){hint}")
+    return lines
+
+
+def _dotenv_names() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    path = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if not path.is_file():
+        return {}
+    return {name: "" for name in dotenv_values(path)}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 
 def _ready(worker: bool = False) -> Settings:
     """The settings, once their Redis answers (and, with `worker`, once a worker runs)."""
-    from config.settings import get_settings
+    from config.settings import get_settings, unknown_variables
 
     settings = get_settings()
+    for line in unknown_variables():
+        print(f"enhance-worker: warning: {line}", file=sys.stderr)
     preflight.require_redis(settings)
     if worker:
         preflight.require_worker(settings)

@@ -11,7 +11,7 @@ from celery import signals
 
 from config import redis as redis_urls
 from config.keys import FairKeys
-from config.settings import get_settings
+from config.settings import get_settings, unknown_variables
 from tasks import ledger, runware
 from tasks import metrics as task_metrics
 from tasks.base import RunwareTask
@@ -80,6 +80,8 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     start the reconciler of unsettled calls and the metrics endpoint, warn when no API key is
     set, then say the worker is ready (tests and tools wait for it)."""
     settings = get_settings()
+    for line in unknown_variables():
+        logger.warning(line)
     app = sender.app
     threads = _concurrency(sender)
     if not _intake_queues:

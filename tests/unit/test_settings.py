@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from config.settings import ConfigError, format_rate, load_settings, parse_rate
@@ -135,3 +137,33 @@ def test_metrics_port_zero_is_any_free_port_and_blank_is_none(
 ) -> None:
     monkeypatch.setenv("METRICS_PORT", value)
     assert load_settings().metrics_port == port
+
+
+def test_a_misspelled_variable_is_named_with_the_setting_it_may_mean() -> None:
+    from config.settings import unknown_variables
+
+    lines = unknown_variables(
+        {
+            "RUNWARE_RATE_LIMT": "5",  # a typo
+            "REDIS_PASWORD": "x",  # none close enough to suggest
+            "RUNWARE_RATE_LIMIT": "5",  # a setting
+            "CELERY_CONFIG_MODULE": "x",  # Celery's own
+            "LOG_LEVEL": "trace",  # not under a checked prefix
+            "runware_timeout_s": "3",  # any case, as the settings read it
+        }
+    )
+    assert lines == [
+        "REDIS_PASWORD is set but is not a setting of this service (ignored)",
+        "RUNWARE_RATE_LIMT is set but is not a setting of this service (ignored); "
+        "did you mean RUNWARE_RATE_LIMIT?",
+    ]
+
+
+def test_a_misspelled_variable_in_the_env_file_is_named_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from config.settings import unknown_variables
+
+    (tmp_path / ".env").write_text("RUNWARE_MAX_RETRIE=2\nRUNWARE_MAX_RETRIES=2\n")
+    monkeypatch.chdir(tmp_path)
+    assert any(line.startswith("RUNWARE_MAX_RETRIE is set") for line in unknown_variables())
