@@ -104,6 +104,12 @@ class FairKeys:
         return self._k("rejected")
 
     @property
+    def refused_keys(self) -> str:
+        """Fingerprints of the API keys Runware refused (401/403, invalidApiKey) since the
+        fleet last resumed: a worker with one of them makes no call (a set)."""
+        return self._k("refused_keys")
+
+    @property
     def unknown(self) -> str:
         """Jobs of a task no live worker of the fleet registers, parked until one does or the
         operator moves them (a list, newest first; tasks/unknown.py)."""

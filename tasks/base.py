@@ -37,6 +37,7 @@ from tasks import metrics
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     BUDGET_UNSETTLED,
+    AuthenticationError,
     ConflictTaskUUID,
     PermanentError,
     TaskTimeout,
@@ -55,6 +56,7 @@ from tasks.schemas import stable_task_uuid
 logger = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
 BUDGET_WAIT_HEADER = "enhance_budget_wait_since"  # when a job's first such refusal came
+KEY_WAIT_S = 1.0  # a job sent back while the key is refused: due again at once, then held
 
 
 def backoff_seconds(
@@ -115,6 +117,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             error = for_policy(exc)
             if error is None:  # a bug: failed with its traceback, never retried
                 raise
+            if isinstance(error, AuthenticationError):
+                # A key problem is the fleet's, not the job's: the fleet pauses, the job waits.
+                get_limiter().refuse_key(str(error))
+                raise self._wait_for_a_key() from None
             if isinstance(error, TransientError):
                 error = self._retry_or_give_up(error, started)  # raises Retry while it may
             else:
@@ -161,6 +167,15 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             headers={**self._headers(continues=continues), **(headers or {})},
         ).apply_async()
         return Ignore(f"re-scheduled in {countdown:.1f}s")
+
+    def _wait_for_a_key(self) -> Ignore:
+        """Send this job back to wait (its retries untouched) while Runware refuses the key:
+        the fleet grants nothing until it resumes."""
+        return self.reschedule(
+            KEY_WAIT_S,
+            "waits: Runware refused the API key and the fleet is paused",
+            continues=False,
+        )
 
     def _headers(self, continues: bool) -> dict[str, Any]:
         """The message headers of this job's next run: its own custom ones, and whether it
@@ -218,6 +233,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         call Runware accepted, so the reservation is left unsettled for the reconciler.
         """
         ledger, limiter = get_ledger(), get_limiter()
+        if limiter.key_refused:  # granted before the pause: no call with a refused key
+            raise self._wait_for_a_key()
         task_uuid, shape = job.task_uuid, call_shape(job.body)
         started = ledger.begin(task_uuid, job.account, job.estimate_usd, shape)
         if started.finished is not None:  # a redelivered or resent job whose call finished

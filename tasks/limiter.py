@@ -12,11 +12,21 @@ are strikes, which each worker learns from its heartbeat).
 
 Run-time overrides of the limits live in Redis and are read by every dispatcher step, so they
 take effect without restarting workers (`enhance-worker limits ...`).
+
+A refused API key (401/403, `invalidApiKey`, or none set) pauses the whole fleet instead of
+failing every job of the backlog in turn: the first refusal records the key's fingerprint (a
+digest, never the key) and a `paused` entry among the overrides, which stops every grant; the
+jobs wait in the fair intake. A worker started with another key resumes the fleet, as does
+`enhance-worker limits resume`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,7 +36,7 @@ from config import redis as redis_urls
 from config.keys import PRIORITY_CLASSES, FairKeys
 from config.settings import Settings, get_settings, parse_rate
 from tasks import scripts
-from tasks.errors import RateLimited, WorkerError
+from tasks.errors import AuthenticationError, RateLimited, WorkerError
 from tasks.state import per_process, text
 from tasks.state import seconds as redis_seconds
 
@@ -34,6 +44,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
+PAUSED_FIELD = "paused"  # in the overrides hash, which every dispatcher step reads
+KEY_TRY_WAIT_S = 2.0  # the longest a process's calls wait for its first answer
+
+
+def key_fingerprint(settings: Settings) -> str:
+    """A digest of the API key that tells keys apart without revealing one ("" for none)."""
+    key = settings.runware_api_key
+    if key is None:
+        return ""
+    return hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:16]
 
 
 class Limiter:
@@ -48,10 +68,47 @@ class Limiter:
         # Whether the fleet has cool-down strikes that a success must clear (from this
         # process's heartbeat, tasks/dispatcher.py, and from this process's own throttled calls).
         self.strikes = False
+        self.fingerprint = key_fingerprint(settings)
+        self._first_call = threading.Lock()  # held by the one call that tries the key
+        self._key_answered = False  # Runware answered a call without refusing the key
+        # Whether Runware refused this process's key: it then makes no call (set by its own
+        # refusal at once, and by its heartbeat from the fleet's record).
+        self.key_refused = False
 
     def heard(self, call: Callable[[], T]) -> T:
         """Make one call to Runware (in the slot the dispatcher granted) and tell the fleet how
-        it went: throttled (the request's strike, once per request), answered, or no answer."""
+        it went: throttled (the request's strike, once per request), answered, or no answer.
+
+        Until Runware has answered one call of this process without refusing its key, calls go
+        one at a time: a refused key then costs one call per process, not one per thread."""
+        if self._key_answered:
+            return self._heard(call)
+        # A refusal comes back at once; a call slower than this has got past the key check,
+        # and the others need not wait for its answer.
+        tried = self._first_call.acquire(timeout=KEY_TRY_WAIT_S)
+        try:
+            if self.key_refused:
+                raise AuthenticationError(
+                    "Runware refused this worker's API key (on an earlier call)",
+                    code="invalidApiKey",
+                )
+            if self._key_answered or not tried:
+                return self._heard(call)
+            try:
+                result = self._heard(call)
+            except AuthenticationError as exc:
+                self.refuse_key(str(exc))  # before the next thread takes the lock
+                raise
+            except WorkerError as exc:
+                self._key_answered = getattr(exc, "status", None) is not None
+                raise
+            self._key_answered = True
+            return result
+        finally:
+            if tried:
+                self._first_call.release()
+
+    def _heard(self, call: Callable[[], T]) -> T:
         try:
             result = call()
         except RateLimited as exc:
@@ -93,6 +150,62 @@ class Limiter:
             return
         if pause > 0:
             logger.warning("Runware is throttling: the whole fleet pauses for %.2fs.", pause)
+
+    # --- a refused API key -------------------------------------------------------------------
+    def refuse_key(self, reason: str) -> None:
+        """Runware refused this process's key: record it and pause the fleet (once)."""
+        self.key_refused = True
+        paused = json.dumps({"reason": reason, "since": time.time(), "key": self.fingerprint})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(self.keys.refused_keys, self.fingerprint)
+        pipe.hsetnx(self.keys.overrides, PAUSED_FIELD, paused)
+        _, first = pipe.execute()
+        if first:
+            logger.error(
+                "Runware refused the API key (%s): every call of the fleet is paused and the "
+                "jobs wait. Set the right RUNWARE_API_KEY and restart the workers (a worker "
+                "with another key resumes the fleet), or `enhance-worker limits resume`.",
+                reason,
+            )
+
+    def check_key(self) -> None:
+        """Learn whether the fleet recorded this process's key as refused (heartbeat). A
+        process with no key, once refused, stays so: another worker's resume does not give it
+        one."""
+        if self.fingerprint:
+            refused = self.redis.sismember(self.keys.refused_keys, self.fingerprint)
+            self.key_refused = bool(refused)
+
+    def resume_with_a_new_key(self) -> bool:
+        """At a worker's start: if the fleet is paused for a refused key and this worker has
+        another one, resume it. Whether it did."""
+        if not self.paused() or not self.fingerprint:
+            return False
+        self.check_key()
+        if self.key_refused:
+            logger.error(
+                "The fleet is paused: Runware refused this worker's API key too. Set the right "
+                "RUNWARE_API_KEY and restart the workers."
+            )
+            return False
+        self.resume()
+        logger.warning("This worker's API key is not the one Runware refused: the fleet resumes.")
+        return True
+
+    def paused(self) -> dict[str, Any] | None:
+        """Why and since when the fleet is paused for a refused key (None: it is not)."""
+        raw = self.redis.hget(self.keys.overrides, PAUSED_FIELD)
+        return json.loads(raw) if raw else None
+
+    def resume(self) -> None:
+        """Let the fleet call again: the pause and the record of refused keys go."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.keys.overrides, PAUSED_FIELD)
+        pipe.delete(self.keys.refused_keys)
+        pipe.lpush(self.keys.wake, "1")
+        pipe.ltrim(self.keys.wake, 0, 15)
+        pipe.execute()
+        self.key_refused = False
 
     # --- run-time overrides and state ----------------------------------------------------------
     def set_overrides(self, **values: Any) -> None:
@@ -185,7 +298,8 @@ class Limiter:
         # in the ready queue holds one but runs nowhere yet.
         leased = int(self.redis.zcount(keys.leases, now, "+inf"))
         in_flight = max(0, leased - int(granted))
-        overrides = {text(k): float(v) for k, v in raw_overrides.items()}
+        overrides = {text(k): float(v) for k, v in raw_overrides.items() if text(k) != PAUSED_FIELD}
+        paused = raw_overrides.get(PAUSED_FIELD.encode())
         return {
             "settings": {
                 "rate": settings.runware_rate_limit,
@@ -197,6 +311,7 @@ class Limiter:
             "in_flight": in_flight,
             "granted_waiting": int(granted),
             "cooldown_s": max(0.0, float(cooldown) - now) if cooldown else 0.0,
+            "paused": json.loads(paused) if paused else None,
             "accounts": self.accounts(),
         }
 

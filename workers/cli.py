@@ -10,6 +10,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,6 +127,11 @@ def _cmd_limits(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"enhance-worker: {exc}", file=sys.stderr)
             return 2
+    if args.action == "resume":
+        was = limiter.paused()
+        limiter.resume()
+        print("resumed" if was else "not paused")
+        return 0
     if args.action == "global":
         changes: dict[str, object] = {}
         if args.reset:
@@ -158,6 +164,12 @@ def _cmd_limits(args: argparse.Namespace) -> int:
         print(f"{'in flight':>14}: {state['in_flight']}")
         print(f"{'granted, queued':>14}: {state['granted_waiting']}")
         print(f"{'cool-down':>14}: {state['cooldown_s']:.2f}s")
+        if state["paused"]:
+            since = datetime.fromtimestamp(state["paused"]["since"], UTC).isoformat("T", "seconds")
+            print(f"{'PAUSED':>14}: since {since}: {state['paused']['reason']}")
+            print(
+                f"{'':>14}  (`enhance-worker limits resume`, or start a worker with the right key)"
+            )
         for name, account in state["accounts"].items():
             rate = format_rate(account["rate"]) if account["rate"] else "fleet"
             waiting = ", ".join(f"{k} {v}" for k, v in account["waiting"].items())
@@ -491,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     limits = sub.add_parser("limits", help="show or change the fleet-wide limits at run time")
     limits_sub = limits.add_subparsers(dest="action", required=True)
+    resume = limits_sub.add_parser(
+        "resume", help="let the fleet call again after Runware refused the API key"
+    )
+    resume.set_defaults(json=False)
     show = limits_sub.add_parser("show", help="the limits in force and what is in flight")
     show.add_argument("--json", action="store_true")
     glob = limits_sub.add_parser(

@@ -256,6 +256,12 @@ class RedisStateCollector(Collector):
                 value=rate,
             )
         yield GaugeMetricFamily(
+            "enhance_fleet_paused",
+            "1 while every call of the fleet is paused because Runware refused the API key "
+            "(`enhance-worker limits show` says why), else 0.",
+            value=int(reply[9]),
+        )
+        yield GaugeMetricFamily(
             "enhance_cooldown_active",
             "1 while the fleet pauses because Runware throttled it (429 or 503), else 0.",
             value=1 if cooldown_s > 0 else 0,

@@ -92,6 +92,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
         known_tasks=frozenset(app.tasks),
     )
     client = broker_redis(settings)
+    get_limiter().resume_with_a_new_key()
     if carry_over_old_overrides(client, settings):
         logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
     ident = _ident[-1] if _ident else worker_id()

@@ -23,7 +23,8 @@
 -- KEYS  1 intake list        2 delayed zset         3 ready queue (a kombu list)
 --       4 leases zset        5 transit hash         6 transit:seq zset (tag -> push number)
 --       7 workers hash       8 workers:seen zset    9 dispatcher lock
---      10 overrides hash    11 tat                 12 cooldown
+--      10 overrides hash (rate, burst, max_in_flight; `paused`: no grant at all)
+--      11 tat                 12 cooldown
 --      13 account rates     14 account weights     15 account timelines (zset: account -> TAT)
 --      16 streak            17 wake list
 --      18..21 interactive: active set, ring list, credit hash, queue key prefix
@@ -74,7 +75,8 @@ local CLASS = {
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local o = redis.call('HMGET', OVERRIDES, 'rate', 'burst', 'max_in_flight')
+local o = redis.call('HMGET', OVERRIDES, 'rate', 'burst', 'max_in_flight', 'paused')
+local paused = o[4] ~= false  -- Runware refused the API key: no grant until the fleet resumes
 local rate = tonumber(o[1] or ARGV[3]) or 0
 local burst = math.max(1, tonumber(o[2] or ARGV[4]) or 1)
 local cap = tonumber(o[3] or ARGV[5]) or 0
@@ -251,6 +253,7 @@ end
 -- Seconds until the fleet may make a call (0: now), or -2 while no slot or thread is free.
 local function fleet_wait()
   if in_flight >= capacity or in_flight + busy >= threads then return -2 end
+  if paused then return 1 end  -- looked at again each second (a resume also wakes the step)
   local w = 0
   local cool = tonumber(redis.call('GET', COOLDOWN) or '0')
   if cool > now then w = cool - now end

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.conftest import RunningWorker, StartWorker, metrics_port, scrape_metrics
+from tests.conftest import (
+    RunningWorker,
+    StartWorker,
+    metrics_port,
+    run_cli,
+    scrape_metrics,
+    wait_until,
+)
 from workers.sandbox import Sandbox
 
 
@@ -49,7 +58,6 @@ def test_retries_are_bounded(main_worker: RunningWorker, sandbox: Sandbox) -> No
         ("400", "invalidParameter"),
         ("402", "insufficientCredits"),
         ("404", "notFound"),
-        ("403", "forbidden"),
     ],
 )
 def test_permanent_errors_fail_at_once_keeping_code_and_message(
@@ -85,21 +93,83 @@ def test_a_lost_answer_is_recovered_without_paying_twice(
     assert result["cost"] == pytest.approx(2 * 0.0013)
 
 
-def test_a_wrong_key_fails_each_job_at_once(start_worker: StartWorker, sandbox: Sandbox) -> None:
-    worker = start_worker("wrongkey", RUNWARE_API_KEY="rw-not-the-right-key")
-    pending = [worker.send(prompt=f"fox {n}") for n in range(5)]
-    for async_result in pending:
-        with pytest.raises(Exception, match=r"HTTP 401, invalidApiKey.*check RUNWARE_API_KEY"):
-            async_result.get(timeout=30)
-    assert sandbox.state.tasks_received == 5  # each job sent once: no retry storm
-    assert sandbox.state.auth_failures == sandbox.state.requests >= 1
+def _paused(url: str) -> dict[str, object] | None:
+    state = json.loads(run_cli(url, "limits", "show", "--json", check=True).stdout)
+    paused: dict[str, object] | None = state["paused"]
+    return paused
 
 
-def test_no_key_fails_without_calling(start_worker: StartWorker, sandbox: Sandbox) -> None:
-    worker = start_worker("nokey", RUNWARE_API_KEY="")
-    with pytest.raises(Exception, match="RUNWARE_API_KEY is not set"):
-        worker.send(prompt="a red fox").get(timeout=30)
+def test_a_wrong_key_pauses_the_fleet_and_the_right_one_resumes_it(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Two worker processes with a key Runware refuses and 500 jobs queued: the first refusal
+    pauses every grant, each process makes at most one call, nothing is failed or
+    dead-lettered, and the fleet says so (`limits show`, `enhance_fleet_paused`). The workers
+    stop; one with the right key starts, resumes the fleet, and all 500 are done."""
+    wrong = {"RUNWARE_API_KEY": "rw-not-the-right-key", "METRICS_PORT": "0"}
+    first = start_worker("wrongkey", **wrong)
+    second = start_worker("wrongkey", same_db_as=first, **wrong)
+    sent = [first.send(prompt=f"paused fox {n}") for n in range(500)]
+    wait_until(lambda: _paused(first.redis_url) is not None, 30, "the fleet paused")
+    time.sleep(2.0)  # whatever else would be called, would be by now
+    paused = _paused(first.redis_url)
+    assert paused is not None
+    assert "invalidApiKey" in str(paused["reason"])
+    assert sandbox.state.auth_failures == sandbox.state.requests <= 2  # one per process at most
+    assert sandbox.state.accepted == {}
+    assert json.loads(run_cli(first.redis_url, "failed", "list", "--json", check=True).stdout) == []
+    assert scrape_metrics(metrics_port(first))[("enhance_fleet_paused", ())] == 1
+    shown = run_cli(first.redis_url, "limits", "show", check=True).stdout
+    assert "PAUSED" in shown
+    assert "invalidApiKey" in shown
+    assert all(r.state == "PENDING" for r in sent)  # type: ignore[attr-defined]
+    first.process.stop()
+    second.process.stop()
+
+    right = start_worker("rightkey", same_db_as=first)
+    done = [r.get(timeout=180) for r in sent]  # type: ignore[attr-defined]
+    assert len({d["taskUUID"] for d in done}) == 500
+    assert len(sandbox.state.accepted) == 500
+    assert _paused(first.redis_url) is None
+    assert "the fleet resumes" in right.process.log()
+
+
+def test_a_403_pauses_the_fleet_until_it_is_resumed(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """403 (the key lacks a permission) is the key's problem too: the fleet pauses, the job
+    waits with its retries untouched, and `limits resume` lets it run."""
+    worker = start_worker("forbidden")
+    sandbox.configure(fail_next=["403"])
+    waiting = worker.send(prompt="a forbidden fox")
+    wait_until(lambda: _paused(worker.redis_url) is not None, 30, "the fleet paused")
+    assert "HTTP 403, forbidden" in str(_paused(worker.redis_url)["reason"])  # type: ignore[index]
+    assert waiting.state == "PENDING"  # type: ignore[attr-defined]
+    assert run_cli(worker.redis_url, "limits", "resume", check=True).stdout.strip() == "resumed"
+    assert waiting.get(timeout=30)["text"]  # type: ignore[attr-defined]
+    assert sandbox.state.requests == 2
+    assert _retries_logged(worker, waiting.id) == 0  # type: ignore[attr-defined]
+    assert (
+        json.loads(run_cli(worker.redis_url, "failed", "list", "--json", check=True).stdout) == []
+    )
+
+
+def test_no_key_pauses_the_fleet_without_calling(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """A worker with no key makes no call: the job waits (not failed), the fleet pauses and
+    says why; `limits resume` and a worker with a key let it run."""
+    keyless = start_worker("nokey", RUNWARE_API_KEY="")
+    waiting = keyless.send(prompt="a red fox")
+    wait_until(lambda: _paused(keyless.redis_url) is not None, 30, "the fleet paused")
+    assert "RUNWARE_API_KEY is not set" in str(_paused(keyless.redis_url)["reason"])  # type: ignore[index]
     assert sandbox.state.tasks_received == 0
+    assert waiting.state == "PENDING"  # type: ignore[attr-defined]
+    keyless.process.stop()
+    assert run_cli(keyless.redis_url, "limits", "resume", check=True).stdout.strip() == "resumed"
+    start_worker("withkey", same_db_as=keyless)
+    assert waiting.get(timeout=60)["text"]  # type: ignore[attr-defined]
+    assert sandbox.state.tasks_received == 1
 
 
 @pytest.mark.parametrize(

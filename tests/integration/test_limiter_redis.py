@@ -357,16 +357,19 @@ def test_a_countdown_waits_in_redis_not_in_a_worker(fleet: Any) -> None:
     assert 0.9 <= taken.at - sent <= 1.6
 
 
-def test_other_tasks_pass_without_a_grant(fleet: Any) -> None:
-    """A task that does not call Runware, or one the workers do not know, is not held by the
-    limits (a rate of 1/s would take seconds for these)."""
+def test_other_tasks_pass_without_a_grant_and_unknown_ones_are_parked(fleet: Any) -> None:
+    """A task that does not call Runware is not held by the limits (a rate of 1/s would take
+    seconds for these); one the workers do not know never reaches them: it is parked."""
     f = fleet(threads=2, runware_rate_limit="1/s").start()
     for n in range(3):
         f.producer.send_task("tasks.collect_batch", args=[[n]])
         f.producer.send_task("another.app.task", args=[n])
-    taken = f.wait_for(6, timeout=3)
-    assert {t.task for t in taken} == {"tasks.collect_batch", "another.app.task"}
+    taken = f.wait_for(3, timeout=3)
+    assert {t.task for t in taken} == {"tasks.collect_batch"}
     assert f.client.zcard(f.keys.leases) == 0
+    wait_until(lambda: f.client.llen(f.keys.unknown) == 3, 5, "the unknown task's jobs parked")
+    time.sleep(0.3)
+    assert len(f.taken) == 3
 
 
 def test_a_body_too_large_to_decode_is_never_decoded_and_its_call_still_waits(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import redis
 
-from tests.conftest import SECRET, RunningWorker, StartWorker
+from tests.conftest import SECRET, RunningWorker, StartWorker, run_cli, wait_until
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer
 
@@ -98,15 +98,21 @@ def test_the_key_leaks_nowhere(
         failed.get(timeout=30)
     except Exception as exc:
         errors.append(str(exc))
+    # A refused key pauses the fleet (the job waits): what it says about it is scanned too.
     wrong = start_worker("leak", RUNWARE_API_KEY=SECRET + "-wrong")
-    try:
-        wrong.send(prompt="wrong key").get(timeout=30)
-    except Exception as exc:
-        errors.append(str(exc))
+    wrong.send(prompt="wrong key")
+
+    def paused() -> str:
+        shown = run_cli(wrong.redis_url, "limits", "show", "--json", check=True).stdout
+        return shown if json.loads(shown)["paused"] else ""
+
+    wait_until(lambda: bool(paused()), 30, "the fleet paused for the wrong key")
+    errors.append(paused())
+    errors.append(run_cli(wrong.redis_url, "limits", "show", check=True).stdout)
 
     # The key really was used: the sandbox only accepts SECRET.
     assert sandbox.state.accepted
-    assert len(errors) == 2
+    assert len(errors) == 3
     keys, blob = _all_redis_bytes(redis_server)
     assert keys > 0
     logs = {"main worker's log": main_worker.process.log(), "wrong key's log": wrong.process.log()}
