@@ -284,3 +284,9 @@ class StateKeys:
     def estimates(self, day: str) -> str:
         """The highest real cost per call shape seen on one UTC day."""
         return f"{self.ledger}:est:{day}"
+
+    @property
+    def budgets(self) -> str:
+        """Daily budgets of accounts set at run time (account -> micro-USD, -1: none), which
+        win over RUNWARE_ACCOUNT_DAILY_BUDGET_USD (a hash)."""
+        return f"{self.ledger}:budgets"

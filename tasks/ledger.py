@@ -227,6 +227,7 @@ class Ledger:
             self.keys.alone(task_uuid),
             self.keys.estimates(day),
             self.keys.estimates(_yesterday()),
+            self.keys.budgets,
         ]
         args += [
             account,
@@ -244,10 +245,11 @@ class Ledger:
             _cost, _, items = text(answer[1]).partition("|")
             return Started(finished=json.loads(items or "[]"))
         if status == 0:
-            which, spent, estimate, unsettled, complete = (int(v) for v in answer[1:6])
+            which, spent, estimate, unsettled, complete, budget, own = (int(v) for v in answer[1:8])
             raise self._refusal(
-                which, spent, estimate, unsettled, task_uuid, account, bool(complete)
-            )
+                which, spent, estimate, unsettled, task_uuid, account, budget, bool(own),
+                bool(complete),
+            )  # fmt: skip
         marker = text(answer[1])
         return Started(
             submitted=float(marker) if marker else None,
@@ -264,22 +266,17 @@ class Ledger:
         unsettled: int,
         task_uuid: str,
         account: str,
+        budget: int,
+        own: bool = False,
         complete: bool = True,
     ) -> Exception:
         settings = self.settings
         if which == 1:
-            name, limit, scope = (
-                "RUNWARE_DAILY_BUDGET_USD",
-                settings.runware_daily_budget_usd,
-                "the fleet",
-            )
+            name, scope = "RUNWARE_DAILY_BUDGET_USD", "the fleet"
+        elif own:
+            name, scope = "(set by `limits set --daily-budget`)", f"account {account!r}"
         else:
-            name, limit, scope = (
-                "RUNWARE_ACCOUNT_DAILY_BUDGET_USD",
-                settings.runware_account_daily_budget_usd,
-                f"account {account!r}",
-            )
-        budget = to_micro(limit or 0)
+            name, scope = "RUNWARE_ACCOUNT_DAILY_BUDGET_USD", f"account {account!r}"
         said = (
             f"daily budget {name} of ${budget / MICRO:.6f} for {scope} would be exceeded: "
             f"${spent / MICRO:.6f} already spent or reserved today (UTC), and task "
@@ -418,6 +415,62 @@ class Ledger:
                 name = text(shape)
                 seen[name] = max(seen.get(name, 0), int(micro))
         return {shape: micro / MICRO for shape, micro in sorted(seen.items())}
+
+    # --- budgets of accounts set at run time ----------------------------------------------------
+    def set_budget(self, account: str, usd: float | None) -> None:
+        """The account's daily budget from now on, across the fleet (None: no budget at all,
+        whatever RUNWARE_ACCOUNT_DAILY_BUDGET_USD says)."""
+        if usd is not None and not usd >= 0:
+            raise ValueError(f"a daily budget is a number of USD >= 0 (got {usd})")
+        self.redis.hset(self.keys.budgets, account, -1 if usd is None else to_micro(usd))
+
+    def clear_budget(self, account: str) -> bool:
+        """The account goes back to RUNWARE_ACCOUNT_DAILY_BUDGET_USD; whether it had its own."""
+        return bool(self.redis.hdel(self.keys.budgets, account))
+
+    def budgets(self) -> dict[str, float | None]:
+        """The accounts' budgets set at run time (None: no budget)."""
+        return {
+            text(k): (None if int(v) < 0 else int(v) / MICRO)
+            for k, v in sorted(self.redis.hgetall(self.keys.budgets).items())
+        }
+
+    def budget_report(
+        self, totals: DayTotals, holdings: Holdings, account: str | None = None
+    ) -> dict[str, Any]:
+        """Each budget with what is spent (settled and reserved) and what is left today: the
+        fleet's, the default per account, and every account with a budget of its own (or the
+        one asked for)."""
+        held: dict[str, int] = {}
+        for reservation in holdings.in_flight + holdings.unsettled:
+            held[reservation.account] = (
+                held.get(reservation.account, 0) + reservation.estimate_micro
+            )
+
+        def row(budget: float | None, spent_micro: int, source: str) -> dict[str, Any]:
+            spent = spent_micro / MICRO
+            left = None if budget is None else max(0.0, budget - spent)
+            return {"budget_usd": budget, "spent_usd": spent, "left_usd": left, "source": source}
+
+        settings = self.settings
+        fleet_spent = totals.total_micro + sum(held.values())
+        own = self.budgets()
+        names = sorted(set(own) | ({account} if account else set()))
+        default = settings.runware_account_daily_budget_usd
+        return {
+            "fleet": row(
+                settings.runware_daily_budget_usd, fleet_spent, "RUNWARE_DAILY_BUDGET_USD"
+            ),
+            "account_default_usd": default,
+            "accounts": {
+                name: row(
+                    own.get(name, default),
+                    totals.by_account_micro.get(name, 0) + held.get(name, 0),
+                    "run time" if name in own else "RUNWARE_ACCOUNT_DAILY_BUDGET_USD",
+                )
+                for name in names
+            },
+        }
 
     # --- reading -------------------------------------------------------------------------------
     def day(self, day: str | None = None) -> DayTotals:

@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -122,8 +123,17 @@ def _cmd_limits(args: argparse.Namespace) -> int:
     _ready()
     limiter = get_limiter()
     if args.action == "set":
+        from tasks.ledger import get_ledger
+        from tasks.schemas import check_account
+
         try:
-            limiter.set_account(args.account, rate=args.rate, weight=args.weight, reset=args.reset)
+            account = check_account(args.account)
+            limiter.set_account(account, rate=args.rate, weight=args.weight, reset=args.reset)
+            if args.clear or args.reset:
+                get_ledger().clear_budget(account)
+            if args.daily_budget is not None:  # inf: "none", no budget at all
+                usd = None if math.isinf(args.daily_budget) else args.daily_budget
+                get_ledger().set_budget(account, usd)
         except ValueError as exc:
             print(f"enhance-worker: {exc}", file=sys.stderr)
             return 2
@@ -259,10 +269,13 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"enhance-worker: {exc}", file=sys.stderr)
         return 2
-    held = ledger.holdings(args.account).as_json()
+    holdings = ledger.holdings(args.account)
+    held = holdings.as_json()
+    budgets = ledger.budget_report(ledger.day(), holdings, args.account)
     report = {
         **totals.as_json(args.account),
         **held,
+        "budgets": budgets,
         "estimates": {
             "default": {
                 "promptEnhance per version": settings.runware_enhance_cost_usd,
@@ -290,7 +303,21 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     for item in held["unsettled"][:20]:
         usd, day = item["estimate_usd"], item["day"]
         print(f"  {item['taskUUID']}  {item['account']:<16} ${usd:.6f}  started {day}")
+    rows = {"(fleet)": budgets["fleet"], **budgets["accounts"]}
+    print(
+        f"budgets today (spent: settled and reserved; default per account: "
+        f"{_usd(budgets['account_default_usd'])}):"
+    )
+    for name, row in rows.items():
+        print(
+            f"  {name:<24} budget {_usd(row['budget_usd'])}, spent ${row['spent_usd']:.6f}, "
+            f"left {_usd(row['left_usd'])} ({row['source']})"
+        )
     return 0
+
+
+def _usd(value: float | None) -> str:
+    return "none" if value is None else f"${value:.6f}"
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:
@@ -376,6 +403,19 @@ def _day(text: str) -> str:
         return date.fromisoformat(text).isoformat()
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-25") from None
+
+
+def _budget(text: str) -> float:
+    """A daily budget in USD; "none" (no budget at all) as infinity."""
+    if text.strip().lower() == "none":
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of USD, or 'none'") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a daily budget is >= 0 USD (got {text})")
+    return value
 
 
 def _share(text: str) -> float:
@@ -523,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     per_account.add_argument("account")
     per_account.add_argument("--rate", help="N, N/s, N/m or N/h; 0 for none of its own")
     per_account.add_argument("--weight", type=int, help="its share when the limit binds, >= 1")
+    per_account.add_argument(
+        "--daily-budget",
+        type=_budget,
+        metavar="USD",
+        help="its daily budget in USD from now on, across the fleet ('none': no budget)",
+    )
+    per_account.add_argument(
+        "--clear", action="store_true", help="its budget back to RUNWARE_ACCOUNT_DAILY_BUDGET_USD"
+    )
     per_account.add_argument("--reset", action="store_true", help="remove its overrides first")
     per_account.add_argument("--json", action="store_true")
     limits.set_defaults(func=_cmd_limits)

@@ -17,6 +17,7 @@ scrapes within a second of each other share one reading.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -49,6 +50,10 @@ DAY_FIELDS_PER_CALL = 1000  # fields of today's totals read per HSCAN (one per a
 def _pairs(flat: list[Any]) -> dict[str, int]:
     """A flat [field, value, ...] reply as {field: int}."""
     return {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _flat(mapping: dict[Any, Any]) -> list[Any]:
+    return [item for pair in mapping.items() for item in pair]
 
 
 def _by_account(sums: dict[str, int]) -> dict[str, int]:
@@ -149,6 +154,8 @@ class RedisStateCollector(Collector):
             money = scripts.run(self._money, money_keys, []) if reports else None
             if money is not None:  # today's per-account totals, in bounded chunks
                 money[2] = [*money[2], *self._spent_by_account(money_keys[0])]
+                # The budgets of accounts set at run time (as few as the operator set).
+                money.append(_flat(self.state.hgetall(keys.budgets)))
             memory = [m for role, client in self._roles if reports and (m := _memory(role, client))]
             waiting = self._waiting() if reports else {}
             reading = Reading(limits=limits, money=money, memory=memory, waiting=waiting)
@@ -359,21 +366,39 @@ class RedisStateCollector(Collector):
         limit = GaugeMetricFamily(
             "enhance_daily_budget_usd",
             "The daily budgets: RUNWARE_DAILY_BUDGET_USD (fleet) and "
-            "RUNWARE_ACCOUNT_DAILY_BUDGET_USD (each account).",
+            "RUNWARE_ACCOUNT_DAILY_BUDGET_USD (each account without a budget of its own).",
             labels=["scope"],
         )
         fleet_budget = settings.runware_daily_budget_usd
         if fleet_budget is not None:
             held = day.get("total", 0) + reserved.get("total", 0)
-            _budget(used, left, limit, "fleet", "", fleet_budget, held)
-        account_budget = settings.runware_account_daily_budget_usd
-        if account_budget is not None:
-            for account in accounts:
-                if account == OTHER:  # the fullest of the rest: the one an alert is about
-                    held = max(spent_by.get(a, 0) + reserved_by.get(a, 0) for a in rest)
-                else:
-                    held = spent_by.get(account, 0) + reserved_by.get(account, 0)
-                _budget(used, left, limit, "account", account, account_budget, held)
+            _budget(used, left, "fleet", "", fleet_budget, held)
+            limit.add_metric(["fleet"], fleet_budget)
+        default = settings.runware_account_daily_budget_usd
+        own = _pairs(reply[5]) if len(reply) > 5 else {}  # set at run time; -1: none
+
+        def budget_of(account: str) -> float | None:
+            micro = own.get(account)
+            return default if micro is None else (None if micro < 0 else micro / MICRO)
+
+        if default is not None:
+            limit.add_metric(["account"], default)
+
+        def held_by(account: str) -> int:
+            return spent_by.get(account, 0) + reserved_by.get(account, 0)
+
+        for account in accounts:
+            if account == OTHER:  # the fullest of the rest: the one an alert is about
+                budgeted = [(held_by(a), b) for a in rest if (b := budget_of(a)) is not None]
+                if not budgeted:
+                    continue
+                held, budget = max(budgeted, key=lambda hb: hb[0] / hb[1] if hb[1] else math.inf)
+            else:
+                held, own_budget = held_by(account), budget_of(account)
+                if own_budget is None:
+                    continue
+                budget = own_budget
+            _budget(used, left, "account", account, budget, held)
         yield from (used, left, limit)
 
 
@@ -412,7 +437,6 @@ def _memory_figures(readings: list[Memory]) -> Iterator[Metric]:
 def _budget(
     used: GaugeMetricFamily,
     left: GaugeMetricFamily,
-    limit: GaugeMetricFamily,
     scope: str,
     account: str,
     budget_usd: float,
@@ -421,8 +445,6 @@ def _budget(
     budget = round(budget_usd * MICRO)
     used.add_metric([scope, account], held_micro / budget if budget else 1.0)
     left.add_metric([scope, account], max(0, budget - held_micro) / MICRO)
-    if not limit.samples or limit.samples[-1].labels["scope"] != scope:
-        limit.add_metric([scope], budget_usd)
 
 
 def serve(settings: Settings, queues: Iterable[str], ident: str = "") -> None:

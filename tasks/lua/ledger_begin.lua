@@ -1,6 +1,8 @@
 -- A call's start, in one round trip (after ledger_lib.lua).
 -- KEYS 5: today's totals, 6: the task's poll marker, 7: its "send alone" marker,
 --      8, 9: the highest real cost per shape seen today and yesterday (hashes)
+--      10: the accounts' daily budgets set at run time (account -> micro, -1: none), which win
+--          over ARGV 6
 -- ARGV 3: account, 4: the configured estimate (micro), 5: the fleet's daily budget (micro, -1:
 --      none), 6: the account's (micro, -1: none), 7: seconds until a reservation whose job shows
 --      no sign of life is due for reconciliation, 8: today (YYYY-MM-DD), 9: the call's shape,
@@ -9,7 +11,8 @@
 --         {1, poll marker or '', alone 0|1, estimate, now} when the call may go (reserved;
 --           now: Redis's clock, which every host shares);
 --         {0, 1 fleet | 2 account, spent or reserved, estimate, of which unsettled, 1 if that
---           is all of it or 0 if at least that (enough for the call to fit)} refused.
+--           is all of it or 0 if at least that (enough for the call to fit), the budget,
+--           1 if the account's was set at run time else 0} refused.
 local account, shape = ARGV[3], ARGV[9]
 local done = redis.call('GET', KEYS[1])
 if done then return {3, done} end
@@ -61,12 +64,14 @@ local function unsettled(only, needed)  -- {sum, 1 if it is all of it, 0 if at l
   return {sum, 1}
 end
 local fleet_budget, account_budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local own = redis.call('HGET', KEYS[10], account)
+if own then account_budget = tonumber(own) end
 if fleet_budget >= 0 then
   local spent = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
       + tonumber(redis.call('HGET', KEYS[4], 'total') or '0')
   if spent + estimate > fleet_budget then
     local found = unsettled(nil, spent + estimate - fleet_budget)
-    return {0, 1, spent, estimate, found[1], found[2]}
+    return {0, 1, spent, estimate, found[1], found[2], fleet_budget, 0}
   end
 end
 if account_budget >= 0 then
@@ -74,7 +79,7 @@ if account_budget >= 0 then
       + tonumber(redis.call('HGET', KEYS[4], 'acct:' .. account) or '0')
   if spent + estimate > account_budget then
     local found = unsettled(account, spent + estimate - account_budget)
-    return {0, 2, spent, estimate, found[1], found[2]}
+    return {0, 2, spent, estimate, found[1], found[2], account_budget, own and 1 or 0}
   end
 end
 redis.call('HSET', KEYS[2], uuid, cjson.encode({e = estimate, a = account, d = ARGV[8], s = shape, t = now, w = ARGV[10]}))

@@ -343,3 +343,46 @@ def test_a_refusal_that_waits_only_on_reconciliation_spends_no_retries(
         worker.send(prompt="never fits").get(timeout=30)  # type: ignore[attr-defined]
     assert time.monotonic() - started >= 3.5
     client.close()
+
+
+def test_budgets_of_accounts_set_at_run_time_hold_each_account_without_a_restart(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """Two accounts spend, then get daily budgets of their own while the worker runs: each
+    stops at its own (one call of $0.0013 more for one, three for the other), `cost --json`
+    shows each budget, what is spent and what is left, and a budget cleared lets the account
+    spend again. No restart."""
+    worker = start_worker("budgets")
+
+    def run(account: str) -> str:
+        try:
+            worker.send(prompt=f"a lake for {account}", account=account).get(timeout=30)  # type: ignore[attr-defined]
+        except Exception as exc:
+            return str(exc)
+        return "done"
+
+    assert [run(a) for a in ("acct-a", "acct-a", "acct-b", "acct-b")] == ["done"] * 4
+    run_cli(worker.redis_url, "limits", "set", "acct-a", "--daily-budget", "0.004", check=True)
+    run_cli(worker.redis_url, "limits", "set", "acct-b", "--daily-budget", "0.0065", check=True)
+    a = [run("acct-a") for _ in range(3)]
+    b = [run("acct-b") for _ in range(4)]
+    assert a[0] == "done"
+    assert all("daily budget (set by `limits set --daily-budget`)" in r for r in a[1:]), a
+    assert b[:3] == ["done"] * 3
+    assert "for account 'acct-b' would be exceeded" in b[3]
+    report = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
+    rows = report["budgets"]["accounts"]
+    assert rows["acct-a"]["budget_usd"] == pytest.approx(0.004)
+    assert rows["acct-a"]["spent_usd"] == pytest.approx(0.0039)
+    assert rows["acct-a"]["left_usd"] == pytest.approx(0.0001)
+    assert rows["acct-b"] == {
+        "budget_usd": pytest.approx(0.0065),
+        "spent_usd": pytest.approx(0.0065),
+        "left_usd": pytest.approx(0.0),
+        "source": "run time",
+    }
+    run_cli(worker.redis_url, "limits", "set", "acct-a", "--clear", check=True)
+    assert run("acct-a") == "done"  # back to RUNWARE_ACCOUNT_DAILY_BUDGET_USD: none here
+    run_cli(worker.redis_url, "limits", "set", "acct-b", "--daily-budget", "none", check=True)
+    assert run("acct-b") == "done"  # no budget at all
+    assert len(sandbox.state.accepted) == 4 + 1 + 3 + 2
