@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -60,6 +61,7 @@ MAX_GRANTS = 50  # grants per step: with the reads, a step stays within a few ms
 TRANSIT_CHECK_S = 15.0  # a granted message out of the ready queue this long, not in custody: lost
 COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
+TAKEN_KINDS = frozenset({messages.CALL, messages.PASS})  # jobs a worker of the fleet will run
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class Dispatcher(threading.Thread):
         limiter: Limiter | None = None,
         ident: str | None = None,
         dead_letters: DeadLetters | None = None,
+        on_taken: Callable[[list[messages.Read]], None] | None = None,
     ) -> None:
         super().__init__(name="fair-dispatcher", daemon=True)
         self.redis = client
@@ -144,6 +147,10 @@ class Dispatcher(threading.Thread):
         self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
         self._dead_letters = dead_letters
         self._returned_for: frozenset[str] = frozenset()  # the tasks parked jobs were checked for
+        # Told of the jobs each step takes into the fair intake (workers/events.py: the
+        # task-sent events that show them in Flower while they wait).
+        self._on_taken = on_taken
+        self._read: list[messages.Read | None] = []  # the last step's reads, in ARGV order
 
     # --- life cycle ---
     def stop(self) -> None:
@@ -358,11 +365,13 @@ class Dispatcher(threading.Thread):
         runware, known = self.intake.runware_tasks, self.intake.known_tasks
         reads: list[str | int | float] = []
         budget = MAX_READ
+        self._read = taken = []
 
-        def section(raws: list[bytes]) -> None:
+        def section(raws: list[bytes], delayed: bool = False) -> None:
             reads.append(len(raws))
             for raw in raws:
                 found = messages.read(raw, runware, known)
+                taken.append(None if delayed else found)  # a delayed one was taken in before
                 due = "" if found.due is None else repr(found.due)
                 reads.extend(
                     (messages.fingerprint(raw), found.code(), found.account, found.task_id)
@@ -373,7 +382,7 @@ class Dispatcher(threading.Thread):
             oldest_first = waiting[::-1][:budget]  # the order RPOP takes them in
             budget -= len(oldest_first)
             section(oldest_first)
-        section(replies[-1])
+        section(replies[-1], delayed=True)
         return reads
 
     def pump(self) -> tuple[int, float, int, float]:
@@ -381,10 +390,17 @@ class Dispatcher(threading.Thread):
         script_keys, args = self._pump_keys, self._pump_args
         # Messages are looked at only when the last step said some wait to be read (or one was
         # just taken in by the blocking wait): a step with nothing to read is one round trip.
+        self._read = []
         reads = self._reads() if self._unread else [0] * (len(self._source_keys) + 2)
         reply = scripts.run(self._pump, script_keys, [*args, *reads])
-        code, wait, granted, _read, recovered, due_in, rejected, unread = reply[:8]
+        code, wait, granted, read, recovered, due_in, rejected, unread = reply[:8]
         self._unread = int(code) != Pump.OK or bool(int(unread))
+        if self._on_taken is not None and int(read):
+            # The step takes messages in the order they were read (up to a list whose next
+            # message someone else took): the first `read` of them.
+            jobs = [r for r in self._read[: int(read)] if r and r.kind in TAKEN_KINDS]
+            if jobs:
+                self._on_taken(jobs)
         if int(rejected):
             self._file_rejected()
         for index in range(8, len(reply), 3):

@@ -29,7 +29,7 @@ import hashlib
 import json
 import lzma
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,6 +65,11 @@ class Read:
     continues: bool = False  # a poll or step of a call under way: ahead of its account's queue
     reason: str = ""  # BAD only: why no worker could read it
     task: str = ""  # the task's name, when the message names one
+    # For the task-sent event the fleet sends when it takes the job in (Flower): the producer's
+    # argument reprs (protocol 2 headers) and the retry count.
+    argsrepr: str = ""
+    kwargsrepr: str = ""
+    retries: int = 0
 
     def code(self) -> str:
         """The kind, the class and `continues` in one word (pump.lua reads it by position)."""
@@ -204,8 +209,20 @@ def _read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]
     due = _epoch(eta)
     if not isinstance(task, str) or task not in known_tasks:
         return Read(OTHER, task_id=task_id, tag=tag, due=due, continues=continues)
+    retries = headers.get("retries")
+    passes = Read(
+        PASS,
+        task_id=task_id,
+        tag=tag,
+        due=due,
+        continues=continues,
+        task=task,
+        argsrepr=_text(headers.get("argsrepr")) or "",
+        kwargsrepr=_text(headers.get("kwargsrepr")) or "",
+        retries=retries if type(retries) is int else 0,
+    )
     if task not in runware_tasks or not task_id:
-        return Read(PASS, task_id=task_id, tag=tag, due=due, continues=continues)
+        return passes
     if kwargs is None and headers.get("task") is not None:
         decoded = _body(env, headers)
         if isinstance(decoded, list | tuple) and len(decoded) >= 2:  # [args, kwargs, embed]
@@ -218,8 +235,8 @@ def _read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]
     try:
         account = check_account(account)
     except ValueError:
-        return Read(PASS, task_id=task_id, tag=tag, due=due, continues=continues)
+        return passes
     klass = CLASSES.get(priority) if isinstance(priority, str) else None
     if klass is None:
-        return Read(PASS, task_id=task_id, tag=tag, due=due, continues=continues)
-    return Read(CALL, account, klass, task_id, tag, due, continues)
+        return passes
+    return replace(passes, kind=CALL, account=account, klass=klass)

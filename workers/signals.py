@@ -19,6 +19,7 @@ from tasks.dispatcher import Dispatcher, Intake, worker_id
 from tasks.limiter import broker_redis, carry_over_old_overrides, get_limiter
 from tasks.reconcile import Reconciler
 from workers import logs, metrics
+from workers.events import IntakeEvents
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
         logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
     ident = _ident[-1] if _ident else worker_id()
     ledger.set_holder(ident)
-    dispatcher = Dispatcher(client, settings, intake, threads, get_limiter(), ident)
+    events = IntakeEvents(app, settings.celery_task_default_queue)
+    dispatcher = Dispatcher(
+        client, settings, intake, threads, get_limiter(), ident, on_taken=events
+    )
     dispatcher.start()
     _dispatcher.append(dispatcher)
     reconciler = Reconciler(settings)

@@ -84,6 +84,55 @@ def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
     process.wait(timeout=20)
 
 
+def test_flower_lists_jobs_that_still_wait_in_the_fair_intake(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """200 jobs from a plain producer (no task-sent events of its own) queued at 2/s: Flower
+    knows all 200 while nearly all of them still wait, from the task-sent events the fleet
+    sends as it takes each job in, with their (masked) arguments."""
+    worker = start_worker("flower-backlog", RUNWARE_RATE_LIMIT="2/s")
+    env = {**os.environ, "REDIS_URL": worker.redis_url, "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    process, url = _start_flower(env)
+    producer = backend_app(broker=worker.redis_url, backend=worker.redis_url)
+    try:
+        # Flower subscribes to the events just after it serves: probe until it hears one.
+        deadline = time.monotonic() + 30
+        probes = [producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "probe"}).id]
+        while not set(probes) & set(
+            requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
+        ):
+            assert time.monotonic() < deadline, "Flower never heard of a probe job"
+            time.sleep(0.5)
+            probes.append(producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "probe"}).id)
+        hook = f"http://127.0.0.1:9/hook?token={WEBHOOK_TOKEN}"
+        sent = [
+            producer.send_task(
+                "tasks.enhance_prompt",
+                kwargs={"prompt": f"waiting {n}", "account": "backlog", "webhookURL": hook},
+            )
+            for n in range(200)
+        ]
+        deadline = time.monotonic() + 30
+        while True:
+            known = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=10).json()
+            if all(r.id in known for r in sent):
+                break
+            assert time.monotonic() < deadline, f"Flower knows {len(known)} jobs"
+            time.sleep(0.5)
+        ran = len([t for t in sandbox.state.accepted_log if "waiting" in t[1]])
+        assert ran < 40, f"{ran} of 200 already ran: not a backlog"
+        states = [known[r.id]["state"] for r in sent]
+        assert states.count("PENDING") + states.count("SENT") >= 150, states
+        shown = known[sent[-1].id]
+        assert shown["name"] == "tasks.enhance_prompt"
+        assert "waiting 199" in shown["kwargs"]
+        assert WEBHOOK_TOKEN not in json.dumps(known)
+    finally:
+        producer.close()
+        process.terminate()
+        process.wait(timeout=20)
+
+
 def test_flower_shows_each_job_with_its_result(
     flower: tuple[RunningWorker, str], sandbox: Sandbox
 ) -> None:

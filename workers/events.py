@@ -1,0 +1,75 @@
+"""Flower sees the jobs that wait in the fair intake: a task-sent event for each job the fleet's
+dispatcher takes in.
+
+Flower learns of a job from Celery's events. A producer sends `task-sent` only when it has
+`task_send_sent_event` set (the project's helpers do; a plain `send_task` does not), and the
+worker sends `task-received` only once the job is granted: with a backlog in the fair intake,
+Flower knew only the jobs already running. The dispatcher, which reads every message as it
+takes it in (tasks/messages.py), sends the event for it: Flower lists each job as SENT from
+the moment the fleet has it, with its name and (masked) argument reprs. A job whose producer
+sent the event too is simply seen twice in the SENT state.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from celery import Celery
+
+from tasks.messages import Read
+from tasks.redact import redact
+
+logger = logging.getLogger(__name__)
+
+
+class IntakeEvents:
+    """Sends task-sent events for jobs taken into the fair intake (called by the dispatcher's
+    thread only: the connection is its own)."""
+
+    def __init__(self, app: Celery, queue: str) -> None:
+        self.app = app
+        self.queue = queue
+        self._sender: Any = None
+        self._failing = False
+
+    def __call__(self, jobs: list[Read]) -> None:
+        try:
+            sender = self._sender
+            if sender is None:
+                connection = self.app.connection_for_write()
+                sender = self._sender = self.app.events.Dispatcher(
+                    connection, hostname=f"fair-intake@{socket.gethostname()}", enabled=True
+                )
+            for job in jobs:
+                sender.send(
+                    "task-sent",
+                    uuid=job.task_id,
+                    name=job.task,
+                    args=redact(job.argsrepr),
+                    kwargs=redact(job.kwargsrepr),
+                    retries=job.retries,
+                    eta=None,
+                    expires=None,
+                    queue=self.queue,
+                    exchange="",
+                    routing_key=self.queue,
+                    root_id=None,
+                    parent_id=None,
+                )
+            self._failing = False
+        except Exception as exc:  # Flower's view must never stop the pump
+            if not self._failing:
+                logger.warning("Could not send task-sent events for Flower: %s", exc)
+            self._failing = True
+            self.close()
+
+    def close(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            try:
+                sender.close()
+                sender.connection.release()
+            except Exception as exc:  # closing a broken connection
+                logger.debug("Closing the event connection: %s", exc)
