@@ -82,6 +82,24 @@ class QoS(kombu_redis.QoS):
         return pipe
 
 
+def unreadable(raw: bytes) -> bool:
+    """Whether kombu cannot make a message of `raw` (what its parsing and QoS take for granted:
+    a JSON object with a body, properties with a delivery tag, and delivery info naming an
+    exchange and a routing key)."""
+    try:
+        env = loads(raw)
+        props = env["properties"]
+        info = props["delivery_info"]
+        return not (
+            isinstance(env.get("body", ""), str)
+            and isinstance(props["delivery_tag"], str)
+            and "exchange" in info
+            and "routing_key" in info
+        )
+    except Exception:
+        return True
+
+
 class Channel(kombu_redis.Channel):
     """A kombu Redis channel with the QoS above and one shared client per pool."""
 
@@ -118,8 +136,8 @@ class Channel(kombu_redis.Channel):
             # is the broker's.
             channel: Any = self  # kombu-stubs lacks the channel's attributes
             broker = tuple(e for e in channel.connection_errors if e is not KeyError)
-            if isinstance(exc, (KombuError, *broker)):
-                raise
+            if isinstance(exc, (KombuError, *broker)) or not unreadable(popped[1]):
+                raise  # a readable message: the failure is not the message's (as before)
             self._set_aside(popped[1], exc)
             raise virtual.Empty() from None
 
@@ -138,6 +156,9 @@ class Channel(kombu_redis.Channel):
                 if self.fair_transit_key:
                     pipe.hdel(self.fair_transit_key, tag)
                     pipe.zrem(self.fair_transit_at_key, tag)
+                if self.fair_leases_key:  # its slot, if it was granted one
+                    pipe.zrem(self.fair_leases_key, tag)
+                    pipe.zrem(self.fair_busy_key, tag)
             pipe.lpush(self.fair_rejected_key, raw)
             pipe.lpush(self.fair_wake_key, "1")
             pipe.ltrim(self.fair_wake_key, 0, 15)

@@ -119,7 +119,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 raise
             if isinstance(error, AuthenticationError):
                 # A key problem is the fleet's, not the job's: the fleet pauses, the job waits.
-                get_limiter().refuse_key(str(error))
+                try:
+                    get_limiter().refuse_key(str(error))
+                except redis.RedisError as failure:  # this process stays refused all the same
+                    logger.warning("Could not pause the fleet for the refused key: %s", failure)
                 raise self._wait_for_a_key() from None
             if isinstance(error, TransientError):
                 error = self._retry_or_give_up(error, started)  # raises Retry while it may
@@ -233,7 +236,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         call Runware accepted, so the reservation is left unsettled for the reconciler.
         """
         ledger, limiter = get_ledger(), get_limiter()
-        if limiter.key_refused:  # granted before the pause: no call with a refused key
+        if limiter.refused():  # granted before the pause: no call with a refused key
             raise self._wait_for_a_key()
         task_uuid, shape = job.task_uuid, call_shape(job.body)
         started = ledger.begin(task_uuid, job.account, job.estimate_usd, shape)
@@ -247,6 +250,12 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         except TransientError as exc:
             if exc.code == UNATTRIBUTED:  # its next call goes in a request of its own
                 get_pending().send_alone(task_uuid)
+            raise
+        except AuthenticationError:
+            # Refused before any work: nothing was billed, unless this was a poll of a call
+            # Runware accepted earlier (its reservation stays until the poll succeeds).
+            if started.submitted is None:
+                ledger.release(task_uuid)
             raise
         except PermanentError:
             ledger.release(task_uuid)

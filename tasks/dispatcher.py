@@ -416,9 +416,10 @@ class Dispatcher(threading.Thread):
         return int(code), float(wait), int(granted), float(due_in)
 
     def _file_rejected(self) -> None:
-        """File the messages the step set aside: an unreadable one in the dead letters, with
-        its reason; one of a task no worker registers with the parked jobs of unknown tasks. A
-        message leaves the broker's list only once it is filed."""
+        """File the messages the step (or a worker) set aside: an unreadable one in the dead
+        letters, with its reason; one of a task no worker registers with the parked jobs of
+        unknown tasks; any other (a worker that does not register its task handed it back)
+        into the intake again. A message leaves the broker's list only once it is filed."""
         dead = self._dead_letters or get_dead_letters()
         waiting: list[bytes] = self.redis.lrange(self.keys.rejected, 0, -1)  # type: ignore[assignment]
         for raw in waiting[::-1]:
@@ -433,6 +434,13 @@ class Dispatcher(threading.Thread):
                     "until one does (`enhance-worker unknown list`).",
                     unknown.describe(raw).task,
                 )
+                continue
+            if found.kind != messages.BAD:  # a worker handed it back, or its task is known now
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lpush(self.keys.intake, raw)
+                    pipe.lrem(self.keys.rejected, -1, raw)  # type: ignore[arg-type]
+                    pipe.execute()
+                self._unread = True
                 continue
             ident = dead.record_unreadable(raw, found.reason or "unreadable", found.task)
             self.redis.lrem(self.keys.rejected, -1, raw)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ jobs wait in the fair intake. A worker started with another key resumes the flee
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ T = TypeVar("T")
 OVERRIDE_FIELDS = ("rate", "burst", "max_in_flight")
 PAUSED_FIELD = "paused"  # in the overrides hash, which every dispatcher step reads
 KEY_TRY_WAIT_S = 2.0  # the longest a process's calls wait for its first answer
+KEY_CHECK_S = 2.0  # how old a process's view of the refused keys may be
 
 
 def key_fingerprint(settings: Settings) -> str:
@@ -69,6 +71,7 @@ class Limiter:
         # process's heartbeat, tasks/dispatcher.py, and from this process's own throttled calls).
         self.strikes = False
         self.fingerprint = key_fingerprint(settings)
+        self._key_checked_at = 0.0  # when `refused` last asked the fleet (monotonic)
         self._first_call = threading.Lock()  # held by the one call that tries the key
         self._key_answered = False  # Runware answered a call without refusing the key
         # Whether Runware refused this process's key: it then makes no call (set by its own
@@ -168,6 +171,16 @@ class Limiter:
                 reason,
             )
 
+    def refused(self) -> bool:
+        """Whether this process's key is refused, from the fleet's record at most KEY_CHECK_S
+        old (each process asks for itself: a prefork child has no heartbeat of its own)."""
+        if time.monotonic() - self._key_checked_at >= KEY_CHECK_S:
+            # On a Redis failure the last answer stands; the call's own Redis work waits or fails.
+            with contextlib.suppress(redis.RedisError):
+                self.check_key()
+            self._key_checked_at = time.monotonic()
+        return self.key_refused
+
     def check_key(self) -> None:
         """Learn whether the fleet recorded this process's key as refused (heartbeat). A
         process with no key, once refused, stays so: another worker's resume does not give it
@@ -188,7 +201,13 @@ class Limiter:
                 "RUNWARE_API_KEY and restart the workers."
             )
             return False
-        self.resume()
+        # The pause goes; the refused keys stay recorded, so that workers still running with
+        # one of them (a rolling deploy) make no call and cannot pause the fleet again.
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.overrides, PAUSED_FIELD)
+            pipe.lpush(self.keys.wake, "1")
+            pipe.ltrim(self.keys.wake, 0, 15)
+            pipe.execute()
         logger.warning("This worker's API key is not the one Runware refused: the fleet resumes.")
         return True
 
@@ -290,14 +309,16 @@ class Limiter:
         pipe.time()
         pipe.hgetall(keys.overrides)
         pipe.get(keys.cooldown)
-        pipe.llen(keys.ready)
-        clock, raw_overrides, cooldown, granted = pipe.execute()
+        pipe.hkeys(keys.transit)
+        clock, raw_overrides, cooldown, untaken = pipe.execute()
         now = redis_seconds(clock)
         # A call holds a lease (by delivery tag) from its grant to its acknowledgement, renewed
-        # while it runs: a lease past its expiry is a stopped worker's, and a granted job still
-        # in the ready queue holds one but runs nowhere yet.
+        # while it runs: a lease past its expiry is a stopped worker's, and a granted job that
+        # no worker has taken yet (its transit record stands) holds one but runs nowhere yet.
         leased = int(self.redis.zcount(keys.leases, now, "+inf"))
-        in_flight = max(0, leased - int(granted))
+        scores = self.redis.zmscore(keys.leases, untaken) if untaken else []
+        granted = sum(1 for score in scores if score is not None and score > now)
+        in_flight = max(0, leased - granted)
         overrides = {text(k): float(v) for k, v in raw_overrides.items() if text(k) != PAUSED_FIELD}
         paused = raw_overrides.get(PAUSED_FIELD.encode())
         return {

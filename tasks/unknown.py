@@ -22,6 +22,12 @@ import redis
 from config.keys import FairKeys
 
 CHUNK = 500  # messages read per round trip when the list is walked
+# KEYS 1 the parked list, 2 the queue's list; ARGV 1 the parked message, 2 the one to push.
+MOVE = """
+local removed = redis.call('LREM', KEYS[1], -1, ARGV[1])
+if removed > 0 then redis.call('LPUSH', KEYS[2], ARGV[2]) end
+return removed
+"""
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ def sent_to(raw: bytes, queue: str) -> bytes:
     """The message as if it had been sent to `queue` (kombu puts a message back where its
     routing key says when its worker dies before acknowledging it)."""
     env: dict[str, Any] = json.loads(raw)
-    env["properties"]["delivery_info"].update(exchange="", routing_key=queue)
+    props = env.setdefault("properties", {})
+    props.setdefault("delivery_info", {}).update(exchange="", routing_key=queue)
     return json.dumps(env).encode()
 
 
@@ -61,6 +68,7 @@ class UnknownTasks:
     def __init__(self, client: redis.Redis, keys: FairKeys) -> None:
         self.redis = client
         self.key = keys.unknown
+        self._move = client.register_script(MOVE)
 
     def park(self, raw: bytes) -> None:
         self.redis.lpush(self.key, raw)
@@ -94,14 +102,8 @@ class UnknownTasks:
             if queue is None:
                 continue
             message = parked.raw if queue == parked.queue else sent_to(parked.raw, queue)
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lrem(self.key, -1, parked.raw)  # type: ignore[arg-type]
-                pipe.lpush(queue, message)
-                removed, _ = pipe.execute()
-            if removed:
-                moved += 1
-            else:  # moved or dropped by someone else meanwhile: take this copy back
-                self.redis.lrem(queue, 1, message)  # type: ignore[arg-type]
+            # Pushed only if this walk is the one that removed it (another may move it too).
+            moved += int(self._move(keys=[self.key, queue], args=[parked.raw, message]))
         return moved
 
     def drop(self, task: str | None) -> int:

@@ -271,7 +271,8 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         return 2
     holdings = ledger.holdings(args.account)
     held = holdings.as_json()
-    budgets = ledger.budget_report(ledger.day(), holdings, args.account)
+    everyone = holdings if args.account is None else ledger.holdings()
+    budgets = ledger.budget_report(ledger.day(), everyone, args.account)
     report = {
         **totals.as_json(args.account),
         **held,

@@ -6,7 +6,7 @@ decode or whose envelope is invalid, with a log line as the only trace. In this 
 worker consumes the one ready queue, so such a message either belongs to another worker (one
 with other task modules) or reached the ready queue past the dispatcher, which sets such
 messages aside before any worker sees them:
-- a task this worker does not know goes back to its queue: the dispatcher grants it again (a
+- a task this worker does not know goes back to the fleet's dispatcher: it grants it again (a
   worker that knows it takes it) or, if no live worker registers it, parks it
   (`enhance-worker unknown`);
 - a message Celery cannot decode or run goes to the dead letters with the reason
@@ -28,12 +28,15 @@ class Consumer(CeleryConsumer):
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task") or "?"
         logger.warning(
-            "Task %r is not registered in this worker: its job goes back to its queue, for a "
-            "worker that registers it (give every worker of the fleet the same task modules).",
+            "Task %r is not registered in this worker: its job goes back to the fleet's "
+            "dispatcher, which grants it again (a worker that registers it takes it) or parks it "
+            "(give every worker of the fleet the same task modules).",
             name,
         )
-        celery_consumer: Any = self  # celery-types lacks the attributes __init__ sets
-        message.reject_log_error(logger, celery_consumer.connection_errors, requeue=True)
+        self._hand_back(message)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._set_aside(message, "a message that names no task")
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         self._set_aside(message, f"InvalidTaskError: {exc}")
@@ -41,12 +44,28 @@ class Consumer(CeleryConsumer):
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._set_aside(message, f"{type(exc).__name__}: {exc}")
 
+    def _hand_back(self, message: Any) -> None:
+        """Give the message to the dispatcher (its list of set-aside messages: it parks one of a
+        task no live worker registers, and takes any other in again), then acknowledge it: never
+        a requeue straight onto the ready queue, where the workers that cannot run it would pass
+        it round for ever."""
+        from config.keys import FairKeys
+        from config.settings import get_settings
+        from tasks.limiter import get_limiter
+
+        keys = FairKeys(get_settings().key_prefix)
+        with get_limiter().redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(keys.rejected, _raw(message))
+            pipe.lpush(keys.wake, "1")
+            pipe.ltrim(keys.wake, 0, 15)
+            pipe.execute()
+        message.ack()
+
     def _set_aside(self, message: Any, reason: str) -> None:
         from tasks.deadletter import get_dead_letters
 
-        raw = json.dumps(getattr(message, "_raw", None) or {}, default=str).encode()
         task = str((message.headers or {}).get("task") or "")
-        ident = get_dead_letters().record_unreadable(raw, reason, task)
+        ident = get_dead_letters().record_unreadable(_raw(message), reason, task)
         logger.error(
             "A message this worker cannot run (%s) was set aside: `enhance-worker failed list` "
             "shows it as %s.",
@@ -54,3 +73,8 @@ class Consumer(CeleryConsumer):
             ident,
         )
         message.ack()
+
+
+def _raw(message: Any) -> bytes:
+    """The message as kombu stored it in Redis (its envelope)."""
+    return json.dumps(getattr(message, "_raw", None) or {}, default=str).encode()

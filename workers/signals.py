@@ -112,9 +112,9 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
     metrics.serve(settings, _intake_queues, ident)
     if settings.runware_api_key is None:
         logger.warning(
-            "RUNWARE_API_KEY is not set: every job this worker takes will FAIL with "
-            "AuthenticationError (missingApiKey) without calling Runware. Set RUNWARE_API_KEY "
-            "(and RUNWARE_API_URL for the sandbox), then restart the worker."
+            "RUNWARE_API_KEY is not set: this worker makes no call, and the first job it takes "
+            "pauses the fleet (the jobs wait; `enhance-worker limits show`). Set "
+            "RUNWARE_API_KEY (and RUNWARE_API_URL for the sandbox), then restart the worker."
         )
     logger.info(
         "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads, Redis "

@@ -124,14 +124,18 @@ def test_a_wrong_key_pauses_the_fleet_and_the_right_one_resumes_it(
     assert "invalidApiKey" in shown
     assert all(r.state == "PENDING" for r in sent)  # type: ignore[attr-defined]
     first.process.stop()
-    second.process.stop()
 
+    # A rolling deploy: one worker with the right key starts while one of the old deploy still
+    # runs. The fleet resumes, and the old worker, whose key stays recorded as refused, makes
+    # no call (it hands the jobs it is granted back): it cannot pause the fleet again.
     right = start_worker("rightkey", same_db_as=first)
     done = [r.get(timeout=180) for r in sent]  # type: ignore[attr-defined]
     assert len({d["taskUUID"] for d in done}) == 500
     assert len(sandbox.state.accepted) == 500
+    assert sandbox.state.auth_failures <= 2  # none after the resume
     assert _paused(first.redis_url) is None
     assert "the fleet resumes" in right.process.log()
+    second.process.stop()
 
 
 def test_a_403_pauses_the_fleet_until_it_is_resumed(
