@@ -18,8 +18,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config import redis as redis_urls
+from enhance_client.schemas import ENHANCE_MODEL
 
-ENHANCE_MODEL = "runware:llama-3-1-8b@prompt-enhancer"
+__all__ = ["ENHANCE_MODEL", "ConfigError", "Settings", "get_settings", "load_settings"]
 
 
 class ConfigError(ValueError):

@@ -3,6 +3,7 @@
 Importing this package registers the tasks on the shared Celery app (config.celery.app).
 """
 
+from enhance_client.schemas import EnhanceRequest, EnhanceResult
 from tasks import redact as _redact  # noqa: F401 - masks secrets in published task headers
 from tasks.enhancement import enhance_prompt
 from tasks.errors import (
@@ -18,7 +19,6 @@ from tasks.errors import (
 )
 from tasks.generate import generate_image, generate_video
 from tasks.pipelines import enhance, enhance_batch, enhance_then_image, enhance_then_video
-from tasks.schemas import EnhanceRequest, EnhanceResult
 
 __all__ = [
     "AuthenticationError",

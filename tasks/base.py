@@ -33,6 +33,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
+from enhance_client.schemas import stable_task_uuid
 from tasks import metrics
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
@@ -51,7 +52,6 @@ from tasks.limiter import Limiter, get_limiter
 from tasks.messages import CONTINUES_HEADER
 from tasks.polling import get_pending
 from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
-from tasks.schemas import stable_task_uuid
 
 logger = logging.getLogger(__name__)
 N = TypeVar("N", int, float)

@@ -7,10 +7,10 @@ from typing import Any
 
 from config.celery import app
 from config.settings import get_settings
+from enhance_client.schemas import EnhanceRequest, EnhanceResult, parse_enhance
 from tasks.base import RunwareJob, RunwareTask
 from tasks.errors import PermanentError
 from tasks.runware import TaskOutcome
-from tasks.schemas import EnhanceRequest, EnhanceResult, parse_enhance
 
 
 def enhance_result(request: EnhanceRequest, outcome: TaskOutcome) -> EnhanceResult:

@@ -1,12 +1,12 @@
-"""The one exception tree of the service, and the one place that decides what is worth a retry.
+"""The one place that decides what is worth a retry, and the service's exception tree.
 
-Every class takes a single message argument, so Celery can store it as JSON and rebuild it on the
-client side; extra facts (Runware's `code`, `Retry-After`) are attributes with defaults.
+The classes are defined in `enhance_client.errors` (the producer's side rebuilds a failure from
+them without importing the worker) and are the same objects here.
 
 `runware_error` maps an answer of Runware to a class; `for_policy` maps anything a task body
 raised to what the retry policy (tasks/base.py) does with it: a TransientError is retried, any
 other WorkerError fails the job at once, anything else is a bug and fails with its traceback.
-(`tasks.ValidationError` is this module's class; pydantic's is only ever written
+(`tasks.ValidationError` is that tree's class; pydantic's is only ever written
 `pydantic.ValidationError`, so the two cannot be confused.)
 """
 
@@ -14,69 +14,35 @@ from __future__ import annotations
 
 import redis
 
+from enhance_client.errors import (
+    BUDGET_UNSETTLED,
+    AuthenticationError,
+    BudgetExceeded,
+    ConflictTaskUUID,
+    PermanentError,
+    RateLimited,
+    TaskTimeout,
+    TransientError,
+    ValidationError,
+    WorkerError,
+)
 
-class WorkerError(Exception):
-    """Root of every error this service raises on purpose."""
-
-
-# The code of a budget refusal that only waits for unsettled calls to be reconciled (the ledger
-# raises it as a TransientError; tasks/base.py waits it out without spending retries).
-BUDGET_UNSETTLED = "budgetUnsettled"
-
-
-class ValidationError(WorkerError, ValueError):
-    """A request argument is missing, of the wrong type or out of range; never retried."""
-
-
-class PermanentError(WorkerError):
-    """Runware refused the request for a reason a retry cannot fix (400/401/402/403/404)."""
-
-    def __init__(self, message: str, code: str | None = None, status: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-
-
-class AuthenticationError(PermanentError):
-    """Runware rejected the API key (missing, invalid or without permission)."""
-
-
-class TransientError(WorkerError):
-    """A failure that may pass: 408/429/5xx, a timeout, a dropped connection or a garbled body."""
-
-    def __init__(
-        self,
-        message: str,
-        code: str | None = None,
-        status: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-        self.retry_after = retry_after
-
-
-class RateLimited(TransientError):
-    """Runware asked us to slow down (429) or said it is over capacity (503).
-
-    `strike`: whether this task counts the request's one strike against the fleet's cool-down
-    (a throttled request counts once, however many tasks it carried)."""
-
-    strike = True
-
-
-class ConflictTaskUUID(WorkerError):
-    """Runware already accepted this taskUUID (409); its result must be fetched, not resent."""
-
-
-class TaskTimeout(WorkerError):
-    """An asynchronous Runware task did not finish before its deadline."""
-
-
-class BudgetExceeded(WorkerError):
-    """The task's estimated cost would pass a daily budget; it fails without calling Runware."""
-
+__all__ = [
+    "AUTH_CODES",
+    "BUDGET_UNSETTLED",
+    "TRANSIENT_CODES",
+    "AuthenticationError",
+    "BudgetExceeded",
+    "ConflictTaskUUID",
+    "PermanentError",
+    "RateLimited",
+    "TaskTimeout",
+    "TransientError",
+    "ValidationError",
+    "WorkerError",
+    "for_policy",
+    "runware_error",
+]
 
 # Codes that name a passing condition even when Runware reports them in a 200 body.
 TRANSIENT_CODES = frozenset({"timeoutProvider", "serverError", "providerError", "timeout"})

@@ -7,10 +7,7 @@ from typing import Any
 
 from config.celery import app
 from config.settings import get_settings
-from tasks.base import RunwareJob, RunwareTask
-from tasks.errors import PermanentError, ValidationError
-from tasks.ledger import MICRO, to_micro
-from tasks.schemas import (
+from enhance_client.schemas import (
     ImageRequest,
     ImageResult,
     VideoRequest,
@@ -18,6 +15,9 @@ from tasks.schemas import (
     parse_generation,
     upstream_prompt,
 )
+from tasks.base import RunwareJob, RunwareTask
+from tasks.errors import PermanentError, ValidationError
+from tasks.ledger import MICRO, to_micro
 
 IMAGE_FIELDS: tuple[str, ...] = (
     "imageUUID",

@@ -259,7 +259,7 @@ class Limiter:
     ) -> None:
         """Per-account overrides, in force at once everywhere: its rate (N, N/s ...; 0 for no
         limit of its own) and its weight in the fair share (an integer >= 1)."""
-        from tasks.schemas import check_account
+        from enhance_client.schemas import check_account
 
         check_account(account)
         keys = self.keys

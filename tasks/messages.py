@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.schemas import PRIORITIES, check_account
+from enhance_client.schemas import PRIORITIES, check_account
 
 # The largest body decoded (after decompression) to read a call's account and priority. A
 # call's own arguments are far smaller (prompts <= 3,000 characters, URLs <= 2,048, five

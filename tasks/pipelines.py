@@ -13,41 +13,20 @@ from celery import Task, chain, chord, group
 from celery.result import AsyncResult
 
 from config.celery import app
+from enhance_client.schemas import (
+    EnhanceRequest,
+    ImageRequest,
+    VideoRequest,
+    enhance_request,
+    parse_generation,
+    summarize,
+)
 from tasks.enhancement import enhance_batch_item, enhance_prompt
 from tasks.errors import ValidationError
 from tasks.generate import generate_image, generate_video
 from tasks.ledger import MICRO, to_micro
-from tasks.schemas import (
-    EnhanceRequest,
-    ImageRequest,
-    VideoRequest,
-    parse_enhance,
-    parse_generation,
-    summarize,
-)
 
 MAX_BATCH = 10_000
-
-
-def enhance_request(
-    prompt: str,
-    max_length: int | None,
-    versions: int,
-    task_uuid: str | None = None,
-    account: str | None = None,
-    priority: str | None = None,
-) -> EnhanceRequest:
-    """The validated request of one enhancement (ValidationError naming the field otherwise)."""
-    arguments: dict[str, object] = {"prompt": prompt, "promptVersions": versions}
-    if priority is not None:
-        arguments["priority"] = priority
-    if max_length is not None:
-        arguments["promptMaxLength"] = max_length
-    if task_uuid is not None:
-        arguments["taskUUID"] = task_uuid
-    if account is not None:
-        arguments["account"] = account
-    return parse_enhance(arguments)
 
 
 def enhance(

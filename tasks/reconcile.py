@@ -30,13 +30,13 @@ from celery.result import AsyncResult
 from config.celery import app
 from config.keys import FairKeys
 from config.settings import Settings, get_settings
+from enhance_client.schemas import check_account, check_priority
 from tasks.base import RunwareTask
 from tasks.dispatcher import live_workers
 from tasks.errors import AuthenticationError, PermanentError, TransientError, ValidationError
 from tasks.ledger import DAY_S, Ledger, Reservation, get_ledger
 from tasks.limiter import broker_redis, get_limiter
 from tasks.runware import get_client
-from tasks.schemas import check_account, check_priority
 
 logger = logging.getLogger(__name__)
 

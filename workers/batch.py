@@ -17,9 +17,9 @@ from typing import Any, TextIO
 
 from celery import Celery
 
+from enhance_client.schemas import parse_enhance, summarize
 from tasks.errors import ValidationError
 from tasks.ledger import MICRO, to_micro
-from tasks.schemas import parse_enhance, summarize
 
 BAR_WIDTH = 24
 # Seconds without a finished job after which the command checks that a worker still runs

@@ -80,8 +80,8 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 def _cmd_enhance(args: argparse.Namespace) -> int:
     from celery.exceptions import TimeoutError as ResultTimeout
 
+    from enhance_client.schemas import enhance_request
     from tasks import enhance_prompt
-    from tasks.pipelines import enhance_request
 
     # Bad input is one line before any Redis is asked; the request validated is the one sent.
     request = enhance_request(
@@ -123,8 +123,8 @@ def _cmd_limits(args: argparse.Namespace) -> int:
     _ready()
     limiter = get_limiter()
     if args.action == "set":
+        from enhance_client.schemas import check_account
         from tasks.ledger import get_ledger
-        from tasks.schemas import check_account
 
         try:
             account = check_account(args.account)

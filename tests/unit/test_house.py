@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("config", "tasks", "workers")
+PACKAGES = ("enhance_client", "config", "tasks", "workers")
 
 
 def _modules() -> list[Path]:
@@ -28,7 +28,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_run_downwards(path: Path) -> None:
-    """workers → tasks → config: a lower layer never imports a higher one."""
+    """workers → tasks → config → enhance_client: a lower layer never imports a higher one."""
     layer = path.relative_to(ROOT).parts[0]
     above = PACKAGES[PACKAGES.index(layer) + 1 :]
     for module, _names in _imports(path):

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from enhance_client.schemas import EnhanceRequest
 from tasks import messages
 from tasks.messages import CALL, OTHER, PASS, read
-from tasks.schemas import EnhanceRequest
 
 RUNWARE = frozenset({"tasks.enhance_prompt"})
 KNOWN = frozenset({"tasks.enhance_prompt", "tasks.collect_batch"})
@@ -198,7 +198,7 @@ def test_the_dispatcher_grants_exactly_the_calls_the_tasks_accept(
     call it passes without a grant is one its task refuses (so no call is made ungranted)."""
     from pydantic import ValidationError
 
-    from tasks.schemas import EnhanceRequest, check_account, check_priority
+    from enhance_client.schemas import EnhanceRequest, check_account, check_priority
 
     kwargs = {"prompt": "p", "account": account, "priority": priority}
     granted = read(message(kwargs), RUNWARE, KNOWN).kind == CALL

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from config.settings import load_settings
+from enhance_client.schemas import parse_enhance
 from tasks.errors import (
     AuthenticationError,
     ConflictTaskUUID,
@@ -20,7 +21,6 @@ from tasks.errors import (
 )
 from tasks.limiter import Limiter
 from tasks.runware import UNATTRIBUTED, RunwareClient, TaskOutcome, _Answer, _errors_of
-from tasks.schemas import parse_enhance
 from tests.conftest import SECRET
 from workers.sandbox import Sandbox
 from workers.sandbox.services import RedisServer

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from config.settings import ENHANCE_MODEL
+from enhance_client.schemas import parse_enhance, stable_task_uuid
 from tasks.errors import ValidationError
-from tasks.schemas import parse_enhance, stable_task_uuid
 
 V4 = "91b29c95-7352-4fa0-babd-4673dda40929"
 

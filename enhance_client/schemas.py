@@ -1,7 +1,8 @@
 """The public contract: requests and results, as pydantic models.
 
-The same models validate on the producer side (before anything is enqueued) and on the worker side
-(a raw message sent by name), so both ends say the same thing about a bad argument.
+The same models validate on the producer side (before anything is enqueued, `enhance_client`) and
+on the worker side (a raw message sent by name), so both ends say the same thing about a bad
+argument. This module imports nothing of the worker's (no settings, no Celery app).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pydantic import (
     StrictStr,
 )
 
-from config.settings import ENHANCE_MODEL
-from tasks.errors import ValidationError
+from enhance_client.errors import ValidationError
+
+ENHANCE_MODEL = "runware:llama-3-1-8b@prompt-enhancer"  # the model every enhancement uses
 
 PROMPT_MIN, PROMPT_MAX = 1, 300
 MAX_LENGTH_MIN, MAX_LENGTH_MAX = 12, 400
@@ -192,6 +194,30 @@ def parse_enhance(arguments: dict[str, Any]) -> EnhanceRequest:
         return EnhanceRequest.model_validate(arguments)
     except pydantic.ValidationError as exc:
         raise validation_error(exc, "enhance_prompt") from None
+
+
+def enhance_request(
+    prompt: str,
+    max_length: int | None,
+    versions: int,
+    task_uuid: str | None = None,
+    account: str | int | None = None,
+    priority: str | None = None,
+    webhook_url: str | None = None,
+) -> EnhanceRequest:
+    """The validated request of one enhancement (ValidationError naming the field otherwise)."""
+    arguments: dict[str, object] = {"prompt": prompt, "promptVersions": versions}
+    if webhook_url is not None:
+        arguments["webhookURL"] = webhook_url
+    if priority is not None:
+        arguments["priority"] = priority
+    if max_length is not None:
+        arguments["promptMaxLength"] = max_length
+    if task_uuid is not None:
+        arguments["taskUUID"] = task_uuid
+    if account is not None:
+        arguments["account"] = account
+    return parse_enhance(arguments)
 
 
 def stable_task_uuid(seed: str) -> str:
