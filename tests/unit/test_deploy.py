@@ -475,3 +475,15 @@ def test_the_readme_tables_give_the_code_s_defaults() -> None:
 
 
 _README = (ROOT / "README.md").read_text()
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """Each package of pyproject.toml's list is copied into the image before the install (a
+    package left out installs nothing, and the worker fails at import)."""
+    import tomllib
+
+    packages = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
+    copied = {shlex.split(args)[0] for args in _docker("COPY")}
+    assert set(packages) <= copied, set(packages) - copied
