@@ -28,6 +28,10 @@ BENCHMARKS = {
         "tests.load.bench_sizes",
         "megabyte batches: every result back, Redis's SLOWLOG read",
     ),
+    "operations": (
+        "tests.load.bench_operations",
+        "a stop's duration, idle and busy; what a refused API key costs",
+    ),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",
