@@ -36,7 +36,9 @@ FAST_REDELIVERY = {
 }
 
 _redis: RedisServer | None = None
-_dbs = itertools.count(2)
+# Databases 0..63 are the tests' fixed ones (1: the shared worker's); each worker of
+# start_worker gets one of its own above them (the private redis-server has 256).
+_dbs = itertools.count(64)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -29,7 +29,8 @@ def _all_redis_bytes(server: RedisServer) -> tuple[int, bytes]:
             b for _, fields in client.xrange(key) for kv in fields.items() for b in kv
         ],
     }
-    for db in range(64):
+    databases = int(client.config_get("databases")["databases"])
+    for db in range(databases):
         client.execute_command("SELECT", db)
         for key in client.scan_iter(count=500):
             seen += 1

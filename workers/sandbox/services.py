@@ -225,7 +225,7 @@ class RedisServer:
             "--maxmemory-policy",
             "noeviction",
             "--databases",
-            "64",
+            "256",
             "--logfile",
             str(self.log_path),
         ]
