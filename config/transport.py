@@ -222,7 +222,8 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 class Connection(KombuConnection):
     """kombu's connection; its URL as printed shows `redis://host`, not `redis://:**@host`, when
-    it has no password."""
+    it has no credentials at all (a password in any form, a unix socket's included, stays
+    masked)."""
 
     def as_uri(
         self,
@@ -232,8 +233,11 @@ class Connection(KombuConnection):
     ) -> str:
         kombus: Any = super()
         more = {"getfields": getfields} if getfields is not None else {}
-        shown: str = kombus.as_uri(include_password or not self.password, mask, **more)
-        return shown
+        full: str = kombus.as_uri(True, mask, **more)
+        if include_password or "@" not in full.partition("://")[2].split("/", 1)[0]:
+            return full  # no credentials in it at all: nothing to mask
+        masked: str = kombus.as_uri(False, mask, **more)
+        return masked
 
 
 class AMQP(CeleryAMQP):
