@@ -239,3 +239,27 @@ def test_a_task_of_ones_own_gets_the_policy_without_asking(
     m = scrape_metrics(port)
     assert m[("enhance_jobs_total", (("outcome", "failure"), ("task", "tests.shout")))] == 1
     assert m[("enhance_dead_letters_total", (("task", "tests.shout"),))] == 1
+
+
+def test_a_500_with_retry_after_is_retried_no_sooner(
+    main_worker: RunningWorker, sandbox: Sandbox
+) -> None:
+    """A 500 starts no fleet cool-down (only 429 and 503 do), so only the job's own retry policy
+    can explain the wait: at least Retry-After (0.8 s), where its back-off is capped at 0.5 s."""
+    sandbox.configure(fail_next=["500"], retry_after_s=0.8)
+    main_worker.send(prompt="a patient fox").get(timeout=30)  # type: ignore[attr-defined]
+    first, second = sandbox.state.call_times
+    assert second - first >= 0.8
+
+
+def test_a_call_runware_refuses_gives_its_budget_reservation_back(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """A daily budget of exactly one call: a call Runware refuses (HTTP 400, nothing billed)
+    releases its reservation, so the next job fits (it was refused BudgetExceeded while the
+    reservation stayed, for RUNWARE_RESERVATION_S)."""
+    worker = start_worker("refused-release", RUNWARE_DAILY_BUDGET_USD="0.0013")
+    sandbox.configure(fail_next=["400"])
+    with pytest.raises(Exception, match="HTTP 400"):
+        worker.send(prompt="a refused fox").get(timeout=30)  # type: ignore[attr-defined]
+    assert worker.send(prompt="a fitting fox").get(timeout=30)["text"]  # type: ignore[attr-defined]

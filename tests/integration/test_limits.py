@@ -206,3 +206,23 @@ def test_the_cool_down_pauses_every_worker_process(
     # Only calls granted before the 429 was heard (at most the other three threads') arrive
     # in the pause; unpaused, the other process alone would have made about ten.
     assert len(during) <= 3, [round(t - throttled, 3) for t in during]
+
+
+def test_a_killed_dispatchers_role_is_taken_over_by_its_lock_expiring(
+    start_worker: StartWorker,
+) -> None:
+    """SIGKILL leaves the dispatcher's lock behind (no clean exit deletes it): the role passes
+    to the other worker once the lock expires (LOCK_MS, 3 s), and jobs flow again."""
+    first = start_worker("holder")
+    second = start_worker("heir", same_db_as=first)
+    client = redis.Redis.from_url(first.redis_url)
+    lock = "enhance:fair:dispatcher"
+    _wait_for(lambda: client.get(lock) is not None)
+    held = client.get(lock) or b""
+    holder = next(w for w in (first, second) if f":{w.process.pid}:".encode() in held)
+    other = second if holder is first else first
+    holder.process.kill()
+    assert client.get(lock) is not None  # left behind
+    _wait_for(lambda: f":{other.process.pid}:".encode() in (client.get(lock) or b""), 10)
+    assert other.send(prompt="after the takeover").get(timeout=30)["text"]  # type: ignore[attr-defined]
+    client.close()
