@@ -435,17 +435,11 @@ class Ledger:
             for k, v in sorted(self.redis.hgetall(self.keys.budgets).items())
         }
 
-    def budget_report(
-        self, totals: DayTotals, holdings: Holdings, account: str | None = None
-    ) -> dict[str, Any]:
+    def budget_report(self, totals: DayTotals, account: str | None = None) -> dict[str, Any]:
         """Each budget with what is spent (settled and reserved) and what is left today: the
         fleet's, the default per account, and every account with a budget of its own (or the
-        one asked for)."""
-        held: dict[str, int] = {}
-        for reservation in holdings.in_flight + holdings.unsettled:
-            held[reservation.account] = (
-                held.get(reservation.account, 0) + reservation.estimate_micro
-            )
+        one asked for). Reserved: the sums the budget check itself reads (ledger_begin.lua)."""
+        held = {text(k): int(v) for k, v in self.redis.hgetall(self.keys.reserved_sums).items()}
 
         def row(budget: float | None, spent_micro: int, source: str) -> dict[str, Any]:
             spent = spent_micro / MICRO
@@ -453,7 +447,7 @@ class Ledger:
             return {"budget_usd": budget, "spent_usd": spent, "left_usd": left, "source": source}
 
         settings = self.settings
-        fleet_spent = totals.total_micro + sum(held.values())
+        fleet_spent = totals.total_micro + held.get("total", 0)
         own = self.budgets()
         names = sorted(set(own) | ({account} if account else set()))
         default = settings.runware_account_daily_budget_usd
@@ -465,7 +459,7 @@ class Ledger:
             "accounts": {
                 name: row(
                     own.get(name, default),
-                    totals.by_account_micro.get(name, 0) + held.get(name, 0),
+                    totals.by_account_micro.get(name, 0) + held.get(f"acct:{name}", 0),
                     "run time" if name in own else "RUNWARE_ACCOUNT_DAILY_BUDGET_USD",
                 )
                 for name in names

@@ -269,10 +269,8 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"enhance-worker: {exc}", file=sys.stderr)
         return 2
-    holdings = ledger.holdings(args.account)
-    held = holdings.as_json()
-    everyone = holdings if args.account is None else ledger.holdings()
-    budgets = ledger.budget_report(ledger.day(), everyone, args.account)
+    held = ledger.holdings(args.account).as_json()
+    budgets = ledger.budget_report(ledger.day(), args.account)
     report = {
         **totals.as_json(args.account),
         **held,
