@@ -171,10 +171,8 @@ class Dispatcher(threading.Thread):
             keys=[keys.workers, keys.workers_seen, keys.strikes, keys.intakes],
             args=[self.id, threads, REGISTRATION_S, self._own_intake_json],
         )
-        if self.limiter is not None:
-            if reply[0]:
-                self.limiter.strikes = True
-            self.limiter.check_key()
+        if reply[0] and self.limiter is not None:
+            self.limiter.strikes = True
         if threads:
             self._serve(self.own_intake.union(reply[1:]))
             self._look_for_other_layouts()

@@ -75,7 +75,7 @@ class Limiter:
         self._first_call = threading.Lock()  # held by the one call that tries the key
         self._key_answered = False  # Runware answered a call without refusing the key
         # Whether Runware refused this process's key: it then makes no call (set by its own
-        # refusal at once, and by its heartbeat from the fleet's record).
+        # refusal at once, and by `refused` from the fleet's record).
         self.key_refused = False
 
     def heard(self, call: Callable[[], T]) -> T:
@@ -182,7 +182,7 @@ class Limiter:
         return self.key_refused
 
     def check_key(self) -> None:
-        """Learn whether the fleet recorded this process's key as refused (heartbeat). A
+        """Learn whether the fleet recorded this process's key as refused. A
         process with no key, once refused, stays so: another worker's resume does not give it
         one."""
         if self.fingerprint:
@@ -203,11 +203,7 @@ class Limiter:
             return False
         # The pause goes; the refused keys stay recorded, so that workers still running with
         # one of them (a rolling deploy) make no call and cannot pause the fleet again.
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.keys.overrides, PAUSED_FIELD)
-            pipe.lpush(self.keys.wake, "1")
-            pipe.ltrim(self.keys.wake, 0, 15)
-            pipe.execute()
+        self.resume(forget_refused=False)
         logger.warning("This worker's API key is not the one Runware refused: the fleet resumes.")
         return True
 
@@ -216,15 +212,18 @@ class Limiter:
         raw = self.redis.hget(self.keys.overrides, PAUSED_FIELD)
         return json.loads(raw) if raw else None
 
-    def resume(self) -> None:
-        """Let the fleet call again: the pause and the record of refused keys go."""
+    def resume(self, forget_refused: bool = True) -> None:
+        """Let the fleet call again: the pause goes, and (`forget_refused`) the record of
+        refused keys."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(self.keys.overrides, PAUSED_FIELD)
-        pipe.delete(self.keys.refused_keys)
+        if forget_refused:
+            pipe.delete(self.keys.refused_keys)
         pipe.lpush(self.keys.wake, "1")
         pipe.ltrim(self.keys.wake, 0, 15)
         pipe.execute()
-        self.key_refused = False
+        if forget_refused:
+            self.key_refused = False
 
     # --- run-time overrides and state ----------------------------------------------------------
     def set_overrides(self, **values: Any) -> None:
