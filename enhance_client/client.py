@@ -10,16 +10,15 @@ of those names. Arguments are validated by the same models the workers use
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
 
+from enhance_client.masking import mask_urls
 from enhance_client.schemas import enhance_request
 
 DEFAULT_QUEUE = "enhance"  # the fleet's own queue (the workers' CELERY_TASK_DEFAULT_QUEUE)
-_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
 class EnhanceClient:
@@ -80,11 +79,11 @@ class EnhanceClient:
             prompt, max_length, versions, task_uuid, account, priority, webhook_url
         )
         kwargs = request.task_kwargs()
-        shown = dict(kwargs)
-        if "webhookURL" in shown:  # its token, in the query string, stays out of Flower
-            shown["webhookURL"] = _QUERY.sub("?<redacted>", str(shown["webhookURL"]))
-        return self.app.send_task(
-            "tasks.enhance_prompt", kwargs=kwargs, queue=self.queue, kwargsrepr=repr(shown)
+        return self.app.send_task(  # a webhookURL's token stays out of Flower
+            "tasks.enhance_prompt",
+            kwargs=kwargs,
+            queue=self.queue,
+            kwargsrepr=mask_urls(repr(kwargs)),
         )
 
     def result(self, sent: AsyncResult[Any], timeout: float | None = 60.0) -> dict[str, Any]:

@@ -6,15 +6,12 @@ URL's user:password part (a Redis URL's password). `redact` masks all three in a
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from celery import signals
 
 from config.settings import get_settings
-
-_URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s'\"<>?#]*)\?[^\s'\"<>#]*", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s/'\"<>@]*@", re.IGNORECASE)
+from enhance_client.masking import mask_urls
 
 
 def _api_key() -> str | None:
@@ -34,9 +31,7 @@ def mask(text: str, secret: str | None) -> str:
 
 def redact(text: str) -> str:
     """`text` with URL query strings, URL credentials and the API key masked."""
-    text = _URL_QUERY.sub(r"\1?<redacted>", text)
-    text = _URL_USERINFO.sub(r"\1<redacted>@", text)
-    return mask(text, _api_key())
+    return mask(mask_urls(text), _api_key())
 
 
 @signals.before_task_publish.connect
