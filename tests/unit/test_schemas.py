@@ -111,3 +111,12 @@ def test_a_generation_limit_is_said_once() -> None:
         parse_image({"positivePrompt": "a cat on a mat", "model": "runware:101@1", "width": 1000})
     assert str(caught.value).count("(got 1000)") == 1
     assert "width: must be a multiple of 64 (got 1000)" in str(caught.value)
+
+
+def test_the_contract_keeps_its_former_import_path() -> None:
+    """Code written against `tasks.schemas` gets the same objects as `enhance_client.schemas`."""
+    import enhance_client.schemas as contract
+    import tasks.schemas as former
+
+    for name in former.__all__:
+        assert getattr(former, name) is getattr(contract, name), name
