@@ -81,6 +81,7 @@ class SandboxConfig:
     hang_s: float = 5.0
     retry_after_s: float | None = None  # sent with 429/500/503 when set
     fail_next: list[str] = field(default_factory=list)  # faults for the next requests, in order
+    echo_key: bool = False  # an injected fault's message quotes the API key it was sent
     seed: int | None = None
 
 
@@ -283,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault in FAULT_CODES or fault in ("garbage", "drop"):
             if latency > 0:
                 time.sleep(latency)
-            self._fault(state, fault)
+            self._fault(state, fault, key)
             return
         data: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -307,7 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer["errors"] = errors
         self._send(status, answer)
 
-    def _fault(self, state: SandboxState, fault: str) -> None:
+    def _fault(self, state: SandboxState, fault: str, key: str) -> None:
         if fault == "drop":  # no status line, no body: the client sees the connection drop
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -322,7 +323,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault in ("429", "503"):
             with state.lock:
                 state.throttled_at.append(time.time())
-        injected = error(FAULT_CODES[fault], "injected by the sandbox")
+        message = "injected by the sandbox"
+        if state.config.echo_key:  # as careless gateways do: the caller's key quoted back
+            message += f" (request made with the API key {key!r})"
+        injected = error(FAULT_CODES[fault], message)
         self._send(int(fault), {"errors": [injected]}, headers)
 
     @staticmethod
