@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 import redis
 
+from config.settings import load_settings
 from tasks.errors import ValidationError
-from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker
+from tasks.ledger import Ledger
+from tests.conftest import FAST_REDELIVERY, RunningWorker, StartWorker, wait_until
 from workers.sandbox import Sandbox
 
 
@@ -169,6 +171,29 @@ def test_a_redelivered_job_is_counted_once(start_worker: StartWorker, sandbox: S
     record = client.get(f"enhance:ledger:task:{result['taskUUID']}")
     assert record is not None
     assert record.startswith(b"1300|")
+    client.close()
+
+
+def test_a_call_ended_twice_is_counted_once(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """Two ends of one call: while the worker's call is still out, its outcome is recorded by
+    another party (here the test, making the reconciler's Ledger.end, as it does for a call
+    it found finished). The worker's own end then comes second and must book nothing: one
+    task and one cost on the day, whichever end came first."""
+    sandbox.configure(latency_s=1.0)
+    worker = start_worker("ended-twice", RUNWARE_TIMEOUT_S="5")
+    task_uuid = str(uuid.uuid4())
+    job = worker.send(prompt="ended twice", account="twice", taskUUID=task_uuid)
+    arrived = lambda: any(task_uuid in uuids for _, _, uuids in sandbox.state.request_log)  # noqa: E731
+    wait_until(arrived, 20, "the worker's call reached Runware")
+    client = redis.Redis.from_url(worker.redis_url)
+    other = Ledger(client, load_settings(_env_file=None))
+    items = [{"taskType": "promptEnhance", "taskUUID": task_uuid, "text": "x", "cost": 0.0013}]
+    assert other.end(task_uuid, "twice", 0.0013, items) is True  # the first end books
+    assert sandbox.state.in_flight >= 1  # before the worker's call came back
+    assert job.get(timeout=30)["taskUUID"] == task_uuid  # type: ignore[attr-defined]
+    assert len([u for _, _, u in sandbox.state.request_log if task_uuid in u]) == 1  # its own end
+    report = _cost_json(worker.redis_url, "--account", "twice")
+    assert (report["tasks"], report["total_usd"]) == (1, 0.0013)
     client.close()
 
 

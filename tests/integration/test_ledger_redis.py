@@ -326,3 +326,22 @@ def test_a_scrape_decodes_at_most_a_thousand_unsettled_calls(
     unsettled = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
     assert int(reply[1]) == 1500
     assert unsettled == {b"total": 3_000_000, b"acct:team-0": 2_000_000}
+
+
+def test_a_call_that_ends_after_midnight_is_booked_on_the_day_it_started(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's promise: a cost goes on the UTC day its call started. A call reserved at
+    23:59:59 and ended at 00:00:01 is in the first day's totals, and the next day starts
+    empty (the clock the ledger reads, time.time, is moved; Redis is real)."""
+    ledger = make()
+    midnight = 1_796_342_400.0  # 2026-12-04T00:00:00Z
+    task = _uuid()
+    monkeypatch.setattr(ledger_module.time, "time", lambda: midnight - 1)
+    ledger.begin(task, "acme", 0.0013, SHAPE)
+    monkeypatch.setattr(ledger_module.time, "time", lambda: midnight + 1)
+    assert ledger.end(task, "acme", 0.0026, ITEMS, SHAPE) is True
+    before, after = ledger.day("2026-12-03"), ledger.day("2026-12-04")
+    assert (before.total_micro, before.tasks, before.by_account_micro) == (2600, 1, {"acme": 2600})
+    assert (after.total_micro, after.tasks) == (0, 0)
+    assert ledger.day().day == "2026-12-04"  # "today" is the new day
