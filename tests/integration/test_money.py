@@ -88,16 +88,19 @@ def test_calls_their_jobs_gave_up_on_are_settled_by_the_reconciler(
 ) -> None:
     """No retries and a sandbox that bills, then answers after the read timeout: every job fails,
     yet Runware billed each call. The calls are unsettled (counted at their estimate), and the
-    reconciler records their real cost within about one period."""
+    reconciler records their real cost within about one period. Their reservations would
+    only fall due by age after 300 s: the job giving up is what hands them to the reconciler
+    (the generous wait below cannot race that)."""
     jobs = 4
     sandbox.configure(rate_hang=1.0, hang_s=2.5)
-    worker = start_worker("giveup", **RECONCILE, RUNWARE_MAX_RETRIES="0", RUNWARE_TIMEOUT_S="1")
+    env = {**RECONCILE, "RUNWARE_RESERVATION_S": "300"}
+    worker = start_worker("giveup", **env, RUNWARE_MAX_RETRIES="0", RUNWARE_TIMEOUT_S="1")
     outcomes = _outcomes([worker.send(prompt=f"lost {n}", promptVersions=2) for n in range(jobs)])
     assert all(isinstance(o, str) and "TransientError" in o for o in outcomes), outcomes
     sandbox.configure(rate_hang=0.0)  # (or the reconciler's polls would time out too)
     billed = sandbox.state.billed_micro
     assert billed == jobs * 2 * PRICE
-    wait_until(lambda: ledger_micro(worker.redis_url) == billed, 10, "settled")
+    wait_until(lambda: ledger_micro(worker.redis_url) == billed, 60, "settled")
     report = json.loads(run_cli(worker.redis_url, "cost", "--json", check=True).stdout)
     assert report["unsettled_calls"] == 0
     assert round(report["total_usd"] * 1_000_000) == billed

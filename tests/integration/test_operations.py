@@ -279,14 +279,17 @@ def test_json_logs_carry_one_outcome_line_per_job(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
     worker = start_worker("jsonlog", LOG_FORMAT="json", LOG_LEVEL="INFO")
+    sandbox.configure(latency_s=0.2)  # each job's run holds a call of at least 0.2 s
+    began = time.monotonic()
     results = [worker.send(prompt=f"json {n}").get(timeout=30) for n in range(3)]
+    elapsed = time.monotonic() - began
     lines = [json.loads(line) for line in worker.process.log().splitlines() if line.startswith("{")]
     outcomes = [line for line in lines if line.get("outcome") == "succeeded"]
     assert sorted(o["taskUUID"] for o in outcomes) == sorted(r["taskUUID"] for r in results)
     for line in outcomes:
         assert line["level"] == "INFO"
         assert line["cost"] == 0.0013
-        assert line["duration_s"] >= 0
+        assert 0.2 <= line["duration_s"] <= elapsed  # the run's own time, not 0 or a clock
         assert line["task_name"] == "tasks.enhance_prompt"
     assert SECRET not in worker.process.log()
 
