@@ -1,0 +1,298 @@
+"""The suite's mutation check: small, plausible bugs, each applied alone to a copy of the
+working tree, with the tests that must catch it run against it.
+
+    ./run mutate                 every mutation (about 5 minutes on 2 cores)
+    ./run mutate --list          the mutations, the promise each breaks and its tests
+    ./run mutate NAME [NAME...]  only those
+
+A mutation is *caught* when one of its tests fails; *survived* when they all pass, which
+makes the command exit 1. Before any mutation, the tests named run once against the
+unchanged copy: a test that fails there proves nothing, and the run stops. A mutation whose
+text is no longer in its file is reported as *stale* (exit 1), so the list follows the code.
+
+The rule (CONTRIBUTING.md): a change that makes a new promise, or a test that guards one,
+adds a mutation here that its test catches. The working tree is never modified: each run
+works in a temporary copy, with that copy first on PYTHONPATH (also for the worker
+processes the tests start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORED = shutil.ignore_patterns(
+    ".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "*.pyc"
+)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    promise: str  # what the README promises that the mutation breaks
+    tests: tuple[str, ...]  # pytest node ids; at least one must fail
+
+
+_E = "tests/integration/test_errors_and_retries.py::"
+_L = "tests/integration/test_limiter_redis.py::"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # --- the five the audit found the suite letting through ---------------------------------
+    Mutation(
+        "refused-call-keeps-reservation",
+        "tasks/base.py",
+        "        except PermanentError:\n            ledger.release(task_uuid)\n",
+        "        except PermanentError:\n            pass\n",
+        "a call Runware refuses gives its budget reservation back",
+        (_E + "test_a_call_runware_refuses_gives_its_budget_reservation_back",),
+    ),
+    Mutation(
+        "retry-ignores-retry-after",
+        "tasks/base.py",
+        "            exc.retry_after,\n            settings.runware_retry_after_max_s,",
+        "            None,\n            settings.runware_retry_after_max_s,",
+        "a retry waits at least Retry-After",
+        (
+            _E + "test_a_500_with_retry_after_is_retried_no_sooner",
+            _E + "test_retry_after_is_honoured",
+        ),
+    ),
+    Mutation(
+        "error-text-unmasked",
+        "tasks/runware.py",
+        "return (str(code) if code else None), self.redact(text)",
+        "return (str(code) if code else None), text",
+        "the API key is masked where Runware echoes it",
+        ("tests/integration/test_secrets.py::test_the_key_leaks_nowhere",),
+    ),
+    Mutation(
+        "cost-on-the-day-it-ends",
+        "tasks/lua/ledger_lib.lua",
+        "local day = prefix .. ':day:' .. ((entry and entry.d) or today)",
+        "local day = prefix .. ':day:' .. today",
+        "a cost goes on the UTC day its call started",
+        (
+            "tests/integration/test_ledger_redis.py::"
+            "test_a_call_that_ends_after_midnight_is_booked_on_the_day_it_started",
+        ),
+    ),
+    Mutation(
+        "dispatcher-lock-outlives-its-holder",
+        "tasks/dispatcher.py",
+        "LOCK_MS = 3000",
+        "LOCK_MS = 600000",
+        "a dead dispatcher's role is taken over within about 3 s",
+        (
+            "tests/integration/test_limits.py::"
+            "test_a_killed_dispatchers_role_is_taken_over_by_its_lock_expiring",
+        ),
+    ),
+    # --- the ledger ---------------------------------------------------------------------------
+    Mutation(
+        "cost-booked-at-every-end",
+        "tasks/lua/ledger_lib.lua",
+        "  if recorded or not first_billing(cost, billed_ttl) then return 0 end",
+        "  first_billing(cost, billed_ttl)",
+        "a call's cost is counted once, however many times it ends",
+        ("tests/integration/test_cost.py::test_a_call_ended_twice_is_counted_once",),
+    ),
+    Mutation(
+        "budget-ignores-the-calls-estimate",
+        "tasks/lua/ledger_begin.lua",
+        "  if spent + estimate > fleet_budget then",
+        "  if spent > fleet_budget then",
+        "a call that would pass the daily budget is refused before it is made",
+        ("tests/integration/test_cost.py::test_a_budget_reserves_every_version",),
+    ),
+    Mutation(
+        "given-up-call-not-handed-to-the-reconciler",
+        "tasks/ledger.py",
+        "{task_uuid: now}, xx=True)",
+        "{task_uuid: now + 3600}, xx=True)",
+        "a call its job gave up on is settled by the reconciler within about a period",
+        (
+            "tests/integration/test_money.py::"
+            "test_calls_their_jobs_gave_up_on_are_settled_by_the_reconciler",
+        ),
+    ),
+    # --- the fair intake (pump.lua) -----------------------------------------------------------
+    Mutation(
+        "rate-too-slow",
+        "tasks/lua/pump.lua",
+        "  local interval = 1 / r\n",
+        "  local interval = 1.6 / r\n",
+        "the fleet calls at the configured rate",
+        (_L + "test_a_rate_spaces_grants_evenly",),
+    ),
+    Mutation(
+        "in-flight-cap-off-by-one",
+        "tasks/lua/pump.lua",
+        "if in_flight >= capacity or in_flight + busy >= threads then return -2 end",
+        "if in_flight > capacity or in_flight + busy >= threads then return -2 end",
+        "never more calls in flight than RUNWARE_MAX_IN_FLIGHT",
+        (_L + "test_the_in_flight_cap_holds_below_the_threads",),
+    ),
+    Mutation(
+        "retries-jump-the-queue",
+        "tasks/lua/pump.lua",
+        "local push = (was_delayed and string.sub(code, 3, 3) == '1') and 'LPUSH' or 'RPUSH'",
+        "local push = was_delayed and 'LPUSH' or 'RPUSH'",
+        "a retry queues behind its account's waiting jobs (only a poll goes ahead)",
+        (
+            "tests/integration/test_fairness.py::"
+            "test_failing_jobs_retry_behind_the_jobs_that_have_not_started",
+        ),
+    ),
+    Mutation(
+        "batch-starves-behind-interactive",
+        "tasks/lua/pump.lua",
+        "if has_i and (not has_b or streak < max_streak) then",
+        "if has_i then",
+        "batch jobs keep one grant in ten while interactive ones wait",
+        (_L + "test_interactive_goes_first_but_batch_keeps_one_slot_in_ten",),
+    ),
+    # --- the retry policy ---------------------------------------------------------------------
+    Mutation(
+        "one-retry-too-many",
+        "tasks/base.py",
+        "        if retries >= limit:",
+        "        if retries > limit:",
+        "a job is tried 1 + RUNWARE_MAX_RETRIES times, then fails with its reason",
+        (
+            "tests/integration/test_fairness.py::"
+            "test_failing_jobs_retry_behind_the_jobs_that_have_not_started",
+        ),
+    ),
+    Mutation(
+        "client-errors-retried",
+        "tasks/errors.py",
+        "    return PermanentError(message, code=code, status=status)",
+        "    return TransientError(message, code=code, status=status)",
+        "a request Runware refuses (4xx) fails at once, with no retry",
+        (_E + "test_permanent_errors_fail_at_once_keeping_code_and_message",),
+    ),
+    # --- the masking --------------------------------------------------------------------------
+    Mutation(
+        "query-strings-shown",
+        "enhance_client/masking.py",
+        '    text = _URL_QUERY.sub(r"\\1?<redacted>", text)',
+        "    text = text",
+        "webhook tokens (URL query strings) are masked in logs and Flower",
+        (
+            "tests/unit/test_redact.py::test_query_strings_and_credentials_are_masked",
+            "tests/integration/test_operations.py::test_flower_shows_each_job_with_its_result",
+        ),
+    ),
+    Mutation(
+        "url-passwords-shown",
+        "enhance_client/masking.py",
+        '    return _URL_USERINFO.sub(r"\\1<redacted>@", text)',
+        "    return text",
+        "a Redis URL's password is masked wherever a URL is shown",
+        ("tests/unit/test_redact.py::test_query_strings_and_credentials_are_masked",),
+    ),
+    Mutation(
+        "foreign-producers-reprs-shown",
+        "tasks/redact.py",
+        "            setattr(request, name, redact(value))",
+        "            setattr(request, name, value)",
+        "a job sent by any producer shows Flower its arguments masked",
+        ("tests/integration/test_operations.py::test_flower_shows_each_job_with_its_result",),
+    ),
+)
+
+
+def _copy() -> Path:
+    target = Path(tempfile.mkdtemp(prefix="enhance-mutate-")) / "tree"
+    shutil.copytree(ROOT, target, ignore=IGNORED)
+    return target
+
+
+def _pytest(tree: Path, tests: list[str]) -> tuple[int, float, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    return done.returncode, time.monotonic() - began, lines[-1] if lines else done.stderr[-300:]
+
+
+def _check_the_copy_is_imported(tree: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    found = subprocess.run(
+        [sys.executable, "-c", "import tasks, enhance_client; print(tasks.__file__)"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not found.startswith(str(tree)):
+        raise SystemExit(f"mutate: the copy is not what Python imports ({found})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./run mutate", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and stop")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"no mutation named {', '.join(unknown)} (see --list)")
+    chosen = [known[n] for n in args.names] if args.names else list(MUTATIONS)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  ({m.path})\n  promise: {m.promise}")
+            for test in m.tests:
+                print(f"  test: {test}")
+        return 0
+    tree = _copy()
+    try:
+        _check_the_copy_is_imported(tree)
+        union = sorted({t for m in chosen for t in m.tests})
+        code, took, last = _pytest(tree, union)
+        print(f"unmutated: {len(union)} tests {'pass' if code == 0 else 'FAIL'} ({took:.1f}s)")
+        if code != 0:
+            print(f"  {last}\nmutate: the tests must pass unmutated first", file=sys.stderr)
+            return 2
+        bad = 0
+        for m in chosen:
+            file = tree / m.path
+            original = file.read_text()
+            if original.count(m.old) != 1:
+                print(f"STALE     {m.name}: its text is in {m.path} {original.count(m.old)} times")
+                bad += 1
+                continue
+            file.write_text(original.replace(m.old, m.new))
+            try:
+                code, took, last = _pytest(tree, list(m.tests))
+            finally:
+                file.write_text(original)
+            verdict = "caught" if code == 1 else ("SURVIVED" if code == 0 else f"ERROR({code})")
+            bad += verdict != "caught"
+            print(f"{verdict:9} {m.name} ({took:.1f}s): {last}")
+        print(f"{len(chosen) - bad} of {len(chosen)} mutations caught")
+        return 1 if bad else 0
+    finally:
+        shutil.rmtree(tree.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
