@@ -80,6 +80,13 @@ class ResultStore(RedisBackend):
     def _store_once(self, key: bytes | str, value: bytes | str, expires: int, state: str) -> None:
         self._store(keys=[key], args=[value, expires, state])
 
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Celery subscribes to every result a process sends, as it sends it, and each `.get()`
+        then drains the messages of all of them: behind thousands sent, a `.get()` sees its
+        own result late. A `.get()` subscribes to its own result anyway (and reads the stored
+        value after), so nothing is subscribed at send time; `tasks.wait` and
+        `tasks.wait_async` wait on one result each (enhance_client/waiting.py)."""
+
 
 class SentinelResultStore(ResultStore, SentinelBackend):
     """The same one-trip writes to the current master of a Sentinel group."""

@@ -103,8 +103,8 @@ class Settings(BaseSettings):
         default=20.0,
         ge=0,
         le=1000,
-        description="milliseconds a busy worker holds a request open for more tasks, "
-        "a number 0..1000",
+        description="the longest a request is held open (milliseconds) for jobs of the same "
+        "process on their way to it, a number 0..1000",
     )
     runware_max_retries: int = Field(
         default=5, ge=0, le=100, description="retries of a transient failure, an integer 0..100"

@@ -14,6 +14,7 @@ from enhance_client.errors import (
     WorkerError,
 )
 from enhance_client.schemas import ENHANCE_MODEL, EnhanceRequest, EnhanceResult
+from enhance_client.waiting import wait, wait_async
 
 __all__ = [
     "ENHANCE_MODEL",
@@ -29,4 +30,6 @@ __all__ = [
     "TransientError",
     "ValidationError",
     "WorkerError",
+    "wait",
+    "wait_async",
 ]

@@ -9,7 +9,6 @@ of those names. Arguments are validated by the same models the workers use
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from celery import Celery
@@ -17,6 +16,7 @@ from celery.result import AsyncResult
 
 from enhance_client.masking import mask_urls
 from enhance_client.schemas import enhance_request
+from enhance_client.waiting import wait, wait_async
 
 DEFAULT_QUEUE = "enhance"  # the fleet's own queue (the workers' CELERY_TASK_DEFAULT_QUEUE)
 
@@ -87,17 +87,20 @@ class EnhanceClient:
         )
 
     def result(self, sent: AsyncResult[Any], timeout: float | None = 60.0) -> dict[str, Any]:
-        """Wait for a job's result (blocking); raises its failure."""
-        value: dict[str, Any] = sent.get(timeout=timeout)
+        """Wait for a job's result from a thread; raises its failure (a timeout: TimeoutError
+        naming the task id). Seen within milliseconds of being stored, however many other
+        results this process waits for (enhance_client.waiting)."""
+        value: dict[str, Any] = wait(sent, timeout)
         return value
 
     async def enhance_async(
         self, prompt: str, *, timeout: float | None = 60.0, **fields: Any
     ) -> dict[str, Any]:
-        """Validate, enqueue and await one enhancement without blocking the event loop (the
-        wait runs in a thread of the loop's default executor)."""
-        sent = self.enhance(prompt, **fields)
-        return await asyncio.to_thread(self.result, sent, timeout)
+        """Validate, enqueue and await one enhancement without blocking the event loop (one
+        pub/sub connection per loop, no thread per request). Cancelling the await stops the
+        wait, not the job."""
+        value: dict[str, Any] = await wait_async(self.enhance(prompt, **fields), timeout)
+        return value
 
     def close(self) -> None:
         """Close the connections of the client's own app."""

@@ -110,7 +110,10 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         an empty request over it)."""
         started = time.monotonic()
         try:
-            result = self.run(*args, **kwargs)
+            # A job granted a slot is on its way to a Runware call: a request this process's
+            # other threads hold open waits for it (tasks/batching.py), and for nothing else.
+            with get_client().on_the_way():
+                result = self.run(*args, **kwargs)
         except (Ignore, Retry):
             raise
         except Exception as exc:

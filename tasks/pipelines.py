@@ -21,6 +21,7 @@ from enhance_client.schemas import (
     parse_generation,
     summarize,
 )
+from enhance_client.waiting import wait_async
 from tasks.enhancement import enhance_batch_item, enhance_prompt
 from tasks.errors import ValidationError
 from tasks.generate import generate_image, generate_video
@@ -48,6 +49,26 @@ def enhance(
     """
     request = enhance_request(prompt, max_length, versions, task_uuid, account, priority)
     return enhance_prompt.apply_async(kwargs=request.task_kwargs())
+
+
+async def enhance_async(
+    prompt: str,
+    max_length: int | None = None,
+    versions: int = 1,
+    task_uuid: str | None = None,
+    account: str | None = None,
+    priority: str = "interactive",
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """`await` one enhancement from asyncio code (FastAPI, Starlette, aiohttp, Django's async
+    views) without blocking the event loop: validated and enqueued as `enhance(...)` is (a
+    ValidationError before anything is enqueued), then awaited on the process's one pub/sub
+    connection. Returns what `enhance(...).get()` returns and raises what it raises; a
+    `timeout` (seconds) raises celery.exceptions.TimeoutError naming the task id. Cancelling
+    the await stops the wait, not the job."""
+    sent = enhance(prompt, max_length, versions, task_uuid, account, priority)
+    value: dict[str, Any] = await wait_async(sent, timeout)
+    return value
 
 
 def enhance_batch(

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -140,6 +141,10 @@ class RunwareClient:
     def close(self) -> None:
         """Close the pooled connections."""
         self.session.close()
+
+    def on_the_way(self) -> AbstractContextManager[None]:
+        """Around a job's run: this thread's call is on its way (see tasks/batching.py)."""
+        return self._batcher.on_the_way()
 
     def redact(self, text: str) -> str:
         """`text` with this client's API key, should any server echo it, masked."""

@@ -5,7 +5,7 @@ requirements/ pin every package of one install set, for every platform and Pytho
 (`uv pip compile --universal`), and `./run`, `.ci/run` and the Dockerfile install only from them:
 
     requirements/runtime.txt             the package (the Dockerfile)
-    requirements/dev.txt                 the package and its dev tools (`./run`)
+    requirements/dev.txt                 the package, its dev tools and the ASGI example (`./run`)
     requirements/dev-embedded-redis.txt  the same and the embedded server (`./run`, no redis-server)
 
 Each also pins the build backend (the `build` dependency group, kept equal to [build-system]
@@ -48,8 +48,12 @@ class Lock:
 
 LOCKS = (
     Lock("requirements/runtime.txt", (), None),
-    Lock("requirements/dev.txt", ("dev",), "requirements/runtime.txt"),
-    Lock("requirements/dev-embedded-redis.txt", ("dev", "embedded-redis"), "requirements/dev.txt"),
+    Lock("requirements/dev.txt", ("dev", "asgi"), "requirements/runtime.txt"),
+    Lock(
+        "requirements/dev-embedded-redis.txt",
+        ("dev", "asgi", "embedded-redis"),
+        "requirements/dev.txt",
+    ),
 )
 
 

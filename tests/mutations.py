@@ -182,6 +182,37 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a request Runware refuses (4xx) fails at once, with no retry",
         (_E + "test_permanent_errors_fail_at_once_keeping_code_and_message",),
     ),
+    # --- the interactive path -----------------------------------------------------------------
+    Mutation(
+        "lone-request-waits-the-window",
+        "tasks/batching.py",
+        "                        and self._coming > 0\n",
+        "",
+        "a lone or serial request never waits for the batching window",
+        ("tests/unit/test_batching.py::test_serial_calls_never_wait_for_the_window",),
+    ),
+    Mutation(
+        "wait-misses-a-result-stored-before-it",
+        "enhance_client/waiting.py",
+        "            self._read_soon(key)\n",
+        "",
+        "a wait sees a result stored before it began at once",
+        (
+            "tests/integration/test_waiting.py::"
+            "test_a_result_stored_while_a_wait_subscribes_is_not_missed",
+        ),
+    ),
+    Mutation(
+        "timeout-without-the-task-id",
+        "enhance_client/waiting.py",
+        'f"task {task_id} was not ready',
+        'f"the task was not ready',
+        "a wait's timeout names the task id (the job goes on)",
+        (
+            "tests/integration/test_waiting.py::"
+            "test_a_timeout_names_the_task_and_cancelling_leaves_the_job",
+        ),
+    ),
     # --- the masking --------------------------------------------------------------------------
     Mutation(
         "query-strings-shown",

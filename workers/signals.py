@@ -4,6 +4,7 @@ calls, and the ready line."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -75,6 +76,16 @@ def fresh_http_session(**_: Any) -> None:
     runware.reset_client()
 
 
+@signals.worker_process_init.connect
+def freeze_the_heap(**_: Any) -> None:
+    """Move everything loaded so far (Celery, kombu, pydantic, the settings: several hundred
+    thousand objects) out of the garbage collector's sight. Its full collections otherwise walk
+    them all, and every thread of the process stops for 15 to 45 ms each time: the slowest
+    1% of jobs waited that long. Objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 @signals.worker_ready.connect
 def announce_ready(sender: Any = None, **_: Any) -> None:
     """Join the fleet (dispatcher candidate and thread count; old limit overrides carried over),
@@ -116,6 +127,7 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
             "pauses the fleet (the jobs wait; `enhance-worker limits show`). Set "
             "RUNWARE_API_KEY (and RUNWARE_API_URL for the sandbox), then restart the worker."
         )
+    freeze_the_heap()
     logger.info(
         "Worker %s is ready to take jobs (Runware endpoint %s, pool %s, %d threads, Redis "
         "pools of %d connections).",

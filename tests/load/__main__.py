@@ -12,6 +12,10 @@ BENCHMARKS = {
     "rate": ("tests.load.bench_rate_limit", "fleet-wide rate limit, in-flight cap, lease recovery"),
     "fairness": ("tests.load.bench_fairness", "fair share between accounts, priority, weights"),
     "throughput": ("tests.load.bench_throughput", "the project's worker against a bare Celery one"),
+    "latency": (
+        "tests.load.bench_latency",
+        "interactive latency by arrival pattern; asyncio waits; results behind 5,000 pending",
+    ),
     "chaos": ("tests.load.bench_chaos", "SIGKILLs at any instant, a Redis restart: nothing lost"),
     "failover": ("tests.load.bench_failover", "Redis Sentinel failover under a global rate"),
     "capacity": ("tests.load.bench_capacity", "limiter and ledger decisions one Redis carries"),

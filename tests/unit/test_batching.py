@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -35,12 +36,13 @@ def _call_together(
     start = threading.Barrier(count)
 
     def one(n: int) -> None:
-        start.wait()
-        try:
-            kind = kinds[n % len(kinds)]
-            answers[n] = coalescer.call(kind, {"n": n, "kind": kind})
-        except BaseException as exc:
-            answers[n] = exc
+        with coalescer.on_the_way():  # each job's thread enters its call path, then calls
+            start.wait()
+            try:
+                kind = kinds[n % len(kinds)]
+                answers[n] = coalescer.call(kind, {"n": n, "kind": kind})
+            except BaseException as exc:
+                answers[n] = exc
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
     for thread in threads:
@@ -98,3 +100,83 @@ def test_max_one_sends_every_task_alone(window_s: float) -> None:
     coalescer = Coalescer(send, max_size=1, window_s=window_s)
     _call_together(coalescer, 8)
     assert sorted(len(r) for r in send.requests) == [1] * 8
+
+
+def test_serial_calls_never_wait_for_the_window() -> None:
+    """One job after another (a serial client): each finds nothing else on its way and leaves
+    at once, however long the window; the arrival gaps are not a guess of load."""
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=60.0)
+
+    def serial() -> None:
+        for n in range(20):
+            with coalescer.on_the_way():
+                coalescer.call("a", {"n": n})
+
+    client = threading.Thread(target=serial, daemon=True)
+    client.start()
+    client.join(timeout=10)  # (one held window would be 60 s)
+    assert not client.is_alive()
+    assert [len(r) for r in send.requests] == [1] * 20
+
+
+def test_a_request_waits_for_a_call_on_its_way_and_they_share_it() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=60.0)
+    second_announced, first_waiting = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with coalescer.on_the_way():
+            second_announced.wait(10)
+            first_waiting.set()
+            coalescer.call("a", {"n": 1})
+
+    def second() -> None:
+        with coalescer.on_the_way():
+            second_announced.set()
+            first_waiting.wait(10)
+            # the first task is (or is about to be) holding its request open for this one
+            while not coalescer._open:
+                time.sleep(0.001)
+            coalescer.call("a", {"n": 2})
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert send.requests == [[{"n": 1}, {"n": 2}]]
+
+
+def test_a_call_that_leaves_its_path_without_calling_releases_the_wait() -> None:
+    """A job announced on its way that ends without a call (its result was already recorded,
+    a budget refused it) stops the open request from waiting: it leaves at once."""
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=60.0)
+    leaving, done = threading.Event(), threading.Event()
+
+    def waits_in_vain() -> None:
+        with coalescer.on_the_way():
+            leaving.wait(10)
+            while not coalescer._open:
+                time.sleep(0.001)
+
+    other = threading.Thread(target=waits_in_vain)
+    other.start()
+    while coalescer.coming < 1:
+        time.sleep(0.001)
+
+    def lone() -> None:
+        with coalescer.on_the_way():
+            leaving.set()
+            coalescer.call("a", {"n": 0})
+            done.set()
+
+    caller = threading.Thread(target=lone)
+    caller.start()
+    caller.join(timeout=30)
+    other.join(timeout=30)
+    assert done.is_set()
+    assert send.requests == [[{"n": 0}]]
+    assert coalescer.coming == 0

@@ -142,20 +142,21 @@ def _run_together(
     alone: bool = False,
     limiter: Limiter | None = None,
 ) -> list[object]:
-    """Each task in its own thread, all at once (each heard by `limiter`, as a worker's are);
-    each one's outcome or exception, in order."""
+    """Each task in its own thread, all at once (each on its way to the call and heard by
+    `limiter`, as a worker's are); each one's outcome or exception, in order."""
     answers: list[object] = [None] * len(tasks)
     start = threading.Barrier(len(tasks))
 
     def one(n: int) -> None:
-        start.wait()
-        try:
-            if limiter is None:
-                answers[n] = client.run(tasks[n], alone=alone)
-            else:
-                answers[n] = limiter.heard(lambda: client.run(tasks[n], alone=alone))
-        except Exception as exc:
-            answers[n] = exc
+        with client.on_the_way():  # as a worker's job thread does (RunwareTask.__call__)
+            start.wait()
+            try:
+                if limiter is None:
+                    answers[n] = client.run(tasks[n], alone=alone)
+                else:
+                    answers[n] = limiter.heard(lambda: client.run(tasks[n], alone=alone))
+            except Exception as exc:
+                answers[n] = exc
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(len(tasks))]
     for thread in threads:
@@ -188,33 +189,33 @@ def test_a_refusal_naming_no_task_is_retried_alone_in_a_slot_of_its_own(
     nothing more within the call (one request per slot), each task is told to go again alone,
     and alone it gets its own answer."""
     client = _batching_client(sandbox)
-    # The first caller goes alone (the worker was idle); the others share the next request,
-    # which is refused without naming a task.
-    sandbox.configure(fail_next=["none", "400"])
+    # All six are on their way at once, so they share one request, which is refused without
+    # naming a task.
+    sandbox.configure(fail_next=["400"])
     tasks = [_task() for _ in range(6)]
     answers = _run_together(client, tasks)
     assert sandbox.state.statuses.get("400") == 1
     refused = [n for n, a in enumerate(answers) if isinstance(a, TransientError)]
-    assert len(refused) >= 2, answers  # the shared request's tasks
+    assert len(refused) == 6, answers  # the shared request's tasks
     assert all(answers[n].code == UNATTRIBUTED for n in refused)  # type: ignore[union-attr]
-    assert sandbox.state.requests == 2  # nothing was resent within the calls
+    assert sandbox.state.requests == 1  # nothing was resent within the calls
     again = _run_together(client, [tasks[n] for n in refused], alone=True)
     client.close()
     assert all(isinstance(a, TaskOutcome) for a in again), again
-    assert sandbox.state.requests == 2 + len(refused)  # one request each
+    assert sandbox.state.requests == 1 + len(refused)  # one request each
 
 
 def test_a_shared_request_without_credits_fails_each_task_without_a_resend(
     sandbox: Sandbox,
 ) -> None:
     client = _batching_client(sandbox)
-    sandbox.configure(fail_next=["none", "402"])
-    answers = _run_together(client, [_task() for _ in range(6)])
+    sandbox.configure(fail_next=["402"])
+    answers = _run_together(client, [_task() for _ in range(6)])  # one shared request
     client.close()
     failed = [a for a in answers if isinstance(a, PermanentError)]
-    assert len(failed) >= 2
+    assert len(failed) == 6
     assert all("insufficientCredits" in str(a) for a in failed)
-    assert sandbox.state.requests == 2
+    assert sandbox.state.requests == 1
 
 
 def test_a_throttled_shared_request_counts_one_strike(
