@@ -112,7 +112,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         try:
             # A job granted a slot is on its way to a Runware call: a request this process's
             # other threads hold open waits for it (tasks/batching.py), and for nothing else.
-            with get_client().on_the_way():
+            with get_client().on_the_way(self.request.id):
                 result = self.run(*args, **kwargs)
         except (Ignore, Retry):
             raise

@@ -1,14 +1,20 @@
 """Several tasks in one Runware request: the calls that this process's threads make at about the
 same time share one HTTP round trip (Runware's body is an array of tasks).
 
-A request is held open only while another call is really on its way: a job's thread announces
-itself as it enters the call path (`on_the_way`, before its ledger and limiter round trips) and
-counts as arrived when it reaches `call` (or leaves the path without a call). The first task of
-a request waits while any call is on its way, at most RUNWARE_BATCH_WINDOW_MS, and the request
-leaves as soon as the last of them has arrived or it holds RUNWARE_BATCH_MAX tasks. A lone or
-serial request, with nothing on its way, leaves at once: it never pays the window. Each task
-keeps everything that is its own: its slot, its ledger entry, its result and its error (a
-task's error in a batch belongs to that task only).
+A request is held open only while another call is really on its way: a job counts from the
+moment the worker's consumer receives it (`expect`), through its thread's call path
+(`on_the_way`, its ledger and limiter round trips), until it reaches `call` (or leaves the path
+without a call). The first task of a request waits while any call is on its way, at most
+RUNWARE_BATCH_WINDOW_MS, and the request leaves as soon as the last of them has arrived or it
+holds RUNWARE_BATCH_MAX tasks. A lone or serial request, with nothing on its way, leaves at
+once: it never pays the window.
+
+Under load (other calls out as a call arrives, and calls arriving more than two a window) the
+first task also waits a little for calls not on their way yet: about eight arrivals' time,
+within the window. That is where the throughput gain of sharing requests comes from; a serial
+client's call never finds another out, so it never waits for it. Each task keeps everything
+that is its own: its slot, its ledger entry, its result and its error (a task's error in a
+batch belongs to that task only).
 
 One open batch per task type, so a quick promptEnhance never waits for a slow image.
 """
@@ -23,6 +29,12 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
+
+# A job received but not started within this is not waited for (it was revoked, or no thread
+# took it): at most this long, a request holds open for such a job.
+RECEIVED_FOR_S = 0.5
+# How quickly the arrival-rate estimate follows a change of load (weight of the newest gap).
+_EWMA = 0.2
 
 
 @dataclass
@@ -47,12 +59,28 @@ class Coalescer(Generic[R]):
         self._open: dict[str, _Batch[R]] = {}
         self._coming = 0  # threads in the call path that have not reached `call` yet
         self._mine = threading.local()  # this thread's own announcement, not yet arrived
+        self._received: dict[str, float] = {}  # jobs received, not started: token -> when
+        self._sending = 0  # tasks in requests sent and not answered yet
+        self._last: dict[str, float] = {}  # the latest arrival, per task type
+        self._gap: dict[str, float] = {}  # the mean time between arrivals, per task type
+
+    def expect(self, token: str) -> None:
+        """This process received a job that will start in a moment (the worker's consumer
+        hands it to a free thread): an open request waits for it too, for RECEIVED_FOR_S at
+        most (a job revoked before it starts never comes)."""
+        with self._cond:
+            self._received[token] = time.monotonic()
+            if len(self._received) > 10_000:
+                self._forget_stale()
 
     @contextmanager
-    def on_the_way(self) -> Iterator[None]:
+    def on_the_way(self, token: str | None = None) -> Iterator[None]:
         """Around a job's call path: while the thread is in it and has not reached `call`, an
-        open request waits for it (within the window). Leaving without a call ends the wait."""
+        open request waits for it (within the window). Leaving without a call ends the wait.
+        `token`: the one given to `expect` when the job was received."""
         with self._cond:
+            if token is not None:
+                self._received.pop(token, None)
             self._coming += 1
         self._mine.coming = True
         try:
@@ -66,8 +94,24 @@ class Coalescer(Generic[R]):
 
     @property
     def coming(self) -> int:
-        """How many calls are on their way (for tests and metrics)."""
-        return self._coming
+        """How many calls are on their way: jobs received or started, not at `call` yet."""
+        with self._cond:
+            self._forget_stale()
+            return self._coming + len(self._received)
+
+    def _forget_stale(self) -> None:
+        """Drop received jobs that did not start within RECEIVED_FOR_S (the lock held)."""
+        if self._received:
+            cutoff = time.monotonic() - RECEIVED_FOR_S
+            for token in [t for t, at in self._received.items() if at < cutoff]:
+                del self._received[token]
+
+    def _others_coming(self) -> bool:
+        """Whether any call is on its way (the lock held)."""
+        if self._coming > 0:
+            return True
+        self._forget_stale()
+        return bool(self._received)
 
     def call(self, kind: str, task: dict[str, object], alone: bool = False) -> R:
         """Send `task` (alone or with others of its `kind`) and return the request's result,
@@ -82,6 +126,7 @@ class Coalescer(Generic[R]):
             return self._send([task])
         with self._cond:
             self._arrive()
+            hold = self._speculative_hold(kind)
             key = f"{kind}/alone/{id(task)}" if alone else kind
             batch = self._open.get(key)
             leader = batch is None
@@ -93,25 +138,31 @@ class Coalescer(Generic[R]):
                 if len(batch.tasks) >= self.max_size:
                     self._close(key, batch)
                 elif leader:
-                    # Others are on their way: hold the request open for them, no longer.
-                    deadline = time.monotonic() + self.window_s
+                    # Others are on their way (or, under load, sure to come): hold the request
+                    # open for them, no longer.
+                    now = time.monotonic()
+                    deadline, sure = now + self.window_s, now + hold
                     while (
                         not batch.closed
-                        and self._coming > 0
+                        and (time.monotonic() < sure or self._others_coming())
                         and (remaining := deadline - time.monotonic()) > 0
                     ):
-                        self._cond.wait(remaining)
+                        self._cond.wait(min(remaining, RECEIVED_FOR_S))
             finally:  # even when interrupted, the leader closes its batch and then sends it
                 if leader:
                     self._close(key, batch)
         if not leader:
             batch.done.wait()
         else:
+            with self._cond:
+                self._sending += len(batch.tasks)
             try:
                 batch.result = self._send(batch.tasks)
             except BaseException as exc:  # every task of the request sees the same failure
                 batch.error = exc
             finally:
+                with self._cond:
+                    self._sending -= len(batch.tasks)
                 batch.done.set()
         if batch.error is not None:
             raise batch.error
@@ -123,6 +174,23 @@ class Coalescer(Generic[R]):
         if self._open.get(kind) is batch:
             del self._open[kind]
         self._cond.notify_all()
+
+    def _speculative_hold(self, kind: str) -> float:
+        """How long to hold a request open for calls not on their way yet (the lock held):
+        under load only, that is when other calls were out as this one arrived and at least
+        two more are expected within the window (judged from the arrival rate of its task
+        type), for about eight arrivals' time. A serial client's call never finds another
+        out, so it is never held for calls that cannot come."""
+        now = time.monotonic()
+        last = self._last.get(kind)
+        self._last[kind] = now
+        if last is None:
+            return 0.0
+        mean = self._gap.get(kind, now - last)
+        mean = self._gap[kind] = (1 - _EWMA) * mean + _EWMA * (now - last)
+        if self._sending > 0 and mean < self.window_s / 2:
+            return min(self.window_s, 8 * mean)
+        return 0.0
 
     def _arrive(self) -> None:
         """This thread reached `call` (the lock held): it is no longer on its way."""

@@ -142,9 +142,13 @@ class RunwareClient:
         """Close the pooled connections."""
         self.session.close()
 
-    def on_the_way(self) -> AbstractContextManager[None]:
+    def on_the_way(self, token: str | None = None) -> AbstractContextManager[None]:
         """Around a job's run: this thread's call is on its way (see tasks/batching.py)."""
-        return self._batcher.on_the_way()
+        return self._batcher.on_the_way(token)
+
+    def expect(self, token: str) -> None:
+        """A job was received and will start in a moment (see tasks/batching.py)."""
+        self._batcher.expect(token)
 
     def redact(self, text: str) -> str:
         """`text` with this client's API key, should any server echo it, masked."""

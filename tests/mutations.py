@@ -186,10 +186,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "lone-request-waits-the-window",
         "tasks/batching.py",
-        "                        and self._coming > 0\n",
+        "                        and (time.monotonic() < sure or self._others_coming())\n",
         "",
         "a lone or serial request never waits for the batching window",
         ("tests/unit/test_batching.py::test_serial_calls_never_wait_for_the_window",),
+    ),
+    Mutation(
+        "held-for-calls-that-cannot-come",
+        "tasks/batching.py",
+        "        if self._sending > 0 and mean < self.window_s / 2:",
+        "        if mean < self.window_s / 2:",
+        "a serial client's request is never held for calls not on their way (only under load)",
+        (
+            "tests/unit/test_batching.py::"
+            "test_only_a_process_under_load_waits_for_calls_not_on_their_way",
+        ),
     ),
     Mutation(
         "wait-misses-a-result-stored-before-it",

@@ -70,6 +70,15 @@ def consume_granted_jobs(sender: Any = None, instance: Any = None, **_: Any) -> 
     queues.select([ready])
 
 
+@signals.task_received.connect
+def expect_a_call(request: Any = None, **_: Any) -> None:
+    """A received job of a RunwareTask starts in a moment: a request this process holds open
+    waits for it (tasks/batching.py). (The threads pool: a prefork child batches nothing.)"""
+    task = getattr(request, "task", None)
+    if isinstance(task, RunwareTask) and request.id:
+        runware.get_client().expect(str(request.id))
+
+
 @signals.worker_process_init.connect
 def fresh_http_session(**_: Any) -> None:
     """A forked pool process must not share its parent's sockets: start a new session."""

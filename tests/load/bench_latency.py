@@ -94,7 +94,7 @@ def patterns_of(
 ) -> dict[str, Callable[[], Coroutine[Any, Any, list[float]]]]:
     return {
         "one at a time": lambda: serial(app, task, make, jobs),
-        "Poisson 5/s": lambda: poisson(app, task, make, max(20, jobs // 4), 5.0),
+        "Poisson 5/s": lambda: poisson(app, task, make, max(10, jobs // 4), 5.0),
         "Poisson 50/s": lambda: poisson(app, task, make, jobs, 50.0),
         "bursts of 20": lambda: bursts(app, task, make, jobs),
     }
@@ -136,10 +136,15 @@ def run_patterns(args: argparse.Namespace) -> None:
             # This client's own garbage collections would stall either system's figures alike.
             gc.collect()
             gc.freeze()
+            # Each pattern in four rounds, the systems taking turns, so that a drift of the
+            # machine's speed during the run weighs on both alike.
+            rounds = 4
             for pattern in patterns_of(app, "", None, args.jobs):
-                for name, (task, make) in systems.items():
-                    run = patterns_of(app, task, make, args.jobs)[pattern]
-                    figures.setdefault(pattern, {})[name] = asyncio.run(run())
+                for _ in range(rounds):
+                    for name, (task, make) in systems.items():
+                        run = patterns_of(app, task, make, max(20, args.jobs // rounds))[pattern]
+                        figures.setdefault(pattern, {}).setdefault(name, [])
+                        figures[pattern][name] += asyncio.run(run())
         app.close()
     for pattern, by in figures.items():
         base, proj = by["baseline"], by["project"]

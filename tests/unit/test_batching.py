@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tasks import batching
 from tasks.batching import Coalescer
 
 
@@ -180,3 +181,52 @@ def test_a_call_that_leaves_its_path_without_calling_releases_the_wait() -> None
     assert done.is_set()
     assert send.requests == [[{"n": 0}]]
     assert coalescer.coming == 0
+
+
+def test_a_received_job_is_waited_for_until_it_starts_or_goes_stale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job the worker received (`expect`) counts as on its way: a request waits for it, and
+    it joins when its thread reaches the call. One that never starts (revoked) stops counting
+    after RECEIVED_FOR_S, so a request never waits the whole window for it."""
+    monkeypatch.setattr(batching, "RECEIVED_FOR_S", 0.2)
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=60.0)
+    coalescer.expect("job-2")
+    assert coalescer.coming == 1
+    joined = threading.Event()
+
+    def second() -> None:
+        while not coalescer._open:  # the first request is open, waiting for this job
+            time.sleep(0.001)
+        with coalescer.on_the_way("job-2"):
+            coalescer.call("a", {"n": 2})
+        joined.set()
+
+    other = threading.Thread(target=second, daemon=True)
+    other.start()
+    with coalescer.on_the_way("job-1"):
+        coalescer.call("a", {"n": 1})
+    other.join(timeout=10)
+    assert joined.is_set()
+    assert send.requests == [[{"n": 1}, {"n": 2}]]
+    coalescer.expect("revoked")  # received, never started
+    began = time.monotonic()
+    with coalescer.on_the_way("job-3"):
+        coalescer.call("a", {"n": 3})
+    assert time.monotonic() - began < 10  # (not the 60 s window)
+    assert send.requests[-1] == [{"n": 3}]
+    assert coalescer.coming == 0
+
+
+def test_only_a_process_under_load_waits_for_calls_not_on_their_way() -> None:
+    """Fast arrivals alone are not load (a serial client's calls follow one another quickly):
+    a call waits for calls not yet received only while others are out."""
+    coalescer: Coalescer[Any] = Coalescer(Recorder(), max_size=10, window_s=0.02)
+    for _ in range(20):  # arrivals 1 ms apart or less
+        assert coalescer._speculative_hold("a") == 0.0
+    coalescer._sending = 3  # requests of other calls are out
+    hold = coalescer._speculative_hold("a")
+    assert 0.0 < hold <= 0.02
+    coalescer._sending = 0
+    assert coalescer._speculative_hold("a") == 0.0
