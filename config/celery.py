@@ -82,8 +82,11 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_pool=settings.worker_pool,
         worker_concurrency=settings.worker_concurrency,
         # Flower shows a job from enqueue to result only when both kinds of event are sent.
+        # The task-sent event comes from the fleet's dispatcher as it takes a job in (for any
+        # producer's job: workers/events.py); sending it from here too would cost every send
+        # a second publish, for an event Flower already has.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         # No STARTED state write: it would cost a result-backend read and write per job, and
         # Flower learns that a job started from the task-started event anyway.
         task_track_started=False,

@@ -16,7 +16,7 @@ from celery.result import AsyncResult
 
 from enhance_client.masking import mask_urls
 from enhance_client.schemas import enhance_request
-from enhance_client.waiting import wait, wait_async
+from enhance_client.waiting import off_loop, wait, wait_async
 
 DEFAULT_QUEUE = "enhance"  # the fleet's own queue (the workers' CELERY_TASK_DEFAULT_QUEUE)
 
@@ -99,7 +99,8 @@ class EnhanceClient:
         """Validate, enqueue and await one enhancement without blocking the event loop (one
         pub/sub connection per loop, no thread per request). Cancelling the await stops the
         wait, not the job."""
-        value: dict[str, Any] = await wait_async(self.enhance(prompt, **fields), timeout)
+        sent = await off_loop(lambda: self.enhance(prompt, **fields))
+        value: dict[str, Any] = await wait_async(sent, timeout)
         return value
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from enhance_client.schemas import (
     parse_generation,
     summarize,
 )
-from enhance_client.waiting import wait_async
+from enhance_client.waiting import off_loop, wait_async
 from tasks.enhancement import enhance_batch_item, enhance_prompt
 from tasks.errors import ValidationError
 from tasks.generate import generate_image, generate_video
@@ -66,7 +66,9 @@ async def enhance_async(
     connection. Returns what `enhance(...).get()` returns and raises what it raises; a
     `timeout` (seconds) raises celery.exceptions.TimeoutError naming the task id. Cancelling
     the await stops the wait, not the job."""
-    sent = enhance(prompt, max_length, versions, task_uuid, account, priority)
+    sent = await off_loop(
+        lambda: enhance(prompt, max_length, versions, task_uuid, account, priority)
+    )
     value: dict[str, Any] = await wait_async(sent, timeout)
     return value
 

@@ -2,7 +2,7 @@
 dispatcher takes in.
 
 Flower learns of a job from Celery's events. A producer sends `task-sent` only when it has
-`task_send_sent_event` set (the project's helpers do; a plain `send_task` does not), and the
+`task_send_sent_event` set (neither the project's helpers nor a plain `send_task` do), and the
 worker sends `task-received` only once the job is granted: with a backlog in the fair intake,
 Flower knew only the jobs already running. The dispatcher, which reads every message as it
 takes it in (tasks/messages.py), sends the event for it: Flower lists each job as SENT from
