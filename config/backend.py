@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
-from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.backends.redis import SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
+
+from enhance_client.backends import QuietRedisBackend
 
 STORE = """
 -- KEYS: 1 the task's result key. ARGV: 1 the encoded meta, 2 seconds to keep it (0: for ever),
@@ -44,8 +46,9 @@ return 1
 """
 
 
-class ResultStore(RedisBackend):
-    """A RedisBackend whose state writes are one atomic script (see the module docstring)."""
+class ResultStore(QuietRedisBackend):
+    """A RedisBackend whose state writes are one atomic script (see the module docstring), and
+    that subscribes to no result at send time (enhance_client/backends.py)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -79,13 +82,6 @@ class ResultStore(RedisBackend):
 
     def _store_once(self, key: bytes | str, value: bytes | str, expires: int, state: str) -> None:
         self._store(keys=[key], args=[value, expires, state])
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        """Celery subscribes to every result a process sends, as it sends it, and each `.get()`
-        then drains the messages of all of them: behind thousands sent, a `.get()` sees its
-        own result late. A `.get()` subscribes to its own result anyway (and reads the stored
-        value after), so nothing is subscribed at send time; `tasks.wait` and
-        `tasks.wait_async` wait on one result each (enhance_client/waiting.py)."""
 
 
 class SentinelResultStore(ResultStore, SentinelBackend):

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from enhance_client.backends import quiet_backend_url
 from enhance_client.masking import mask_urls
 from enhance_client.schemas import enhance_request
 from enhance_client.waiting import off_loop, wait, wait_async
@@ -42,7 +43,7 @@ class EnhanceClient:
             app = Celery(
                 "enhance_client",
                 broker=broker_url,
-                backend=backend_url or broker_url,
+                backend=quiet_backend_url(backend_url or broker_url),
                 set_as_current=False,
             )
             app.conf.update(

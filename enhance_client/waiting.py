@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult, GroupResult, ResultBase
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 RECHECK_S = 1.0  # a wait this old re-reads its stored value once a second
 _CONNECTION_KEYS = frozenset(
@@ -76,7 +78,6 @@ def async_client_for(backend: Any) -> redis.asyncio.Redis:
     sentinels = params.pop("hosts", None)
     connection_class = params.pop("connection_class", None)
     options = {k: v for k, v in params.items() if k in _CONNECTION_KEYS and v is not None}
-    options.pop("socket_timeout", None)  # a pub/sub read waits as long as it must
     if connection_class is not None and issubclass(
         connection_class, redis.UnixDomainSocketConnection
     ):
@@ -121,6 +122,7 @@ class AsyncWaiter:
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[bytes, list[asyncio.Future[dict[str, Any]]]] = {}
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._subscriptions: dict[bytes, asyncio.Future[None]] = {}
         self._since: dict[bytes, float] = {}
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -143,12 +145,20 @@ class AsyncWaiter:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         waiters = self._waiting.setdefault(key, [])
         waiters.append(future)
+        if len(waiters) == 1:
+            self._since[key] = time.monotonic()
         try:
-            if len(waiters) == 1:
-                self._since[key] = time.monotonic()
-                await self._subscribe(key)
-            self._read_soon(key)
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                # One subscription per key, whichever of its waits asked first (and however
+                # many of them are cancelled meanwhile); then each wait reads the stored value.
+                subscribing = self._subscriptions.get(key)
+                if subscribing is None or (subscribing.done() and subscribing.exception()):
+                    subscribing = self._subscriptions[key] = asyncio.ensure_future(
+                        self._subscribe(key)
+                    )
+                await asyncio.shield(subscribing)
+                self._read_soon(key)
+                return await future
         except TimeoutError:
             raise ResultTimeout(
                 f"task {task_id} was not ready within {timeout:g} s (the job goes on; wait "
@@ -159,7 +169,7 @@ class AsyncWaiter:
             if not waiters and self._waiting.get(key) is waiters:
                 del self._waiting[key]
                 self._since.pop(key, None)
-                self._confirmed.pop(key, None)
+                self._subscriptions.pop(key, None)
                 if self._pubsub is not None:
                     # Not awaited: a cancelled wait must not wait for Redis on its way out.
                     task = asyncio.ensure_future(self._unsubscribe(key))
@@ -169,13 +179,17 @@ class AsyncWaiter:
     async def _subscribe(self, key: bytes) -> None:
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmed[key] = confirmed
-        async with self._lock:
-            if self._pubsub is None:
-                self._pubsub = self.redis.pubsub()
-            await self._pubsub.subscribe(key)
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.ensure_future(self._read())
-        await confirmed  # Redis subscribed it: what is stored from now on is published to us
+        try:
+            async with self._lock:
+                if self._pubsub is None:
+                    self._pubsub = self.redis.pubsub()
+                await self._pubsub.subscribe(key)
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.ensure_future(self._read())
+            await confirmed  # Redis subscribed it: what is stored from now on is published
+        finally:
+            if self._confirmed.get(key) is confirmed:
+                del self._confirmed[key]
 
     def _read_soon(self, key: bytes, late: bool = False) -> None:
         """Have the stored value of `key` read (with every other read asked for meanwhile, in
@@ -221,7 +235,11 @@ class AsyncWaiter:
         waiters = self._waiting.get(key)
         if raw is None or not waiters:
             return False
-        meta = self.backend.decode_result(raw)
+        try:
+            meta = self.backend.decode_result(raw)
+        except Exception as exc:  # not a result this app can read: its waits time out
+            logger.warning("Could not read the result stored at %r: %s", key, exc)
+            return False
         if meta.get("status") not in states.READY_STATES:
             return False
         ended = False
@@ -232,16 +250,19 @@ class AsyncWaiter:
         return ended
 
     async def _read(self) -> None:
-        """Dispatch what Redis publishes; each second, re-read the waits older than that."""
+        """Dispatch what Redis publishes; each second, re-read the waits older than that (a
+        message lost while the connection was re-made is found that way)."""
+        checked = time.monotonic()
         while self._waiting or self._confirmed:
             try:
                 message = await self._pubsub.get_message(timeout=RECHECK_S)
             except (redis.RedisError, OSError):
                 await asyncio.sleep(0.2)  # reconnects (and resubscribes) on the next read
-                self._recheck(every=True)
-                continue
-            if message is None:
+                message = None
+            if time.monotonic() - checked >= RECHECK_S:
+                checked = time.monotonic()
                 self._recheck()
+            if message is None:
                 continue
             channel = message.get("channel")
             key = channel if isinstance(channel, bytes) else str(channel).encode()
@@ -252,10 +273,10 @@ class AsyncWaiter:
             elif message["type"] == "message":
                 self._offer(key, message["data"])
 
-    def _recheck(self, every: bool = False) -> None:
+    def _recheck(self) -> None:
         now = time.monotonic()
         for key, since in self._since.items():
-            if every or now - since >= RECHECK_S:
+            if now - since >= RECHECK_S:
                 self._read_soon(key, late=True)
 
     async def close(self) -> None:
@@ -271,16 +292,13 @@ class AsyncWaiter:
 _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, AsyncWaiter]] = (
     weakref.WeakKeyDictionary()
 )
-_pid = os.getpid()
 
 
 def waiter_for(backend: Any) -> AsyncWaiter:
-    """The running loop's waiter for `backend` (made on first use)."""
-    global _pid
-    if os.getpid() != _pid:
-        _waiters.clear()
-        _thread_loop.clear()
-        _pid = os.getpid()
+    """The running loop's waiter for `backend` (made on first use). Waiters of loops that
+    have closed since (each `asyncio.run` makes a loop) are let go."""
+    for closed in [loop for loop in _waiters if loop.is_closed()]:
+        del _waiters[closed]
     of_loop = _waiters.setdefault(asyncio.get_running_loop(), {})
     waiter = of_loop.get(id(backend))
     if waiter is None or waiter.backend is not backend:
@@ -317,13 +335,7 @@ async def off_loop(step: Callable[[], T]) -> T:
     """Run a blocking step (validating and publishing a job: about half a millisecond of Python
     and a Redis round trip) in this process's one publishing thread. Three hundred requests
     arriving together would otherwise hold the loop for the whole of their sends."""
-    global _pid
     with _thread_lock:
-        if os.getpid() != _pid:
-            _waiters.clear()
-            _thread_loop.clear()
-            _publishers.clear()
-            _pid = os.getpid()
         if not _publishers:
             _publishers.append(
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="enhance-publish")
@@ -339,7 +351,7 @@ _thread_lock = threading.Lock()
 
 def _stop_waiting_loop() -> None:
     """At exit: end the waiting loop's tasks (their waits), so that none is left pending."""
-    if not _thread_loop or os.getpid() != _pid:
+    if not _thread_loop:
         return
     loop = _thread_loop[0]
 
@@ -356,12 +368,7 @@ def _stop_waiting_loop() -> None:
 
 def _loop() -> asyncio.AbstractEventLoop:
     """This process's waiting loop, in a daemon thread of its own (started on first use)."""
-    global _pid
     with _thread_lock:
-        if os.getpid() != _pid:
-            _waiters.clear()
-            _thread_loop.clear()
-            _pid = os.getpid()
         if not _thread_loop:
             loop = asyncio.new_event_loop()
             thread = threading.Thread(
@@ -371,6 +378,16 @@ def _loop() -> asyncio.AbstractEventLoop:
             _thread_loop.append(loop)
             atexit.register(_stop_waiting_loop)
         return _thread_loop[0]
+
+
+def _forget_the_parents() -> None:
+    """In a forked child: the parent's loops, threads and connections are not this process's."""
+    _waiters.clear()
+    _thread_loop.clear()
+    _publishers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents)
 
 
 def run_in_waiting_loop(coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:

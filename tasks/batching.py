@@ -50,9 +50,16 @@ class Coalescer(Generic[R]):
     """Groups concurrent calls into one `send(tasks)` and hands its result to every caller."""
 
     def __init__(
-        self, send: Callable[[list[dict[str, object]]], R], max_size: int, window_s: float
+        self,
+        send: Callable[[list[dict[str, object]]], R],
+        max_size: int,
+        window_s: float,
+        interrupted: Callable[[], BaseException] = lambda: RuntimeError(
+            "the request this task joined was never sent (its first task was interrupted)"
+        ),
     ) -> None:
         self._send = send
+        self.interrupted = interrupted
         self.max_size = max(1, max_size)
         self.window_s = max(0.0, window_s)
         self._cond = threading.Condition()
@@ -78,6 +85,9 @@ class Coalescer(Generic[R]):
         """Around a job's call path: while the thread is in it and has not reached `call`, an
         open request waits for it (within the window). Leaving without a call ends the wait.
         `token`: the one given to `expect` when the job was received."""
+        if getattr(self._mine, "coming", False):  # already counted by an outer call path
+            yield
+            return
         with self._cond:
             if token is not None:
                 self._received.pop(token, None)
@@ -144,11 +154,21 @@ class Coalescer(Generic[R]):
                     deadline, sure = now + self.window_s, now + hold
                     while (
                         not batch.closed
-                        and (time.monotonic() < sure or self._others_coming())
-                        and (remaining := deadline - time.monotonic()) > 0
+                        and ((now := time.monotonic()) < sure or self._others_coming())
+                        and (remaining := deadline - now) > 0
                     ):
-                        self._cond.wait(min(remaining, RECEIVED_FOR_S))
-            finally:  # even when interrupted, the leader closes its batch and then sends it
+                        self._cond.wait(
+                            min(remaining, sure - now if now < sure else RECEIVED_FOR_S)
+                        )
+            except BaseException:
+                # The leader was interrupted (a time limit, a terminated job) before sending:
+                # the request goes unsent, and the tasks that joined it are told to go again.
+                if leader:
+                    self._close(key, batch)
+                    batch.error = self.interrupted()
+                    batch.done.set()
+                raise
+            finally:  # the leader closes its batch, then sends it
                 if leader:
                     self._close(key, batch)
         if not leader:
@@ -197,6 +217,11 @@ class Coalescer(Generic[R]):
         if getattr(self._mine, "coming", False):
             self._mine.coming = False
             self._coming -= 1
+
+    def arrived(self) -> None:
+        """This thread's call goes out without a shared request (a task type that is never
+        batched): no request waits for it any more."""
+        self._arrived_unlocked()
 
     def _arrived_unlocked(self) -> None:
         if getattr(self._mine, "coming", False):

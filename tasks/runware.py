@@ -135,7 +135,14 @@ class RunwareClient:
         self.session.mount("https://", adapter)
         self.session.headers.update({"Content-Type": "application/json", "User-Agent": USER_AGENT})
         self._batcher: Coalescer[_Answer] = Coalescer(
-            self._send, settings.runware_batch_max, settings.runware_batch_window_ms / 1000
+            self._send,
+            settings.runware_batch_max,
+            settings.runware_batch_window_ms / 1000,
+            lambda: TransientError(
+                "the shared Runware request this task joined was never sent (the job that "
+                "would send it was interrupted); nothing was called, it goes again",
+                code=UNATTRIBUTED,
+            ),
         )
 
     def close(self) -> None:
@@ -187,7 +194,8 @@ class RunwareClient:
         try:
             if kind in BATCHED_TASK_TYPES:
                 answer = self._batcher.call(kind, task, alone)
-            else:
+            else:  # (an image or video: no promptEnhance request waits for it)
+                self._batcher.arrived()
                 answer = self._send([task])
         finally:
             metrics.RUNWARE_IN_FLIGHT.dec()

@@ -186,7 +186,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "lone-request-waits-the-window",
         "tasks/batching.py",
-        "                        and (time.monotonic() < sure or self._others_coming())\n",
+        "                        and ((now := time.monotonic()) < sure or self._others_coming())\n",
         "",
         "a lone or serial request never waits for the batching window",
         ("tests/unit/test_batching.py::test_serial_calls_never_wait_for_the_window",),
@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                 code, took, last = _pytest(tree, list(m.tests))
             finally:
                 file.write_text(original)
-            verdict = "caught" if code == 1 else ("SURVIVED" if code == 0 else f"ERROR({code})")
+            # Caught: a test failed (not an error in a fixture or at collection).
+            caught = code == 1 and " failed" in last and " error" not in last
+            verdict = "caught" if caught else ("SURVIVED" if code == 0 else f"ERROR({code})")
             bad += verdict != "caught"
             print(f"{verdict:9} {m.name} ({took:.1f}s): {last}")
         print(f"{len(chosen) - bad} of {len(chosen)} mutations caught")

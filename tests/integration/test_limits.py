@@ -134,7 +134,7 @@ def test_no_flood_while_the_limiter_redis_is_down(
         assert sandbox.state.requests == 0  # nothing went through without a grant
         limiter_redis.start()
         assert all(p.get(timeout=60)["text"] for p in pending)
-        assert sandbox.state.requests == 5
+        assert sandbox.state.tasks_received == 5  # each job's call once (requests may be shared)
         assert "s Redis is unreachable (ConnectionError); holding calls" in worker.process.log()
     finally:
         limiter_redis.cleanup()

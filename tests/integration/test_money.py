@@ -230,19 +230,24 @@ def test_a_budget_is_passed_by_at_most_one_wave_of_under_estimates(
 def test_a_shared_request_refused_without_a_task_stays_within_the_limit(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
-    """At 5 calls/s, with requests shared by several tasks, two requests are refused with a 400
-    that names no task: each task goes again alone in a slot of its own, the API never sees
-    more than 5 requests in a second, and each job ends with its own result."""
+    """At 5 calls/s, with requests shared by several tasks, a shared request is refused with
+    a 400 that names no task: each of its tasks goes again alone in a slot of its own, the API
+    never sees more than 5 requests in a second, and each job ends with its own result."""
     worker = start_worker(
         "unattributed",
         WORKER_CONCURRENCY="5",
         RUNWARE_RATE_LIMIT="5",
-        RUNWARE_BATCH_WINDOW_MS="450",
+        RUNWARE_BATCH_WINDOW_MS="1000",
+        RUNWARE_TIMEOUT_S="10",
     )
-    sandbox.configure(fail_next=["none", "400", "none", "400"])
+    # Calls of 1 s paced 200 ms apart overlap, so the process is under load and holds each
+    # request open for the next grants: from the second request on, requests are shared (a
+    # lone call goes alone, and a 400 for it would be its own).
+    sandbox.configure(fail_next=["none", "400"], latency_s=1.0)
     outcomes = _outcomes([worker.send(prompt=f"shared {n}") for n in range(20)])
     assert all(isinstance(o, dict) for o in outcomes), outcomes
-    assert sandbox.state.statuses.get("400") == 2
+    assert sandbox.state.statuses.get("400") == 1
+    assert len(sandbox.state.request_log[1][2]) > 1  # the refused request was a shared one
     assert sandbox.state.tasks_received > sandbox.state.requests  # requests were shared
     # (a window of 0.95 s: 50 ms for the scheduling jitter of requests paced 200 ms apart)
     assert max_in_window(sandbox.state.call_times, 0.95) <= 5

@@ -230,3 +230,28 @@ def test_only_a_process_under_load_waits_for_calls_not_on_their_way() -> None:
     assert 0.0 < hold <= 0.02
     coalescer._sending = 0
     assert coalescer._speculative_hold("a") == 0.0
+
+
+def test_a_call_that_is_never_batched_stops_counting_as_it_goes_out() -> None:
+    """An image or video call (sent alone, seconds long) is no longer on its way once it goes
+    out: a promptEnhance request does not wait the window for it."""
+    send = Recorder()
+    coalescer = Coalescer(send, max_size=10, window_s=60.0)
+    out, finish = threading.Event(), threading.Event()
+
+    def image_job() -> None:
+        with coalescer.on_the_way():
+            coalescer.arrived()  # as RunwareClient does before sending an unbatched task
+            out.set()
+            finish.wait(30)  # the long HTTP call
+
+    image = threading.Thread(target=image_job, daemon=True)
+    image.start()
+    out.wait(10)
+    caller = threading.Thread(target=lambda: coalescer.call("promptEnhance", {"n": 1}), daemon=True)
+    caller.start()
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    finish.set()
+    image.join(timeout=10)
+    assert send.requests == [[{"n": 1}]]
