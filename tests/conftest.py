@@ -16,6 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+# hypothesis is imported now, before any test starts threads: its pytest plugin imports it at the
+# end of a session that did not, and on CPython 3.11.7 that late parse (pytest rewrites its
+# modules) failed with "SystemError: AST constructor recursion depth mismatch" after the asyncio
+# tests of test_waiting.py ran, failing a run whose tests had all passed.
+import hypothesis  # noqa: F401
 import pytest
 import requests
 from celery import Celery

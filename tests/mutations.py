@@ -205,8 +205,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "wait-misses-a-result-stored-before-it",
         "enhance_client/waiting.py",
-        "            self._read_soon(key)\n",
-        "",
+        "                self._read_soon(key)\n                return await future",
+        "                return await future",
         "a wait sees a result stored before it began at once",
         (
             "tests/integration/test_waiting.py::"
