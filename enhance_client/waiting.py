@@ -152,7 +152,10 @@ class AsyncWaiter:
                 # One subscription per key, whichever of its waits asked first (and however
                 # many of them are cancelled meanwhile); then each wait reads the stored value.
                 subscribing = self._subscriptions.get(key)
-                if subscribing is None or (subscribing.done() and subscribing.exception()):
+                if subscribing is None or (
+                    subscribing.done()
+                    and (subscribing.cancelled() or subscribing.exception() is not None)
+                ):
                     subscribing = self._subscriptions[key] = asyncio.ensure_future(
                         self._subscribe(key)
                     )
