@@ -32,7 +32,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -105,7 +104,7 @@ def _key(backend: Any, task_id: str) -> bytes:
     return key if isinstance(key, bytes) else str(key).encode()
 
 
-def _value(backend: Any, task_id: str, meta: dict[str, Any]) -> Any:
+def _value(backend: Any, meta: dict[str, Any]) -> Any:
     """What `.get()` gives for a ready result: its value, or its exception raised."""
     if meta["status"] in states.PROPAGATE_STATES:
         raise backend.exception_to_python(meta["result"])
@@ -133,11 +132,6 @@ class AsyncWaiter:
         self._late: set[bytes] = set()
         self._reads_wanted = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
-
-    @property
-    def pending(self) -> int:
-        """How many results are being waited for."""
-        return len(self._waiting)
 
     async def meta(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The stored meta of `task_id` once it is ready (SUCCESS, FAILURE or REVOKED)."""
@@ -282,19 +276,11 @@ class AsyncWaiter:
             if now - since >= RECHECK_S:
                 self._read_soon(key, late=True)
 
-    async def close(self) -> None:
-        for task in (self._reader, self._fetcher):
-            if task is not None:
-                task.cancel()
-        if self._pubsub is not None:
-            await self._pubsub.aclose()
-        await self.redis.aclose()
 
-
-# One AsyncWaiter per (event loop, backend) in this process; a forked child starts afresh.
-_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, AsyncWaiter]] = (
-    weakref.WeakKeyDictionary()
-)
+# One AsyncWaiter per (event loop, backend) in this process; a forked child starts afresh. A
+# plain dict: a waiter holds its loop (its tasks, lock and connections do), so a weak key would
+# never be let go; closed loops are dropped by `waiter_for` instead.
+_waiters: dict[asyncio.AbstractEventLoop, dict[int, AsyncWaiter]] = {}
 
 
 def waiter_for(backend: Any) -> AsyncWaiter:
@@ -327,7 +313,7 @@ async def wait_async(result: ResultBase, timeout: float | None = None) -> Any:
         raise TypeError(f"wait_async takes a Celery AsyncResult or GroupResult, not {result!r}")
     backend = result.backend
     meta = await waiter_for(backend).meta(result.id, timeout)
-    return _value(backend, result.id, meta)
+    return _value(backend, meta)
 
 
 # --- sending from asyncio ---------------------------------------------------------------------

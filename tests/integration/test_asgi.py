@@ -18,6 +18,7 @@ from typing import Any
 
 from tests.conftest import RunningWorker, wait_until
 from workers.sandbox import Sandbox
+from workers.sandbox.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<!-- asgi-example:"
@@ -29,13 +30,6 @@ def readme_example() -> str:
     found = re.search(r"```python\n(.*?)```", after, re.S)
     assert found is not None, "the README's ASGI example"
     return found[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _post(port: int, body: dict[str, Any], account: str = "web") -> tuple[int, dict[str, Any]]:
@@ -69,7 +63,7 @@ def test_the_readme_asgi_example_serves_200_concurrent_requests(
     main_worker: RunningWorker, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     (tmp_path / "app.py").write_text(readme_example())
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "REDIS_URL": main_worker.redis_url, "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(

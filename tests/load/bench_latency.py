@@ -28,26 +28,18 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 
-from tests.load.common import KEY, private_redis
+from tests.load.common import KEY, done_at, percentile, private_redis
 from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def ms(values: list[float]) -> str:
-    return (
-        f"p50 {1000 * statistics.median(values):6.2f} ms  p99 {1000 * pct(values, 0.99):6.2f} ms"
-        f"  (n={len(values)})"
-    )
+    p50, p99 = 1000 * statistics.median(values), 1000 * percentile(values, 0.99)
+    return f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  (n={len(values)})"
 
 
 def producer_for(url: str) -> Celery:
@@ -149,7 +141,7 @@ def run_patterns(args: argparse.Namespace) -> None:
     for pattern, by in figures.items():
         base, proj = by["baseline"], by["project"]
         added50 = 1000 * (statistics.median(proj) - statistics.median(base))
-        added99 = 1000 * (pct(proj, 0.99) - pct(base, 0.99))
+        added99 = 1000 * (percentile(proj, 0.99) - percentile(base, 0.99))
         print(f"{pattern}:")
         print(f"  baseline {ms(base)}")
         print(f"  project  {ms(proj)}")
@@ -243,13 +235,7 @@ def run_async(args: argparse.Namespace) -> None:
 
 # --- pending ---------------------------------------------------------------------------------
 def _date_done(app: Celery, task_id: str) -> float:
-    meta = app.backend.get_task_meta(task_id)
-    done = meta["date_done"]
-    if isinstance(done, str):
-        done = datetime.fromisoformat(done)
-    if done.tzinfo is None:
-        done = done.replace(tzinfo=UTC)
-    return float(done.timestamp())
+    return done_at(app.backend.get_task_meta(task_id))
 
 
 def run_pending(args: argparse.Namespace) -> None:

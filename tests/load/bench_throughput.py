@@ -19,12 +19,11 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 
-from tests.load.common import KEY, private_redis
+from tests.load.common import KEY, done_at, percentile, private_redis
 from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
@@ -49,11 +48,6 @@ class Proc:
         return float("nan")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def push(producer: Celery, task: str, count: int, make: Any) -> tuple[float, list[float]]:
     """Send `count` jobs at once; wall time until all are done, and each job's latency."""
     sent: dict[str, float] = {}
@@ -64,12 +58,7 @@ def push(producer: Celery, task: str, count: int, make: Any) -> tuple[float, lis
     latencies = []
     for task_id, meta in producer.backend.get_many(list(sent), interval=0.02):
         assert meta["status"] == "SUCCESS", meta
-        done = meta["date_done"]
-        if isinstance(done, str):
-            done = datetime.fromisoformat(done)
-        if done.tzinfo is None:
-            done = done.replace(tzinfo=UTC)
-        latencies.append(done.timestamp() - sent[task_id])
+        latencies.append(done_at(meta) - sent[task_id])
     last = max(s + lat for s, lat in zip(sent.values(), latencies, strict=False))
     return last - started, latencies
 

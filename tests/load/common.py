@@ -7,6 +7,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -29,6 +30,22 @@ def worker_env(redis_url: str, sandbox: SandboxProcess, **settings: str) -> dict
         **settings,
         "LOG_LEVEL": "INFO",
     }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile of `values` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def done_at(meta: dict[str, Any]) -> float:
+    """When a stored Celery result was written (its `date_done`), as a UNIX time."""
+    done = meta["date_done"]
+    if isinstance(done, str):
+        done = datetime.fromisoformat(done)
+    if done.tzinfo is None:
+        done = done.replace(tzinfo=UTC)
+    return float(done.timestamp())
 
 
 @contextlib.contextmanager
