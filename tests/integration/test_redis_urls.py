@@ -26,6 +26,7 @@ import pytest
 import redis
 from celery import Celery
 
+from enhance_client import wait
 from tests.conftest import run_cli, worker_env
 from tests.load.common import max_in_window
 from tests.producer import backend_app
@@ -157,6 +158,11 @@ def _run_rate_limited_jobs(
             for n in range(count)
         ]
         assert all(p.get(timeout=30)["text"] for p in pending)
+        # The waiting helpers reach the same backend through their own asyncio connections
+        # (built from the backend's settings: TLS, or a socket and a password).
+        more = producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "waited"})
+        assert wait(more, timeout=30)["prompt"] == "waited"
+        count += 1
         _assert_rate_held(sandbox, count)
         _assert_limits_cli_works(url)
     finally:
