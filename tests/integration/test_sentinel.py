@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from config.settings import load_settings
+from enhance_client import wait
 from tasks.ledger import Ledger
 from tests.conftest import FAST_REDELIVERY, run_cli, wait_until, worker_env
 from tests.load.common import ledger_micro, max_in_window, result_across_failover
@@ -86,6 +87,9 @@ def test_a_primary_killed_mid_run_loses_no_job_and_bills_nothing_twice(
         monkeypatch.setenv("REDIS_SENTINEL_MASTER", MASTER)  # the CLI follows the master too
         report = json.loads(run_cli(group.url, "cost", "--json", check=True).stdout)
         assert round(report["total_usd"] * 1_000_000) == jobs * PRICE
+        # The waiting helpers find the new primary through the sentinels too.
+        after = producer.send_task("tasks.enhance_prompt", kwargs={"prompt": "after the failover"})
+        assert wait(after, timeout=60)["prompt"] == "after the failover"
         # The limit held through the failover: at most one second's worth of calls more.
         times = sandbox.state.call_times
         assert max_in_window(times) <= 2 * rate
