@@ -243,7 +243,7 @@ def test_a_shared_request_refused_without_a_task_stays_within_the_limit(
     # Calls of 1 s paced 200 ms apart overlap, so the process is under load and holds each
     # request open for the next grants: from the second request on, requests are shared (a
     # lone call goes alone, and a 400 for it would be its own).
-    sandbox.configure(fail_next=["none", "400"], latency_s=1.0)
+    sandbox.configure(fail_next=["none", "400-unnamed"], latency_s=1.0)
     outcomes = _outcomes([worker.send(prompt=f"shared {n}") for n in range(20)])
     assert all(isinstance(o, dict) for o in outcomes), outcomes
     assert sandbox.state.statuses.get("400") == 1

@@ -440,7 +440,7 @@ def scenario_unattributed(args: argparse.Namespace) -> None:
     with private_redis() as server, SandboxProcess() as sandbox:
         url = server.url()
         client = redis.Redis.from_url(url)
-        sandbox.configure(fail_next=["none", "400", "none", "400"])
+        sandbox.configure(fail_next=["none", "400-unnamed", "none", "400-unnamed"])
         env = {
             "WORKER_CONCURRENCY": "5",
             "RUNWARE_RATE_LIMIT": f"{rate:g}",

@@ -191,7 +191,7 @@ def test_a_refusal_naming_no_task_is_retried_alone_in_a_slot_of_its_own(
     client = _batching_client(sandbox)
     # All six are on their way at once, so they share one request, which is refused without
     # naming a task.
-    sandbox.configure(fail_next=["400"])
+    sandbox.configure(fail_next=["400-unnamed"])
     tasks = [_task() for _ in range(6)]
     answers = _run_together(client, tasks)
     assert sandbox.state.statuses.get("400") == 1
@@ -203,6 +203,25 @@ def test_a_refusal_naming_no_task_is_retried_alone_in_a_slot_of_its_own(
     client.close()
     assert all(isinstance(a, TaskOutcome) for a in again), again
     assert sandbox.state.requests == 1 + len(refused)  # one request each
+
+
+def test_a_refusal_naming_one_task_of_a_shared_request_fails_that_task_alone(
+    sandbox: Sandbox,
+) -> None:
+    """The sandbox's "400" names the request's first task, as Runware's validation errors name
+    theirs: that task fails for good, the others were not run and go again."""
+    client = _batching_client(sandbox)
+    sandbox.configure(fail_next=["400"])
+    tasks = [_task() for _ in range(6)]
+    answers = _run_together(client, tasks)
+    client.close()
+    assert sandbox.state.requests == 1
+    (named,) = sandbox.state.request_log[0][2][:1]
+    by_uuid = {str(t["taskUUID"]): a for t, a in zip(tasks, answers, strict=True)}
+    assert isinstance(by_uuid.pop(named), PermanentError)
+    assert all(
+        isinstance(a, TransientError) and a.code == "batchRejected" for a in by_uuid.values()
+    ), by_uuid
 
 
 def test_a_shared_request_without_credits_fails_each_task_without_a_resend(

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 # Names for `fail_next`; "none" answers normally (to place a fault later in a sequence).
 FAULTS = (
-    "400",
+    "400",  # names the request's first task, as Runware's validation errors name theirs
+    "400-unnamed",  # a 400 whose error names no task
     "401",
     "402",
     "403",
@@ -48,6 +49,7 @@ FAULTS = (
 )
 FAULT_CODES = {
     "400": "invalidParameter",
+    "400-unnamed": "invalidRequest",
     "401": "invalidApiKey",
     "402": "insufficientCredits",
     "403": "forbidden",
@@ -284,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault in FAULT_CODES or fault in ("garbage", "drop"):
             if latency > 0:
                 time.sleep(latency)
-            self._fault(state, fault, key)
+            self._fault(state, fault, key, body[0])
             return
         data: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -308,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer["errors"] = errors
         self._send(status, answer)
 
-    def _fault(self, state: SandboxState, fault: str, key: str) -> None:
+    def _fault(self, state: SandboxState, fault: str, key: str, first: dict[str, Any]) -> None:
         if fault == "drop":  # no status line, no body: the client sees the connection drop
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -326,8 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
         message = "injected by the sandbox"
         if state.config.echo_key:  # as careless gateways do: the caller's key quoted back
             message += f" (request made with the API key {key!r})"
-        injected = error(FAULT_CODES[fault], message)
-        self._send(int(fault), {"errors": [injected]}, headers)
+        injected = error(FAULT_CODES[fault], message, first if fault == "400" else None)
+        self._send(int(fault[:3]), {"errors": [injected]}, headers)
 
     @staticmethod
     def _status_for(errors: list[dict[str, Any]]) -> int:
