@@ -89,13 +89,18 @@ class Limiter:
         # A refusal comes back at once; a call slower than this has got past the key check,
         # and the others need not wait for its answer.
         tried = self._first_call.acquire(timeout=KEY_TRY_WAIT_S)
+        if tried and (self._key_answered or self.key_refused):
+            # Tried by another thread while this one waited: the threads queued behind it go
+            # together now, not one call at a time.
+            self._first_call.release()
+            tried = False
         try:
             if self.key_refused:
                 raise AuthenticationError(
                     "Runware refused this worker's API key (on an earlier call)",
                     code="invalidApiKey",
                 )
-            if self._key_answered or not tried:
+            if not tried:
                 return self._heard(call)
             try:
                 result = self._heard(call)

@@ -91,5 +91,7 @@ def test_many_jobs_run_concurrently_and_each_is_billed_once(
     results = [p.get(timeout=60) for p in pending]
     assert len(results) == 24
     assert_billed_once(sandbox, results)
-    # The threads pool overlaps the waits: more than one call was open at once.
-    assert sandbox.state.max_in_flight > 1
+    # The threads pool overlaps the waits: more than one call was open at once, in requests
+    # of their own or sharing one.
+    shared = any(len(uuids) > 1 for _at, _fault, uuids in sandbox.state.request_log)
+    assert sandbox.state.max_in_flight > 1 or shared

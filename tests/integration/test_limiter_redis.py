@@ -609,3 +609,39 @@ def test_a_poll_back_from_its_countdown_goes_ahead_of_its_accounts_backlog(fleet
     # Due after 0.5 s (about the 6th grant at 10/s), the poll goes next, not after the 30.
     assert "the poll" in order, order
     assert "the retry" not in order, order
+
+
+def test_threads_queued_behind_the_first_call_go_together_once_it_is_answered(
+    redis_server: RedisServer,
+) -> None:
+    """A process's first call tries the key alone; when it is answered, the threads that
+    queued behind it call at once, not one after another."""
+    client = redis.Redis.from_url(redis_server.url(58))
+    limiter = Limiter(client, load_settings(_env_file=None, key_prefix=f"t{next(_prefixes)}"))
+    first_may_end, queued = threading.Event(), 3
+    together = threading.Barrier(queued, timeout=1)  # (less than KEY_TRY_WAIT_S)
+    outcomes: list[str] = []
+
+    def first_call() -> str:
+        assert first_may_end.wait(5)
+        return "first"
+
+    def later_call() -> str:
+        together.wait()  # broken (an exception) unless all of them are in their call at once
+        return "later"
+
+    first = threading.Thread(target=lambda: outcomes.append(limiter.heard(first_call)))
+    first.start()
+    wait_until(lambda: limiter._first_call.locked(), 5, "the first call to start")
+    later = [
+        threading.Thread(target=lambda: outcomes.append(limiter.heard(later_call)))
+        for _ in range(queued)
+    ]
+    for thread in later:
+        thread.start()
+    time.sleep(0.1)  # (they queue on the first call)
+    first_may_end.set()
+    for thread in [first, *later]:
+        thread.join(10)
+    client.close()
+    assert sorted(outcomes) == ["first"] + ["later"] * queued

@@ -27,8 +27,9 @@ def _wait_for(predicate: object, timeout: float = 20.0) -> None:
 
 
 def test_one_rate_for_two_workers(start_worker: StartWorker, sandbox: Sandbox) -> None:
-    first = start_worker("rate", RUNWARE_RATE_LIMIT="10/s")
-    start_worker("rate", same_db_as=first, RUNWARE_RATE_LIMIT="10/s")
+    # (one task a request: a job late to its call could share the next grant's request)
+    first = start_worker("rate", RUNWARE_RATE_LIMIT="10/s", RUNWARE_BATCH_MAX="1")
+    start_worker("rate", same_db_as=first, RUNWARE_RATE_LIMIT="10/s", RUNWARE_BATCH_MAX="1")
     pending = [first.send(prompt=f"rate {n}") for n in range(30)]
     assert all(p.get(timeout=60)["text"] for p in pending)
     times = sorted(sandbox.state.call_times)
@@ -40,8 +41,9 @@ def test_one_rate_for_two_workers(start_worker: StartWorker, sandbox: Sandbox) -
 
 def test_in_flight_cap_across_two_workers(start_worker: StartWorker, sandbox: Sandbox) -> None:
     sandbox.configure(latency_s=0.3)
-    first = start_worker("cap", RUNWARE_MAX_IN_FLIGHT="3")
-    start_worker("cap", same_db_as=first, RUNWARE_MAX_IN_FLIGHT="3")
+    # (one task a request: the cap counts jobs, the sandbox requests)
+    first = start_worker("cap", RUNWARE_MAX_IN_FLIGHT="3", RUNWARE_BATCH_MAX="1")
+    start_worker("cap", same_db_as=first, RUNWARE_MAX_IN_FLIGHT="3", RUNWARE_BATCH_MAX="1")
     pending = [first.send(prompt=f"cap {n}") for n in range(24)]
     assert all(p.get(timeout=60)["text"] for p in pending)
     assert sandbox.state.max_in_flight == 3
@@ -85,7 +87,7 @@ def test_a_429_pauses_the_whole_fleet(start_worker: StartWorker, sandbox: Sandbo
 
 def test_limits_change_at_run_time(start_worker: StartWorker, sandbox: Sandbox) -> None:
     sandbox.configure(latency_s=0.2)
-    worker = start_worker("live")
+    worker = start_worker("live", RUNWARE_BATCH_MAX="1")  # (the cap counts jobs, not requests)
     env = {**os.environ, "REDIS_URL": worker.redis_url}
     cli = [sys.executable, "-m", "workers.cli", "limits", "global"]
     subprocess.run([*cli, "--max-in-flight", "1"], env=env, check=True, timeout=30)
@@ -101,7 +103,12 @@ def test_limits_change_at_run_time(start_worker: StartWorker, sandbox: Sandbox) 
 
 def test_a_killed_workers_slots_come_back(start_worker: StartWorker, sandbox: Sandbox) -> None:
     sandbox.configure(latency_s=30.0)  # the calls hang while their worker dies
-    settings = {"RUNWARE_MAX_IN_FLIGHT": "2", "RUNWARE_LEASE_S": "2", "RUNWARE_TIMEOUT_S": "60"}
+    settings = {
+        "RUNWARE_MAX_IN_FLIGHT": "2",
+        "RUNWARE_LEASE_S": "2",
+        "RUNWARE_TIMEOUT_S": "60",
+        "RUNWARE_BATCH_MAX": "1",  # (two requests in flight, not one shared)
+    }
     doomed = start_worker("doomed", **settings)
     doomed.send(prompt="hang one")
     doomed.send(prompt="hang two")
