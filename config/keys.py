@@ -229,6 +229,18 @@ class FairKeys:
         return self._k("wake")
 
     @property
+    def parked_polls(self) -> str:
+        """Delayed messages that continue a call under way (a poll), by task id: a webhook's
+        arrival makes one due at once."""
+        return self._k("parked-polls")
+
+    @property
+    def hooked(self) -> str:
+        """Task ids whose webhook brought their result (zset, scored by expiry): their next
+        run reads it and makes no call, so it passes without a grant."""
+        return self._k("hooked")
+
+    @property
     def dispatcher(self) -> str:
         """The lock naming the fleet's one dispatcher."""
         return self._k("dispatcher")
@@ -251,6 +263,15 @@ class StateKeys:
     def alone(self, task_uuid: str) -> str:
         """Set when the task's next call must go in a request of its own."""
         return f"{self.prefix}:pending:alone:{task_uuid}"
+
+    def hook_items(self, task_uuid: str) -> str:
+        """The items Runware's webhooks brought for an async call (hash: item id -> JSON)."""
+        return f"{self.prefix}:hook:{task_uuid}"
+
+    @property
+    def hooks_awaited(self) -> str:
+        """Async calls that expect a webhook (zset: taskUUID -> when submitted)."""
+        return f"{self.prefix}:hook:awaited"
 
     @property
     def ledger(self) -> str:

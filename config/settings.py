@@ -86,6 +86,28 @@ class Settings(BaseSettings):
         default="https://api.runware.ai/v1",
         description="an http(s) URL of Runware's REST endpoint",
     )
+    runware_webhook_url: str | None = Field(
+        default=None,
+        description="the public base URL (http or https) at which Runware reaches this "
+        "project's webhook receiver (`enhance-worker webhooks`); when set, async calls are "
+        "finished by Runware's webhook and polled only as a fallback",
+    )
+    runware_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="the secret the webhook URLs' per-call tokens are derived from; default: "
+        "derived from RUNWARE_API_KEY (set it to keep the API key off the receiver)",
+    )
+    runware_webhook_poll_s: PositiveFloat = Field(
+        default=60.0,
+        description="seconds between getResponse polls of a call that expects a webhook (the "
+        "fallback for a webhook that never comes), > 0",
+    )
+    runware_webhook_max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=64 * 1_048_576,
+        description="largest webhook body the receiver accepts, in bytes, 1024..67108864",
+    )
     runware_timeout_s: PositiveFloat = Field(
         default=30.0, description="seconds each HTTP call to Runware may take, a number > 0"
     )
@@ -367,10 +389,10 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("runware_api_url")
+    @field_validator("runware_api_url", "runware_webhook_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
 
@@ -388,9 +410,9 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", 0, "0") else value
 
-    @field_validator("metrics_port", mode="before")
+    @field_validator("metrics_port", "runware_webhook_url", mode="before")
     @classmethod
-    def _blank_port_is_none(cls, value: object) -> object:
+    def _blank_means_unset(cls, value: object) -> object:
         # 0 is a port here: the OS picks a free one (tests use it; the log names it).
         return None if isinstance(value, str) and not value.strip() else value
 

@@ -52,6 +52,7 @@ from tasks.limiter import Limiter, get_limiter
 from tasks.messages import CONTINUES_HEADER
 from tasks.polling import get_pending
 from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
+from tasks.webhooks import expected_items, get_inbox, item_id, webhook_url
 
 logger = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
@@ -274,9 +275,13 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         hears how it went (`Limiter.heard`)."""
         client, pending = get_client(), get_pending()
         task_uuid, submitted = job.task_uuid, started.submitted
+        hook = webhook_url(get_settings(), job.body, str(self.request.id))
+        if not job.deliver_async:
+            hook = None
         if submitted is None:
+            body = job.body if hook is None else {**job.body, "webhookURL": hook}
             try:
-                outcome = limiter.heard(lambda: client.run(job.body, alone=started.alone))
+                outcome = limiter.heard(lambda: client.run(body, alone=started.alone))
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it with a poll, in
                 # a run of its own (with a slot of its own), never by sending it again.
@@ -287,11 +292,19 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             if not job.deliver_async:
                 return outcome
             pending.mark(task_uuid, job.timeout_s)
+            if hook is not None:
+                get_inbox().expect(task_uuid)
             raise self.reschedule(
-                pending.next_poll_in(0.0), f"submitted {task_uuid} to Runware, polling later"
+                self._next_poll_in(0.0, hook), f"submitted {task_uuid} to Runware, polling later"
             )
+        if hook is not None:  # the webhook may have brought it: then no call
+            hooked = self._from_webhook(job)
+            if hooked is not None:
+                return hooked
         done, outcome = limiter.heard(lambda: client.get_response(task_uuid, alone=started.alone))
         if done:
+            if hook is not None:
+                get_inbox().done(task_uuid)
             return outcome
         elapsed = max(0.0, started.now - submitted)  # both by Redis's clock
         if elapsed > job.timeout_s:
@@ -301,8 +314,38 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 "is settled by the reconciler"
             )
         raise self.reschedule(
-            pending.next_poll_in(elapsed), f"Runware is still working on {task_uuid}"
+            self._next_poll_in(elapsed, hook), f"Runware is still working on {task_uuid}"
         )
+
+    def _next_poll_in(self, elapsed_s: float, hook: str | None) -> float:
+        """The countdown to the next poll: RUNWARE_WEBHOOK_POLL_S when a webhook is expected
+        (the fallback for one that never comes), else the growing poll interval."""
+        if hook is not None:
+            return get_settings().runware_webhook_poll_s
+        return get_pending().next_poll_in(elapsed_s)
+
+    def _from_webhook(self, job: RunwareJob) -> TaskOutcome | None:
+        """The call's outcome from what its webhooks brought; None when nothing came (the job
+        polls). While only some of its items came, and lately, the job waits for the rest
+        without a call (a run woken by a webhook has no grant to call with)."""
+        inbox, task_uuid = get_inbox(), job.task_uuid
+        items, received = inbox.read(task_uuid)
+        if received is None:
+            return None
+        expected, poll_s = expected_items(job.body), get_settings().runware_webhook_poll_s
+        if len(items) < expected and not any(item_id(i) == "error" for i in items):
+            if time.time() - received > poll_s:
+                return None  # the rest is late: poll for it
+            raise self.reschedule(
+                poll_s, f"Runware's webhooks brought {len(items)} of {expected} items"
+            )
+        done, outcome = get_client().settle(task_uuid, items)  # (raises a task's error)
+        if not done:
+            return None
+        inbox.done(task_uuid)
+        metrics.WEBHOOK_LAG.observe(max(0.0, time.time() - received))
+        logger.info("taskUUID %s finished by Runware's webhook; no poll.", task_uuid)
+        return outcome
 
     # --- the retry policy ----------------------------------------------------------------------
     def _retry_or_give_up(self, exc: TransientError, started: float) -> TransientError:

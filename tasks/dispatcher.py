@@ -332,6 +332,8 @@ class Dispatcher(threading.Thread):
             keys.transit_legacy,
             keys.parked,
             keys.rejected,
+            keys.parked_polls,
+            keys.hooked,
             *self._source_keys,
         ]
         args: list[str | int | float] = [

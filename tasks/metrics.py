@@ -32,6 +32,11 @@ RUNWARE_LATENCY = Histogram(
     ["task_type"],
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60),
 )
+WEBHOOK_LAG = Histogram(
+    "enhance_webhook_lag_seconds",
+    "From a webhook's arrival at the receiver to the end of the job it finished",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
 RUNWARE_BATCH_SIZE = Histogram(
     "enhance_runware_request_tasks",
     "Tasks carried by one HTTP request to Runware (RUNWARE_BATCH_MAX, RUNWARE_BATCH_WINDOW_MS).",

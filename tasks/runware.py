@@ -170,9 +170,13 @@ class RunwareClient:
     def get_response(self, task_uuid: str, alone: bool = False) -> tuple[bool, TaskOutcome]:
         """Poll an async task: (finished, outcome). Raises on a task that ended in error."""
         poll = {"taskType": "getResponse", "taskUUID": task_uuid}
-        outcome = self._post(poll, task_uuid, alone)
+        return self.settle(task_uuid, self._post(poll, task_uuid, alone).items)
+
+    def settle(self, task_uuid: str, items: list[dict[str, Any]]) -> tuple[bool, TaskOutcome]:
+        """An async task's items, from a poll or its webhooks: (finished, outcome). Raises on a
+        task that ended in error."""
         finished: list[dict[str, Any]] = []
-        for item in outcome.items:
+        for item in items:
             status = str(item.get("status", "success")).lower()
             if status in PENDING_STATUSES:
                 return False, TaskOutcome(task_uuid)

@@ -77,6 +77,15 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_webhooks(args: argparse.Namespace) -> int:
+    from config.settings import get_settings
+    from workers.logs import setup
+    from workers.webhooks import serve
+
+    setup(get_settings())  # (the redacting handler: no token or key reaches the log)
+    return serve(args.host, args.port)
+
+
 def _cmd_enhance(args: argparse.Namespace) -> int:
     from celery.exceptions import TimeoutError as ResultTimeout
 
@@ -468,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"share of calls answered with {fault} (0..1)",
         )
     sandbox.set_defaults(func=_cmd_sandbox)
+
+    webhooks = sub.add_parser(
+        "webhooks", help="receive Runware's webhooks (RUNWARE_WEBHOOK_URL points here)"
+    )
+    webhooks.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    webhooks.add_argument("--port", type=int, default=8090, help="port to listen on")
+    webhooks.set_defaults(func=_cmd_webhooks)
 
     enhance = sub.add_parser("enhance", help="enqueue one prompt and print the result")
     enhance.add_argument("prompt")

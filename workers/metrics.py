@@ -79,6 +79,7 @@ class Reading:
     money: list[Any] | None  # money_gauges.lua's reply; None when this process does not report
     memory: list[Memory]
     waiting: dict[str, dict[str, tuple[int, float]]]  # class -> account -> (depth, oldest age)
+    awaited: tuple[int, float] = (0, 0.0)  # calls expecting a webhook, the oldest's wait (s)
 
 
 def _memory(role: str, client: redis.Redis) -> Memory | None:
@@ -158,9 +159,18 @@ class RedisStateCollector(Collector):
                 money.append(_flat(self.state.hgetall(keys.budgets)))
             memory = [m for role, client in self._roles if reports and (m := _memory(role, client))]
             waiting = self._waiting() if reports else {}
-            reading = Reading(limits=limits, money=money, memory=memory, waiting=waiting)
+            awaited = self._awaited() if reports else (0, 0.0)
+            reading = Reading(limits, money, memory, waiting, awaited)
             self._cached = (now, reading)
             return reading
+
+    def _awaited(self) -> tuple[int, float]:
+        """Calls that expect a webhook (tasks/webhooks.py), and how long the oldest waited."""
+        pipe = self.state.pipeline(transaction=False)
+        pipe.zcard(self.state_keys.hooks_awaited)
+        pipe.zrange(self.state_keys.hooks_awaited, 0, 0, withscores=True)
+        count, oldest = pipe.execute()
+        return int(count), max(0.0, time.time() - float(oldest[0][1])) if oldest else 0.0
 
     def _waiting(self) -> dict[str, dict[str, tuple[int, float]]]:
         """Every waiting account's depth and oldest wait, per class, read a chunk per call."""
@@ -189,6 +199,17 @@ class RedisStateCollector(Collector):
         yield from self._backlog_and_limits(reading.limits, reading.waiting)
         yield from self._money_figures(reading.money)
         yield from _memory_figures(reading.memory)
+        count, oldest = reading.awaited
+        yield GaugeMetricFamily(
+            "enhance_webhooks_awaited",
+            "Async calls waiting for Runware's webhook (RUNWARE_WEBHOOK_URL).",
+            value=count,
+        )
+        yield GaugeMetricFamily(
+            "enhance_webhooks_awaited_oldest_seconds",
+            "How long the oldest call waiting for a webhook has waited.",
+            value=oldest,
+        )
 
     def _reports(self, limits: list[Any]) -> bool:
         """Whether this process reports the fleet's gauges now (gauges.lua's 9th value: it holds

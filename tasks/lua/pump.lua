@@ -35,7 +35,9 @@
 --      30 an earlier version's transit:at zset     31 parked accounts (zset: class:account -> TAT)
 --      32 messages set aside (no worker could read them, or none registers their task), for
 --         the dispatcher to file in the dead letters or to park
---      33.. the Celery queues to take jobs from (kombu's lists), in consumption order
+--      33 parked polls (hash: task id -> a delayed message that continues a call)
+--      34 hooked (zset: task ids whose webhook brought their result -> expiry)
+--      35.. the Celery queues to take jobs from (kombu's lists), in consumption order
 -- ARGV  1 dispatcher id     2 lock ms              3 rate/s (0: none)
 --       4 burst             5 in-flight cap (0: none)
 --       6 default per-account rate/s (0: none)     7 lease seconds
@@ -67,7 +69,7 @@ local INTAKE, DELAYED, READY, LEASES, TRANSIT, TRANSIT_AT = KEYS[1], KEYS[2], KE
 local WORKERS, SEEN, OVERRIDES, TAT, COOLDOWN = KEYS[7], KEYS[8], KEYS[10], KEYS[11], KEYS[12]
 local ACCT_RATE, ACCT_WEIGHT, ACCT_TAT, STREAK, WAKE = KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
 local UNACKED, BUSY, PUSHED, LEFT, LEGACY, PARKED = KEYS[26], KEYS[27], KEYS[28], KEYS[29], KEYS[30], KEYS[31]
-local REJECTED = KEYS[32]
+local REJECTED, PARKED_POLLS, HOOKED = KEYS[32], KEYS[33], KEYS[34]
 local CLASS = {
   i = {active = KEYS[18], ring = KEYS[19], credit = KEYS[20], q = KEYS[21]},
   b = {active = KEYS[22], ring = KEYS[23], credit = KEYS[24], q = KEYS[25]},
@@ -124,8 +126,16 @@ local function take_in(raw, g, was_delayed)
   local code, account, id, tag, due = ARGV[g + 1], ARGV[g + 2], ARGV[g + 3], ARGV[g + 4], tonumber(ARGV[g + 5])
   local kind, class = string.sub(code, 1, 1), string.sub(code, 2, 2)
   if tag == '' then tag = nil end
+  local continues = kind == 'c' and string.sub(code, 3, 3) == '1' and id ~= ''
+  -- A poll whose webhook brought the result (tasks/webhooks.py): due now, and its run reads the
+  -- result and makes no call, so it passes without a grant.
+  if continues and redis.call('ZREM', HOOKED, id) == 1 then
+    kind, was_delayed, due = 'p', true, nil
+  end
   if not was_delayed and due and due > now + 0.001 then
     redis.call('ZADD', DELAYED, due, raw)
+    -- (found by its task id when its webhook comes)
+    if continues then redis.call('HSET', PARKED_POLLS, id, raw) end
     return
   end
   if kind == 'x' or kind == 'o' then
@@ -187,7 +197,7 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', LEFT, '-inf', now, 'LIMIT', 0, 
 end
 
 -- 1. Intake.
-local SOURCES = {unpack(KEYS, 33)}  -- the Celery queues' lists
+local SOURCES = {unpack(KEYS, 35)}  -- the Celery queues' lists
 for _, key in ipairs({INTAKE, unpack(SOURCES)}) do
   local n, g = next_reads()
   local batch = n > 0 and redis.call('RPOP', key, n)
@@ -205,6 +215,7 @@ if n > 0 then
   for _, raw in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, n)) do
     if fingerprint(raw) ~= ARGV[g] then break end
     redis.call('ZREM', DELAYED, raw)
+    if ARGV[g + 3] ~= '' then redis.call('HDEL', PARKED_POLLS, ARGV[g + 3]) end
     take_in(raw, g, true)
     g = g + 6
   end

@@ -14,15 +14,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BOARD = json.loads((ROOT / "deploy" / "grafana" / "enhance-worker.json").read_text())
 RULES = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
-SOURCES = (ROOT / "tasks" / "metrics.py").read_text() + (
-    ROOT / "workers" / "metrics.py"
-).read_text()
+SOURCES = "".join(
+    (ROOT / path).read_text()
+    for path in ("tasks/metrics.py", "workers/metrics.py", "workers/webhooks.py")
+)
 EXPORTED = set(re.findall(r'"(enhance_[a-z_]+)"', SOURCES))
 # The gauges workers/metrics.py reads from Redis: the same value from every worker.
 FLEET_GAUGES = set(
     re.findall(r'"(enhance_[a-z_]+)"', (ROOT / "workers" / "metrics.py").read_text())
 )
-SUFFIXES = ("_bucket", "_count", "_sum")
+SUFFIXES = ("_bucket", "_count", "_sum", "_total")  # (a Counter's name gains _total)
 
 
 def _queries() -> list[str]:

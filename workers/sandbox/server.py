@@ -84,6 +84,9 @@ class SandboxConfig:
     retry_after_s: float | None = None  # sent with 429/500/503 when set
     fail_next: list[str] = field(default_factory=list)  # faults for the next requests, in order
     echo_key: bool = False  # an injected fault's message quotes the API key it was sent
+    webhook_copies: int = 1  # POSTs of each webhook item (2: each comes twice, as retries do)
+    webhook_retry_s: float = 0.5  # first wait before a webhook POST is retried (doubling, 8 s cap)
+    webhook_give_up_s: float = 120.0  # a webhook not answered 2xx within this is dropped
     seed: int | None = None
 
 
@@ -116,6 +119,8 @@ class SandboxState:
             self.billed_micro = 0
             self.in_flight = 0
             self.max_in_flight = 0
+            self.webhooks: list[tuple[float, str, int]] = []  # (at, taskUUID, status; 0: none)
+            self.done_at: dict[str, float] = {}  # taskUUID -> when it was done (epoch s)
             self.call_times: list[float] = []  # arrival of every API request
             self.throttled_at: list[float] = []  # when each 429/503 answer was sent
             self.auth_failures = 0
@@ -139,6 +144,8 @@ class SandboxState:
                 "call_times": list(self.call_times),
                 "throttled_at": list(self.throttled_at),
                 "auth_failures": self.auth_failures,
+                "webhooks": list(self.webhooks),
+                "done_at": dict(self.done_at),
                 "accepted_log": list(self.accepted_log),
             }
 
@@ -370,6 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             ready_at = time.monotonic() + latency + accepted.ready_in_s
             state.tasks[task_uuid] = _Stored(kind, accepted.items, ready_at)
+            state.done_at[task_uuid] = time.time() + (ready_at - time.monotonic())
             state.accepted[task_uuid] = state.accepted.get(task_uuid, 0) + 1
             label = task.get("prompt") or task.get("positivePrompt") or ""
             state.accepted_log.append((time.time(), str(label)[:60]))
@@ -380,7 +388,9 @@ class _Handler(BaseHTTPRequestHandler):
             data.extend(accepted.items)
         if task.get("webhookURL"):
             threading.Thread(
-                target=_deliver_webhook, args=(task["webhookURL"], accepted.items), daemon=True
+                target=_deliver_webhook,
+                args=(state, str(task["webhookURL"]), accepted.items, ready_at),
+                daemon=True,
             ).start()
 
     @staticmethod
@@ -404,14 +414,32 @@ class _Handler(BaseHTTPRequestHandler):
         data.extend({**item, "status": "success"} for item in stored.items)
 
 
-def _deliver_webhook(url: str, items: list[dict[str, Any]]) -> None:
+def _deliver_webhook(
+    state: SandboxState, url: str, items: list[dict[str, Any]], ready_at: float
+) -> None:
+    """As Runware does: when the task is done, one POST per item of `{"data": [item]}`, retried
+    until it gets a 2xx (here: with a doubling wait, for webhook_give_up_s), `webhook_copies`
+    times (a retry after a lost answer brings the same item again)."""
     import requests
 
-    for item in items:
-        try:
-            requests.post(url, json=item, timeout=5)
-        except requests.RequestException:
-            logger.warning("sandbox: webhook delivery failed for taskUUID %s", item.get("taskUUID"))
+    time.sleep(max(0.0, ready_at - time.monotonic()))
+    config = state.config
+    with requests.Session() as session:
+        for item in items:
+            payload = {"data": [{**item, "status": "success"}]}
+            for _copy in range(max(1, config.webhook_copies)):
+                wait, deadline = config.webhook_retry_s, time.monotonic() + config.webhook_give_up_s
+                while True:
+                    try:
+                        status = session.post(url, json=payload, timeout=10).status_code
+                    except requests.RequestException:
+                        status = 0
+                    with state.lock:
+                        state.webhooks.append((time.time(), str(item.get("taskUUID")), status))
+                    if 200 <= status < 300 or time.monotonic() + wait > deadline:
+                        break
+                    time.sleep(wait)
+                    wait = min(wait * 2, 8.0)
 
 
 class _SandboxServer(ThreadingHTTPServer):
