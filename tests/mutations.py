@@ -46,6 +46,7 @@ class Mutation:
 
 _E = "tests/integration/test_errors_and_retries.py::"
 _L = "tests/integration/test_limiter_redis.py::"
+_W = "tests/integration/test_webhooks.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- the five the audit found the suite letting through ---------------------------------
@@ -251,6 +252,38 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            setattr(request, name, value)",
         "a job sent by any producer shows Flower its arguments masked",
         ("tests/integration/test_operations.py::test_flower_shows_each_job_with_its_result",),
+    ),
+    Mutation(
+        "webhook-token-unchecked",
+        "tasks/webhooks.py",
+        "    return hmac.compare_digest(token(secret, task_uuid, job_id, expected), given)",
+        "    return True",
+        "a webhook POST without the call's token changes nothing",
+        (_W + "test_a_post_without_a_valid_token_changes_nothing",),
+    ),
+    Mutation(
+        "woken-poll-takes-a-grant",
+        "tasks/lua/pump.lua",
+        "    kind, was_delayed, due = 'p', true, nil",
+        "    was_delayed, due = true, nil",
+        "a job finished by its webhook takes no rate slot for it",
+        (_W + "test_videos_are_finished_by_the_webhook_within_two_seconds",),
+    ),
+    Mutation(
+        "woken-poll-keeps-its-eta",
+        "tasks/webhooks.py",
+        '        headers["eta"] = None\n',
+        "        pass\n",
+        "a job is finished within seconds of its webhook, not at its next poll",
+        (_W + "test_videos_are_finished_by_the_webhook_within_two_seconds",),
+    ),
+    Mutation(
+        "callers-webhook-url-replaced",
+        "tasks/webhooks.py",
+        'if base is None or secret is None or body.get("webhookURL"):',
+        "if base is None or secret is None:",
+        "a caller's own webhookURL is kept (that call polls)",
+        (_W + "test_a_callers_own_webhook_url_is_kept_and_the_call_polls",),
     ),
 )
 

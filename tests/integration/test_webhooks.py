@@ -4,13 +4,11 @@ Runware does."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -26,6 +24,7 @@ from tests.conftest import (
     wait_until,
     worker_env,
 )
+from tests.load.common import done_at
 from workers.sandbox import Sandbox
 from workers.sandbox.services import free_port
 
@@ -77,8 +76,7 @@ def _hooked_worker(start_worker: StartWorker, port: int, **env: str) -> RunningW
 
 
 def _done_at(worker: RunningWorker, task_id: str) -> float:
-    meta = json.loads(redis.Redis.from_url(worker.redis_url).get(f"celery-task-meta-{task_id}"))
-    return datetime.fromisoformat(meta["date_done"]).timestamp()
+    return done_at(worker.app.backend.get_task_meta(task_id))
 
 
 def test_videos_are_finished_by_the_webhook_within_two_seconds(

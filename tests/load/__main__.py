@@ -36,6 +36,10 @@ BENCHMARKS = {
         "tests.load.bench_operations",
         "a stop's duration, idle and busy; what a refused API key costs",
     ),
+    "webhooks": (
+        "tests.load.bench_webhooks",
+        "videos finished by polling against by Runware's webhook: calls, slots, lag",
+    ),
     "money": (
         "tests.load.bench_money",
         "budgets hold, unsettled calls settle, one request per slot",
