@@ -234,6 +234,10 @@ class FairKeys:
         arrival makes one due at once."""
         return self._k("parked-polls")
 
+    def hook_woken(self, task_id: str) -> str:
+        """Set when a webhook woke the job: it is woken once."""
+        return self._k(f"hook-woken:{task_id}")
+
     @property
     def hooked(self) -> str:
         """Task ids whose webhook brought their result (zset, scored by expiry): their next

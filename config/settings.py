@@ -499,14 +499,15 @@ class Settings(BaseSettings):
             self.runware_retry_backoff_max_s,
             self.runware_retry_after_max_s,
             self.runware_poll_max_interval_s,
+            self.runware_webhook_poll_s if self.runware_webhook_url else 0.0,
         )
         needed = self.celery_visibility_timeout_s + longest_wait
         if self.runware_reservation_s <= needed:
             raise ValueError(
                 f"RUNWARE_RESERVATION_S={self.runware_reservation_s:g} must be longer than a job "
                 f"can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the longest "
-                "of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S and "
-                "RUNWARE_POLL_MAX_INTERVAL_S)"
+                "of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S, "
+                "RUNWARE_POLL_MAX_INTERVAL_S and, with webhooks, RUNWARE_WEBHOOK_POLL_S)"
             )
         return self
 
@@ -518,13 +519,14 @@ class Settings(BaseSettings):
             self.runware_retry_backoff_max_s,
             self.runware_retry_after_max_s,
             self.runware_poll_max_interval_s,
+            self.runware_webhook_poll_s if self.runware_webhook_url else 0.0,
         )
         if self.runware_items_retention_s <= needed:
             raise ValueError(
                 f"RUNWARE_ITEMS_RETENTION_S={self.runware_items_retention_s} must be longer than "
                 f"a job can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the "
-                "longest of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S and "
-                "RUNWARE_POLL_MAX_INTERVAL_S)"
+                "longest of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S, "
+                "RUNWARE_POLL_MAX_INTERVAL_S and, with webhooks, RUNWARE_WEBHOOK_POLL_S)"
             )
         if self.runware_billed_retention_s < self.runware_items_retention_s:
             raise ValueError(

@@ -100,10 +100,26 @@ def unreadable(raw: bytes) -> bool:
         return True
 
 
+class DueMessage(virtual.Message):
+    """A message a worker took from the fair intake's ready queue: due now. The intake keeps a
+    countdown or ETA in Redis and hands a job out only when it is due (by Redis's clock), or at
+    once when Runware's webhook finished its call (tasks/webhooks.py); a worker that honoured
+    the ETA as well would hold the job in its memory until then (or until its own clock, which
+    may lag Redis's, says so). So the ETA is taken out before Celery reads the headers."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        fair = getattr(channel, "fair_leases_key", "")
+        if fair and isinstance(headers, dict) and headers.get("eta") is not None:
+            headers["eta"] = None
+        super().__init__(payload, channel=channel, **kwargs)
+
+
 class Channel(kombu_redis.Channel):
     """A kombu Redis channel with the QoS above and one shared client per pool."""
 
     QoS = QoS
+    Message = DueMessage
     fair_transit_key = ""
     fair_transit_at_key = ""
     fair_leases_key = ""

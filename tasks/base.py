@@ -263,9 +263,12 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             raise
         except PermanentError:
             ledger.release(task_uuid)
+            self._forget_webhook(job)
             raise
-        except BaseException:
+        except BaseException as exc:
             ledger.give_up(task_uuid)
+            if isinstance(exc, TaskTimeout):
+                self._forget_webhook(job)
             raise
         ledger.end(task_uuid, job.account, outcome.cost, outcome.items, shape)
         return outcome
@@ -301,10 +304,16 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             hooked = self._from_webhook(job)
             if hooked is not None:
                 return hooked
+        tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
+        if limiter.passed_without_a_grant(
+            tag if isinstance(tag, str) else None
+        ):  # (a webhook's mark, and its items are not here)
+            raise self.reschedule(0.0, f"was passed without a grant; {task_uuid} waits for one")
         done, outcome = limiter.heard(lambda: client.get_response(task_uuid, alone=started.alone))
         if done:
-            if hook is not None:
-                get_inbox().done(task_uuid)
+            if hook is not None:  # (its webhook did not come, or not yet)
+                metrics.WEBHOOK_MISSED.inc()
+                get_inbox().finished(task_uuid, str(self.request.id))
             return outcome
         elapsed = max(0.0, started.now - submitted)  # both by Redis's clock
         if elapsed > job.timeout_s:
@@ -316,6 +325,11 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         raise self.reschedule(
             self._next_poll_in(elapsed, hook), f"Runware is still working on {task_uuid}"
         )
+
+    def _forget_webhook(self, job: RunwareJob) -> None:
+        """A call that may have expected a webhook ended for good."""
+        if job.deliver_async and get_settings().runware_webhook_url:
+            get_inbox().finished(job.task_uuid, str(self.request.id))
 
     def _next_poll_in(self, elapsed_s: float, hook: str | None) -> float:
         """The countdown to the next poll: RUNWARE_WEBHOOK_POLL_S when a webhook is expected
@@ -342,7 +356,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         done, outcome = get_client().settle(task_uuid, items)  # (raises a task's error)
         if not done:
             return None
-        inbox.done(task_uuid)
+        inbox.finished(task_uuid, str(self.request.id))
         metrics.WEBHOOK_LAG.observe(max(0.0, time.time() - received))
         logger.info("taskUUID %s finished by Runware's webhook; no poll.", task_uuid)
         return outcome

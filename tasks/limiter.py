@@ -78,6 +78,13 @@ class Limiter:
         # refusal at once, and by `refused` from the fleet's record).
         self.key_refused = False
 
+    def passed_without_a_grant(self, delivery_tag: str | None) -> bool:
+        """Whether the dispatcher handed this delivery out without a grant (pump.lua's busy
+        set): such a run must make no call to Runware."""
+        if not delivery_tag:
+            return False
+        return self.redis.zscore(self.keys.busy, delivery_tag) is not None
+
     def heard(self, call: Callable[[], T]) -> T:
         """Make one call to Runware (in the slot the dispatcher granted) and tell the fleet how
         it went: throttled (the request's strike, once per request), answered, or no answer.

@@ -37,6 +37,10 @@ WEBHOOK_LAG = Histogram(
     "From a webhook's arrival at the receiver to the end of the job it finished",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+WEBHOOK_MISSED = Counter(
+    "enhance_webhooks_missed",
+    "Async calls that expected Runware's webhook and were finished by the fallback poll",
+)
 RUNWARE_BATCH_SIZE = Histogram(
     "enhance_runware_request_tasks",
     "Tasks carried by one HTTP request to Runware (RUNWARE_BATCH_MAX, RUNWARE_BATCH_WINDOW_MS).",

@@ -25,6 +25,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from config.settings import Settings, get_settings
+from enhance_client.masking import mask_urls
 from tasks import metrics
 from tasks.batching import Coalescer
 from tasks.errors import AuthenticationError, RateLimited, TransientError, runware_error
@@ -158,8 +159,9 @@ class RunwareClient:
         self._batcher.expect(token)
 
     def redact(self, text: str) -> str:
-        """`text` with this client's API key, should any server echo it, masked."""
-        return mask(text, self._key)
+        """`text` with this client's API key and URL query strings (webhook tokens), should
+        any server echo them, masked."""
+        return mask(mask_urls(text), self._key)
 
     # --- calls ---------------------------------------------------------------------------------
     def run(self, task: dict[str, Any], alone: bool = False) -> TaskOutcome:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,10 +31,11 @@ from tasks import scripts
 from tasks.limiter import broker_redis
 from tasks.state import hold_through_outage, per_process, redis_client
 
+logger = logging.getLogger(__name__)
+
 PATH = "/runware/webhook"
 HOOKED_FOR_S = 3600  # how long a webhook's mark lets the job's next run pass without a grant
-_RECEIVED = "@received"  # inbox fields that are not items: when the first item came
-_WOKEN = "@woken"  # ... and whether the job was woken for it
+_RECEIVED = "@received"  # the inbox field that is not an item: when the first item came
 _KEY_LABEL = b"enhance-worker webhook tokens"
 
 
@@ -58,7 +61,8 @@ def token_is_valid(
     secret = webhook_secret(settings)
     if secret is None or not given:
         return False
-    return hmac.compare_digest(token(secret, task_uuid, job_id, expected), given)
+    wanted = token(secret, task_uuid, job_id, expected).encode()
+    return hmac.compare_digest(wanted, given.encode("utf-8", "replace"))
 
 
 def expected_items(body: dict[str, Any]) -> int:
@@ -88,21 +92,10 @@ def item_id(item: dict[str, Any]) -> str:
     for field in ("videoUUID", "imageUUID", "audioUUID"):
         if item.get(field):
             return str(item[field])
-    if str(item.get("status", "")).lower() == "error" or "error" in item:
+    if str(item.get("status", "")).lower() == "error":
         return "error"
     canonical = json.dumps(item, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def without_eta(raw: bytes) -> bytes:
-    """A Celery message (kombu's JSON envelope, protocol 2) due now: its ETA taken out, or a
-    worker would hold it until then."""
-    envelope = json.loads(raw)
-    headers = envelope.get("headers") if isinstance(envelope, dict) else None
-    if isinstance(headers, dict) and headers.get("eta") is not None:
-        headers["eta"] = None
-        return json.dumps(envelope).encode()
-    return raw
 
 
 class Inbox:
@@ -116,64 +109,78 @@ class Inbox:
 
     # --- the worker's side ---
     def expect(self, task_uuid: str) -> None:
-        """A call that expects a webhook was submitted (counted until it ends)."""
-        hold_through_outage(
-            lambda: self.state.zadd(self.keys.hooks_awaited, {task_uuid: time.time()}, nx=True),
-            "webhook inbox",
-            30.0,
-        )
+        """A call that expects a webhook was submitted (counted until it ends; entries older
+        than the longest call can take are dropped here, whatever left them)."""
+        now = time.time()
+        longest = self.settings.runware_video_timeout_s + self.settings.runware_webhook_poll_s
+
+        def note() -> None:
+            pipe = self.state.pipeline(transaction=False)
+            pipe.zadd(self.keys.hooks_awaited, {task_uuid: now}, nx=True)
+            pipe.zremrangebyscore(self.keys.hooks_awaited, "-inf", now - longest - 600)
+            pipe.execute()
+
+        _best_effort(note, "note a call that expects a webhook")
 
     def read(self, task_uuid: str) -> tuple[list[dict[str, Any]], float | None]:
-        """The items stored for `task_uuid` and when the first came (None: nothing came)."""
+        """The items stored for `task_uuid`, in the order they came, and when the first came
+        (None: nothing came)."""
         raw: dict[bytes, bytes] = hold_through_outage(
             lambda: self.state.hgetall(self.keys.hook_items(task_uuid)),  # type: ignore[arg-type,return-value]
             "webhook inbox",
             30.0,
         )
         received = raw.pop(_RECEIVED.encode(), None)
-        raw.pop(_WOKEN.encode(), None)
-        items = [json.loads(value) for _field, value in sorted(raw.items())]
-        return items, float(received) if received is not None else None
+        kept = sorted(json.loads(value) for value in raw.values())  # [came at, n, item]
+        return [item for *_at, item in kept], float(received) if received is not None else None
 
-    def done(self, task_uuid: str) -> None:
-        """The call ended (its job has its result): no longer awaited."""
-        hold_through_outage(
-            lambda: self.state.zrem(self.keys.hooks_awaited, task_uuid), "webhook inbox", 30.0
-        )
+    def finished(self, task_uuid: str, job_id: str) -> None:
+        """The call ended, one way or another: no longer awaited, and no mark of its webhook
+        left to let a later run of the same task id pass without a grant."""
+
+        def clear() -> None:
+            self.state.zrem(self.keys.hooks_awaited, task_uuid)
+            self.broker.zrem(self.fair.hooked, job_id)
+
+        _best_effort(clear, "clear a finished call's webhook records")
 
     # --- the receiver's side ---
     def store(self, task_uuid: str, items: list[dict[str, Any]], expected: int) -> tuple[int, bool]:
         """Keep `items` (each once): how many were new, and whether the call is complete (every
         expected item, or an error) so that its job should run now."""
-        key = self.keys.hook_items(task_uuid)
+        key, came = self.keys.hook_items(task_uuid), time.time()
         pipe = self.state.pipeline(transaction=True)
-        for item in items:
-            pipe.hsetnx(key, item_id(item), json.dumps(item, separators=(",", ":")))
-        pipe.hsetnx(key, _RECEIVED, repr(time.time()))
+        for n, item in enumerate(items):
+            pipe.hsetnx(key, item_id(item), json.dumps([came, n, item], separators=(",", ":")))
+        pipe.hsetnx(key, _RECEIVED, repr(came))
         pipe.expire(key, self.settings.runware_items_retention_s)
         pipe.hkeys(key)
         *added, _received, _expire, fields = pipe.execute()
-        stored = {f.decode() if isinstance(f, bytes) else f for f in fields}
-        stored -= {_RECEIVED, _WOKEN}
+        stored = {f.decode() if isinstance(f, bytes) else f for f in fields} - {_RECEIVED}
         complete = len(stored) >= expected or "error" in stored
         if complete:
             self.state.zrem(self.keys.hooks_awaited, task_uuid)
         return sum(1 for new in added[: len(items)] if new), complete
 
-    def wake_once(self, task_uuid: str, job_id: str) -> bool:
-        """Wake the job unless an earlier delivery already did; True when woken now."""
-        key = self.keys.hook_items(task_uuid)
-        if self.state.hexists(key, _WOKEN):
-            return False
+    def wake(self, job_id: str) -> int:
+        """Wake the job (once: a repeated wake changes nothing). 1: its parked poll is due now;
+        0: none was parked (the mark passes it when it comes); -1: woken before."""
         fair = self.fair
-        parked: bytes | None = self.broker.hget(fair.parked_polls, job_id)  # type: ignore[assignment]
-        scripts.run(
-            self._wake,
-            [fair.parked_polls, fair.delayed, fair.hooked, fair.wake],
-            [job_id, HOOKED_FOR_S, parked or b"", without_eta(parked) if parked else b""],
+        return int(
+            scripts.run(
+                self._wake,
+                [fair.parked_polls, fair.delayed, fair.hooked, fair.wake, fair.hook_woken(job_id)],
+                [job_id, HOOKED_FOR_S],
+            )
         )
-        self.state.hset(key, _WOKEN, "1")
-        return True
+
+
+def _best_effort(call: Callable[[], object], what: str) -> None:
+    """Bookkeeping that must not turn a call Runware accepted into a retry: logged, not raised."""
+    try:
+        call()
+    except redis.RedisError as exc:
+        logger.warning("Could not %s: %s", what, exc)
 
 
 def _make_inbox() -> Inbox:

@@ -256,7 +256,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "webhook-token-unchecked",
         "tasks/webhooks.py",
-        "    return hmac.compare_digest(token(secret, task_uuid, job_id, expected), given)",
+        '    return hmac.compare_digest(wanted, given.encode("utf-8", "replace"))',
         "    return True",
         "a webhook POST without the call's token changes nothing",
         (_W + "test_a_post_without_a_valid_token_changes_nothing",),
@@ -264,16 +264,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "woken-poll-takes-a-grant",
         "tasks/lua/pump.lua",
-        "    kind, was_delayed, due = 'p', true, nil",
-        "    was_delayed, due = true, nil",
+        "if tonumber(hooked) > now then kind, was_delayed, due = 'p', true, nil end",
+        "if tonumber(hooked) > now then was_delayed, due = true, nil end",
         "a job finished by its webhook takes no rate slot for it",
         (_W + "test_videos_are_finished_by_the_webhook_within_two_seconds",),
     ),
     Mutation(
         "woken-poll-keeps-its-eta",
-        "tasks/webhooks.py",
-        '        headers["eta"] = None\n',
-        "        pass\n",
+        "config/transport.py",
+        '            headers["eta"] = None\n',
+        "            pass\n",
         "a job is finished within seconds of its webhook, not at its next poll",
         (_W + "test_videos_are_finished_by_the_webhook_within_two_seconds",),
     ),
@@ -284,6 +284,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if base is None or secret is None:",
         "a caller's own webhookURL is kept (that call polls)",
         (_W + "test_a_callers_own_webhook_url_is_kept_and_the_call_polls",),
+    ),
+    Mutation(
+        "passed-run-calls-without-a-grant",
+        "tasks/limiter.py",
+        "        return self.redis.zscore(self.keys.busy, delivery_tag) is not None",
+        "        return False",
+        "a run passed without a grant makes no call to Runware",
+        (_W + "test_a_run_passed_without_a_grant_makes_no_call",),
+    ),
+    Mutation(
+        "early-webhook-waits-for-the-poll",
+        "tasks/lua/pump.lua",
+        "  local hooked = continues and redis.call('ZSCORE', HOOKED, id)",
+        "  local hooked = continues and was_delayed and redis.call('ZSCORE', HOOKED, id)",
+        "a webhook that comes before the job's poll is parked still ends the job at once",
+        (_W + "test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once",),
     ),
 )
 

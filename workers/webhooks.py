@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None, inbox: Inbox | None = None) -> 
             return _answer("too_large", 413, f"body: larger than {limit} bytes")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _answer("bad_request", 400, "body: not JSON")
         items = items_of(body)
         uuids = {str(item.get("taskUUID")) for item in items}
@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None, inbox: Inbox | None = None) -> 
             store = the_inbox()
             new, complete = store.store(task_uuid, items, expected)
             if complete:
-                store.wake_once(task_uuid, job_id)
+                store.wake(job_id)
             return new, complete
 
         try:  # (redis-py blocks: off the event loop)

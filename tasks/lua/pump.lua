@@ -129,8 +129,10 @@ local function take_in(raw, g, was_delayed)
   local continues = kind == 'c' and string.sub(code, 3, 3) == '1' and id ~= ''
   -- A poll whose webhook brought the result (tasks/webhooks.py): due now, and its run reads the
   -- result and makes no call, so it passes without a grant.
-  if continues and redis.call('ZREM', HOOKED, id) == 1 then
-    kind, was_delayed, due = 'p', true, nil
+  local hooked = continues and redis.call('ZSCORE', HOOKED, id)
+  if hooked then
+    redis.call('ZREM', HOOKED, id)
+    if tonumber(hooked) > now then kind, was_delayed, due = 'p', true, nil end
   end
   if not was_delayed and due and due > now + 0.001 then
     redis.call('ZADD', DELAYED, due, raw)

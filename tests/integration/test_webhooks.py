@@ -207,7 +207,7 @@ def test_with_the_receiver_down_every_video_is_done_by_polling(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
     port = free_port()  # (nothing listens there)
-    worker = _hooked_worker(start_worker, port, RUNWARE_WEBHOOK_POLL_S="1")
+    worker = _hooked_worker(start_worker, port, RUNWARE_WEBHOOK_POLL_S="1", METRICS_PORT="0")
     sandbox.configure(video_render_s=2.0, webhook_give_up_s=3.0, webhook_retry_s=0.2)
     sent = [
         worker.app.send_task("tasks.generate_video", args=[f"a reef {n}"], kwargs=VIDEO)
@@ -218,6 +218,8 @@ def test_with_the_receiver_down_every_video_is_done_by_polling(
     assert sandbox.state.by_type.get("getResponse", 0) >= 3  # each found by polling
     assert sandbox.state.accepted == {r["taskUUID"]: 1 for r in results}
     assert any(status == 0 for _at, _uuid, status in sandbox.state.webhooks)  # it did try
+    missed = scrape_metrics(metrics_port(worker))[("enhance_webhooks_missed_total", ())]
+    assert missed == 3  # (what the WebhooksNotArriving alert counts)
 
 
 def test_a_callers_own_webhook_url_is_kept_and_the_call_polls(
@@ -232,3 +234,50 @@ def test_a_callers_own_webhook_url_is_kept_and_the_call_polls(
     result = video.get(timeout=60)
     assert sandbox.state.bodies[result["taskUUID"]]["webhookURL"] == own
     assert sandbox.state.by_type.get("getResponse", 0) >= 1  # polled at its usual pace
+
+
+def test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once(
+    start_worker: StartWorker, sandbox: Sandbox, receiver: Receiver
+) -> None:
+    """An async image done at once: its webhook comes while the run that submitted it is still
+    re-scheduling its poll (on its way to the intake, not parked yet). The poll passes as soon
+    as it arrives, and the job ends in seconds, not at the fallback poll a minute later."""
+    port = free_port()
+    worker = _hooked_worker(start_worker, port, RUNWARE_WEBHOOK_POLL_S="60")
+    receiver(worker.redis_url, port)
+    sandbox.configure(async_delay_s=0.0)
+    image = {"model": "runware:101@1", "width": 512, "height": 512, "deliveryMethod": "async"}
+    began = time.monotonic()
+    sent = [
+        worker.app.send_task("tasks.generate_image", args=[f"a kite {n}"], kwargs=image)
+        for n in range(4)
+    ]
+    results = [s.get(timeout=30) for s in sent]
+    assert time.monotonic() - began < 10
+    assert all(r["images"] for r in results)
+    assert sandbox.state.by_type.get("getResponse", 0) == 0
+    # (the webhooks came before the polls were parked: each was passed when it arrived)
+    assert worker.process.log().count("finished by Runware's webhook; no poll") == 4
+
+
+def test_a_run_passed_without_a_grant_makes_no_call(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """A webhook's mark without its items (the inbox lost, say): the run it let through
+    without a grant makes no call, and the call that follows has a grant of its own."""
+    worker = _hooked_worker(start_worker, free_port(), METRICS_PORT="0")
+    sandbox.configure(video_render_s=60.0)
+    video = worker.app.send_task("tasks.generate_video", args=["a cave"], kwargs=VIDEO)
+    wait_until(lambda: len(_parked(worker)) == 1, 20, "the poll to be parked")
+    broker = redis.Redis.from_url(worker.redis_url)
+    (raw,) = _parked(worker)
+    broker.zadd("enhance:fair:hooked", {video.id: time.time() + 600})
+    broker.zadd("enhance:fair:delayed", {raw: time.time()}, xx=True)
+    broker.lpush("enhance:fair:wake", "1")
+    wait_until(lambda: sandbox.state.by_type.get("getResponse", 0) >= 1, 20, "the granted poll")
+    time.sleep(0.5)  # (a second call, if the passed run made one, is counted by now)
+    assert "was passed without a grant" in worker.process.log()
+    calls = sum(sandbox.state.by_type.values())  # the submission and one poll
+    grants = scrape_metrics(metrics_port(worker))
+    granted = sum(v for (n, _), v in grants.items() if n == "enhance_rate_limit_wait_seconds_count")
+    assert calls == granted == 2
