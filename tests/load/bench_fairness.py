@@ -24,8 +24,8 @@ c. Weights A=3, B=1 (set with `enhance-worker limits set`), 400 batch jobs each 
 per account with the limit (FILE-a1000.png, FILE-b.png ... when several run).
 
 Rates are counted per task accepted by the sandbox (its `accepted_log`): the limits count tasks,
-and a busy worker may send several tasks in one HTTP request (README, "Several tasks per Runware
-request"), so the sandbox's `call_times` (one per request) would undercount.
+and a busy worker may send several tasks in one HTTP request (docs/operating.md, "Several tasks
+per Runware request"), so the sandbox's `call_times` (one per request) would undercount.
 
 A's backlog is sent through one broker connection by a producer without a result backend (a
 producer with Celery's Redis backend subscribes to every task's result channel as it sends);

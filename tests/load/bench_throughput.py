@@ -4,7 +4,7 @@ Prints figures; asserts nothing.
   python -m tests.load.bench_throughput [--jobs 3000] [--processes 1,2] [--soak 0]
 
 Starts its own Redis and the sandbox (250 ms latency), then measures the baseline (one process)
-and the project's worker, as one process and as one process per core (the README's production
+and the project's worker, as one process and as one process per core (docs/operating.md's production
 layout): a low-load phase of sequential jobs, then N jobs pushed as fast as the producer can.
 Reports jobs/s, end-to-end latency p50/p99, the low-load latency that is not the API's, worker
 CPU seconds per 1000 jobs, peak RSS, tasks per Runware request, and each ratio project/baseline.
@@ -121,7 +121,7 @@ def main() -> None:
         "--processes",
         default=f"1,{os.cpu_count() or 1}",
         help="project worker process counts to measure, comma-separated (default: 1 and one "
-        "per core, as the README documents for production)",
+        "per core, as docs/operating.md documents for production)",
     )
     parser.add_argument("--batch-max", default=None, help="RUNWARE_BATCH_MAX for the project")
     parser.add_argument("--only", choices=["baseline", "project"], default=None)

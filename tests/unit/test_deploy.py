@@ -446,10 +446,16 @@ def test_the_env_example_is_generated_from_the_settings() -> None:
     assert (DEPLOY / "systemd" / "env.example").read_text() == env_example()
 
 
+def _docs() -> str:
+    """The README and every document beside it (docs/, CONTRIBUTING.md)."""
+    paths = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n".join(path.read_text() for path in paths)
+
+
 def _readme_defaults() -> dict[str, str]:
-    """{variable: default} from every README table row that starts with settings' names."""
+    """{variable: default} from every table row of the docs that starts with settings' names."""
     found: dict[str, str] = {}
-    text = (ROOT / "README.md").read_text()
+    text = _docs()
     for names, values in re.findall(r"^\| ((?:`[A-Z_0-9]+`(?:, )?)+) \| ([^|]*) \|", text, re.M):
         variables = re.findall(r"`([A-Z_0-9]+)`", names)
         cells = [v.strip().strip("`") for v in values.split(",")]
@@ -474,7 +480,7 @@ def test_the_readme_tables_give_the_code_s_defaults() -> None:
     assert undocumented == set()
 
 
-_README = (ROOT / "README.md").read_text()
+_README = _docs()
 
 
 def test_the_image_copies_every_package_the_project_installs() -> None:
