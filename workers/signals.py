@@ -14,21 +14,17 @@ from config import redis as redis_urls
 from config.keys import FairKeys
 from config.settings import get_settings, unknown_variables
 from tasks import ledger, runware
-from tasks import metrics as task_metrics
 from tasks.base import RunwareTask
-from tasks.dispatcher import Dispatcher, Intake, worker_id
-from tasks.limiter import broker_redis, carry_over_old_overrides, get_limiter
-from tasks.reconcile import Reconciler
-from workers import logs, metrics
-from workers.events import IntakeEvents
+from tasks.dispatcher import worker_id
+from workers import logs
+from workers.fleet import FleetMember
 
 logger = logging.getLogger(__name__)
 
 # The queues this worker would have consumed (CELERY_TASK_DEFAULT_QUEUE, `enhance`, or -Q): the
 # dispatcher takes jobs from them into the fair queues; the worker threads consume the ready queue.
 _intake_queues: list[str] = []
-_dispatcher: list[Dispatcher] = []
-_reconciler: list[Reconciler] = []
+_members: list[FleetMember] = []
 _ident: list[str] = []
 
 
@@ -97,39 +93,20 @@ def freeze_the_heap(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def announce_ready(sender: Any = None, **_: Any) -> None:
-    """Join the fleet (dispatcher candidate and thread count; old limit overrides carried over),
-    start the reconciler of unsettled calls and the metrics endpoint, warn when no API key is
-    set, then say the worker is ready (tests and tools wait for it)."""
+    """Join the fleet (workers/fleet.py: the dispatcher candidate, the reconciler, the metrics
+    endpoint), warn when no API key is set, then say the worker is ready (tests and tools wait
+    for it)."""
     settings = get_settings()
     for line in unknown_variables():
         logger.warning(line)
-    app = sender.app
     threads = _concurrency(sender)
     if not _intake_queues:
         _intake_queues.append(settings.celery_task_default_queue)
-    intake = Intake(
-        queues=tuple(_intake_queues),
-        runware_tasks=frozenset(n for n, t in app.tasks.items() if isinstance(t, RunwareTask)),
-        known_tasks=frozenset(app.tasks),
-    )
-    client = broker_redis(settings)
-    get_limiter().resume_with_a_new_key()
-    if carry_over_old_overrides(client, settings):
-        logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
     ident = _ident[-1] if _ident else worker_id()
     ledger.set_holder(ident)
-    events = IntakeEvents(app, settings.celery_task_default_queue)
-    dispatcher = Dispatcher(
-        client, settings, intake, threads, get_limiter(), ident, on_taken=events
-    )
-    dispatcher.start()
-    _dispatcher.append(dispatcher)
-    reconciler = Reconciler(settings)
-    reconciler.start()
-    _reconciler.append(reconciler)
-    task_metrics.start_at_zero(intake.runware_tasks)
-    task_metrics.ACCOUNTS.configure(settings.metrics_top_accounts, settings.metrics_account_idle_s)
-    metrics.serve(settings, _intake_queues, ident)
+    member = FleetMember(sender.app, settings, tuple(_intake_queues), threads, ident)
+    member.start()  # (what it starts, in order: workers/fleet.py)
+    _members.append(member)
     if settings.runware_api_key is None:
         logger.warning(
             "RUNWARE_API_KEY is not set: this worker makes no call, and the first job it takes "
@@ -151,8 +128,5 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
 @signals.worker_shutting_down.connect
 def leave_the_fleet(**_: Any) -> None:
     """Stop granting jobs to this worker: it leaves the fleet's thread count at once."""
-    for reconciler in _reconciler:
-        reconciler.stop()
-    for dispatcher in _dispatcher:
-        dispatcher.stop()
-        dispatcher.join(timeout=3.0)
+    for member in _members:
+        member.stop()
