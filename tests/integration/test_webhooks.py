@@ -66,6 +66,15 @@ def receiver(sandbox: Sandbox) -> Iterator[Receiver]:
         assert "token=" not in output.decode(errors="replace")  # tokens never logged
 
 
+def _with_receiver(
+    start_worker: StartWorker, receiver: Receiver, **env: str
+) -> tuple[RunningWorker, str]:
+    """A worker whose async calls carry a webhook URL, and the receiver there: (worker, base)."""
+    port = free_port()
+    worker = _hooked_worker(start_worker, port, **env)
+    return worker, receiver(worker.redis_url, port)
+
+
 def _hooked_worker(start_worker: StartWorker, port: int, **env: str) -> RunningWorker:
     return start_worker(
         "hooks",
@@ -84,9 +93,9 @@ def test_videos_are_finished_by_the_webhook_within_two_seconds(
 ) -> None:
     """12 videos of 8 s, each webhook POSTed twice: each job ends within 2 s of Runware
     finishing it, makes no more than one getResponse, and is billed once."""
-    port = free_port()
-    worker = _hooked_worker(start_worker, port, RUNWARE_WEBHOOK_POLL_S="60", METRICS_PORT="0")
-    base = receiver(worker.redis_url, port)
+    worker, base = _with_receiver(
+        start_worker, receiver, RUNWARE_WEBHOOK_POLL_S="60", METRICS_PORT="0"
+    )
     sandbox.configure(video_render_s=8.0, webhook_copies=2)
     sent = [
         worker.app.send_task("tasks.generate_video", args=[f"a glacier {n}"], kwargs=VIDEO)
@@ -129,9 +138,7 @@ def _submitted(sandbox: Sandbox, count: int) -> list[dict[str, Any]]:
 def test_a_post_without_a_valid_token_changes_nothing(
     start_worker: StartWorker, sandbox: Sandbox, receiver: Receiver
 ) -> None:
-    port = free_port()
-    worker = _hooked_worker(start_worker, port)
-    base = receiver(worker.redis_url, port)
+    worker, base = _with_receiver(start_worker, receiver)
     sandbox.configure(video_render_s=60.0)
     for n in range(2):
         worker.app.send_task("tasks.generate_video", args=[f"a dune {n}"], kwargs=VIDEO)
@@ -177,9 +184,7 @@ def test_a_post_without_a_valid_token_changes_nothing(
 def test_an_error_item_ends_the_job_as_a_poll_would(
     start_worker: StartWorker, sandbox: Sandbox, receiver: Receiver
 ) -> None:
-    port = free_port()
-    worker = _hooked_worker(start_worker, port)
-    base = receiver(worker.redis_url, port)
+    worker, base = _with_receiver(start_worker, receiver)
     sandbox.configure(video_render_s=60.0)
     video = worker.app.send_task("tasks.generate_video", args=["a storm"], kwargs=VIDEO)
     (body,) = _submitted(sandbox, 1)
@@ -242,9 +247,7 @@ def test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once(
     """An async image done at once: its webhook comes while the run that submitted it is still
     re-scheduling its poll (on its way to the intake, not parked yet). The poll passes as soon
     as it arrives, and the job ends in seconds, not at the fallback poll a minute later."""
-    port = free_port()
-    worker = _hooked_worker(start_worker, port, RUNWARE_WEBHOOK_POLL_S="60")
-    receiver(worker.redis_url, port)
+    worker, _base = _with_receiver(start_worker, receiver, RUNWARE_WEBHOOK_POLL_S="60")
     sandbox.configure(async_delay_s=0.0)
     image = {"model": "runware:101@1", "width": 512, "height": 512, "deliveryMethod": "async"}
     began = time.monotonic()
