@@ -49,16 +49,13 @@ _dbs = itertools.count(64)
 def pytest_configure(config: pytest.Config) -> None:
     """Start the suite's own Redis before test modules import the project's Celery app."""
     global _redis
+    from config.settings import Settings
+
     _redis = RedisServer().start()
-    for name in (
-        "CELERY_BROKER_URL",
-        "CELERY_RESULT_BACKEND",
-        "RUNWARE_API_KEY",
-        "RUNWARE_API_URL",
-        "RUNWARE_RATE_LIMIT",
-        "RUNWARE_MAX_IN_FLIGHT",
-    ):
-        os.environ.pop(name, None)
+    # The suite runs on its own settings, whatever the shell exports (the test workers inherit
+    # this environment): every setting of the service is cleared.
+    for name in Settings.model_fields:
+        os.environ.pop(name.upper(), None)
     os.environ["REDIS_URL"] = _redis.url(1)
 
 
