@@ -70,6 +70,14 @@ def format_rate(per_second: float) -> str:
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+# What a job can take to come back, as the settings checks name it (Settings._comes_back_within_s).
+_COMES_BACK = (
+    "CELERY_VISIBILITY_TIMEOUT_S + the longest of RUNWARE_RETRY_BACKOFF_MAX_S, "
+    "RUNWARE_RETRY_AFTER_MAX_S, RUNWARE_POLL_MAX_INTERVAL_S and, with webhooks, "
+    "RUNWARE_WEBHOOK_POLL_S"
+)
+
+
 class Settings(BaseSettings):
     """The service's settings. Each field is read from the environment variable of its name."""
 
@@ -491,23 +499,25 @@ class Settings(BaseSettings):
             )
         return self
 
-    @model_validator(mode="after")
-    def _reservation_outlasts_a_redelivery(self) -> Settings:
-        """A reservation becomes unsettled (and is checked with Runware) when its job has not
-        run for RUNWARE_RESERVATION_S; a job that is still coming back must not look dead."""
-        longest_wait = max(
+    @property
+    def _comes_back_within_s(self) -> float:
+        """The longest a job can take to run again (_COMES_BACK says of what)."""
+        return self.celery_visibility_timeout_s + max(
             self.runware_retry_backoff_max_s,
             self.runware_retry_after_max_s,
             self.runware_poll_max_interval_s,
             self.runware_webhook_poll_s if self.runware_webhook_url else 0.0,
         )
-        needed = self.celery_visibility_timeout_s + longest_wait
+
+    @model_validator(mode="after")
+    def _reservation_outlasts_a_redelivery(self) -> Settings:
+        """A reservation becomes unsettled (and is checked with Runware) when its job has not
+        run for RUNWARE_RESERVATION_S; a job that is still coming back must not look dead."""
+        needed = self._comes_back_within_s
         if self.runware_reservation_s <= needed:
             raise ValueError(
                 f"RUNWARE_RESERVATION_S={self.runware_reservation_s:g} must be longer than a job "
-                f"can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the longest "
-                "of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S, "
-                "RUNWARE_POLL_MAX_INTERVAL_S and, with webhooks, RUNWARE_WEBHOOK_POLL_S)"
+                f"can take to come back ({needed:g}s: {_COMES_BACK})"
             )
         return self
 
@@ -515,18 +525,11 @@ class Settings(BaseSettings):
     def _items_outlast_a_redelivery(self) -> Settings:
         """A job that comes back after its call ended (a redelivery, a retry) finds the call's
         items, and makes no call; the billed-once marker outlasts the items."""
-        needed = self.celery_visibility_timeout_s + max(
-            self.runware_retry_backoff_max_s,
-            self.runware_retry_after_max_s,
-            self.runware_poll_max_interval_s,
-            self.runware_webhook_poll_s if self.runware_webhook_url else 0.0,
-        )
+        needed = self._comes_back_within_s
         if self.runware_items_retention_s <= needed:
             raise ValueError(
                 f"RUNWARE_ITEMS_RETENTION_S={self.runware_items_retention_s} must be longer than "
-                f"a job can take to come back ({needed:g}s: CELERY_VISIBILITY_TIMEOUT_S + the "
-                "longest of RUNWARE_RETRY_BACKOFF_MAX_S, RUNWARE_RETRY_AFTER_MAX_S, "
-                "RUNWARE_POLL_MAX_INTERVAL_S and, with webhooks, RUNWARE_WEBHOOK_POLL_S)"
+                f"a job can take to come back ({needed:g}s: {_COMES_BACK})"
             )
         if self.runware_billed_retention_s < self.runware_items_retention_s:
             raise ValueError(

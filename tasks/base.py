@@ -52,7 +52,7 @@ from tasks.limiter import Limiter, get_limiter
 from tasks.messages import CONTINUES_HEADER
 from tasks.polling import get_pending
 from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
-from tasks.webhooks import expected_items, get_inbox, item_id, webhook_url
+from tasks.webhooks import expected_items, get_inbox, is_error, webhook_url
 
 logger = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
@@ -278,9 +278,12 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         hears how it went (`Limiter.heard`)."""
         client, pending = get_client(), get_pending()
         task_uuid, submitted = job.task_uuid, started.submitted
-        hook = webhook_url(get_settings(), job.body, str(self.request.id))
-        if not job.deliver_async:
-            hook = None
+        # (a sync call expects no webhook: no token is made for it)
+        hook = (
+            webhook_url(get_settings(), job.body, str(self.request.id))
+            if job.deliver_async
+            else None
+        )
         if submitted is None:
             body = job.body if hook is None else {**job.body, "webhookURL": hook}
             try:
@@ -347,7 +350,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         if received is None:
             return None
         expected, poll_s = expected_items(job.body), get_settings().runware_webhook_poll_s
-        if len(items) < expected and not any(item_id(i) == "error" for i in items):
+        if len(items) < expected and not any(map(is_error, items)):
             if time.time() - received > poll_s:
                 return None  # the rest is late: poll for it
             raise self.reschedule(

@@ -463,10 +463,10 @@ class Dispatcher(threading.Thread):
             timeout = min(timeout, due_in)
         if wait == Wait.NOBODY_WAITS:
             # Nothing waits: block until a job arrives in the Celery queue (it is moved, not
-            # popped, so a kill here loses nothing: the next step reads the intake list). While
-            # jobs are parked, a webhook can make one due at any moment (tasks/webhooks.py): it
-            # is looked for every quarter second.
-            if due_in >= 0:
+            # popped, so a kill here loses nothing: the next step reads the intake list). With
+            # webhooks on, while jobs are parked, a webhook can make one due at any moment
+            # (tasks/webhooks.py): it is looked for every quarter second.
+            if due_in >= 0 and self.settings.runware_webhook_url:
                 timeout = min(timeout, 0.25)
             if timeout > 0.1:
                 # (Redis takes a fractional timeout; redis-py's annotation says int.)

@@ -29,7 +29,7 @@ from config.keys import FairKeys, StateKeys
 from config.settings import Settings, get_settings
 from tasks import scripts
 from tasks.limiter import broker_redis
-from tasks.state import hold_through_outage, per_process, redis_client
+from tasks.state import hold_through_outage, per_process, redis_client, text
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +87,18 @@ def webhook_url(settings: Settings, body: dict[str, Any], job_id: str) -> str | 
     return f"{base.rstrip('/')}{PATH}?{query}"
 
 
+def is_error(item: dict[str, Any]) -> bool:
+    """Whether a result item says the task failed (it ends the call, whatever else came)."""
+    return str(item.get("status", "")).lower() == "error"
+
+
 def item_id(item: dict[str, Any]) -> str:
-    """What tells one result item from another (a repeated POST brings the same id)."""
+    """What tells one result item from another (a repeated POST brings the same id; every
+    error item is the one `error`)."""
     for field in ("videoUUID", "imageUUID", "audioUUID"):
         if item.get(field):
             return str(item[field])
-    if str(item.get("status", "")).lower() == "error":
+    if is_error(item):
         return "error"
     canonical = json.dumps(item, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -156,11 +162,11 @@ class Inbox:
         pipe.expire(key, self.settings.runware_items_retention_s)
         pipe.hkeys(key)
         *added, _received, _expire, fields = pipe.execute()
-        stored = {f.decode() if isinstance(f, bytes) else f for f in fields} - {_RECEIVED}
+        stored = {text(field) for field in fields} - {_RECEIVED}
         complete = len(stored) >= expected or "error" in stored
         if complete:
             self.state.zrem(self.keys.hooks_awaited, task_uuid)
-        return sum(1 for new in added[: len(items)] if new), complete
+        return sum(map(bool, added)), complete
 
     def wake(self, job_id: str) -> int:
         """Wake the job (once: a repeated wake changes nothing). 1: its parked poll is due now;

@@ -159,7 +159,8 @@ class RedisStateCollector(Collector):
                 money.append(_flat(self.state.hgetall(keys.budgets)))
             memory = [m for role, client in self._roles if reports and (m := _memory(role, client))]
             waiting = self._waiting() if reports else {}
-            awaited = self._awaited() if reports else (0, 0.0)
+            hooks = reports and self.settings.runware_webhook_url is not None
+            awaited = self._awaited() if hooks else (0, 0.0)
             reading = Reading(limits, money, memory, waiting, awaited)
             self._cached = (now, reading)
             return reading

@@ -123,10 +123,10 @@ def create_app(settings: Settings | None = None, inbox: Inbox | None = None) -> 
         except (ValueError, UnicodeDecodeError, RecursionError):
             return _answer("bad_request", 400, "body: not JSON")
         items = items_of(body)
-        uuids = {str(item.get("taskUUID")) for item in items}
-        if not items or len(uuids) != 1 or None in {item.get("taskUUID") for item in items}:
+        uuids = {item.get("taskUUID") for item in items}
+        if len(uuids) != 1 or None in uuids:  # (no item at all is no taskUUID either)
             return _answer("bad_request", 400, "body: no result items of one taskUUID")
-        (task_uuid,) = uuids
+        task_uuid = str(uuids.pop())
         if not token_is_valid(settings, given, task_uuid, job_id, expected):
             return _answer("forbidden", 403, "the token does not match this call")
 
