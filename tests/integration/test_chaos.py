@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.keys import FairKeys
 from tests.conftest import (
@@ -145,7 +146,17 @@ def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
         server.stop()  # SIGTERM: Redis writes its append-only file and exits
         time.sleep(1.0)
         server.start()
-        results = [p.get(timeout=120) for p in pending]
+        try:
+            results = [p.get(timeout=100) for p in pending]
+        except CeleryTimeout:  # which side stalled: the worker, or this client's pub/sub?
+            stored = redis.Redis.from_url(server.url(0)).mget(
+                [f"celery-task-meta-{p.id}" for p in pending]
+            )
+            pytest.fail(
+                f"results not seen: {sum(1 for m in stored if m)} of 40 stored, "
+                f"{len(sandbox.state.accepted)} calls accepted; the worker's log ends: "
+                f"{worker.process.log()[-3000:]}"
+            )
         assert len(results) == 40
         assert_billed_once(sandbox, results, ledger=ledger_micro(server.url(0)))
         assert worker.process is not None
