@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ from celery.exceptions import Ignore, Retry
 
 from config.settings import get_settings
 from enhance_client.schemas import stable_task_uuid
-from tasks import metrics
+from tasks import metrics, tracing
 from tasks.deadletter import get_dead_letters
 from tasks.errors import (
     BUDGET_UNSETTLED,
@@ -164,6 +165,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         for a slot like any other job.
         """
         metrics.RESCHEDULES.labels(self.name).inc()
+        tracing.event("rescheduled", reason=why, countdown_s=countdown)
         logger.info(
             "Task %s (%s) %s; re-scheduled in %.1fs.", self.request.id, self.name, why, countdown
         )
@@ -287,7 +289,9 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         if submitted is None:
             body = job.body if hook is None else {**job.body, "webhookURL": hook}
             try:
-                outcome = limiter.heard(lambda: client.run(body, alone=started.alone))
+                with self._call_span(job, "submit"):
+                    outcome = limiter.heard(lambda: client.run(body, alone=started.alone))
+                    tracing.on_call(_traced_outcome(outcome, done=not job.deliver_async))
             except ConflictTaskUUID:
                 # An earlier attempt was accepted and its answer lost: fetch it with a poll, in
                 # a run of its own (with a slot of its own), never by sending it again.
@@ -312,7 +316,11 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             tag if isinstance(tag, str) else None
         ):  # (a webhook's mark, and its items are not here)
             raise self.reschedule(0.0, f"was passed without a grant; {task_uuid} waits for one")
-        done, outcome = limiter.heard(lambda: client.get_response(task_uuid, alone=started.alone))
+        with self._call_span(job, "poll"):
+            done, outcome = limiter.heard(
+                lambda: client.get_response(task_uuid, alone=started.alone)
+            )
+            tracing.on_call(_traced_outcome(outcome, done))
         if done:
             if hook is not None:  # (its webhook did not come, or not yet)
                 metrics.WEBHOOK_MISSED.inc()
@@ -327,6 +335,27 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             )
         raise self.reschedule(
             self._next_poll_in(elapsed, hook), f"Runware is still working on {task_uuid}"
+        )
+
+    def _call_span(self, job: RunwareJob, call: str) -> AbstractContextManager[object]:
+        """The trace's span of one call (tasks/tracing.py); nothing when tracing is off."""
+        if not tracing.active():
+            return nullcontext()
+        body = job.body
+        kind = "getResponse" if call == "poll" else str(body.get("taskType", "?"))
+        priority = (self.request.kwargs or {}).get("priority", "interactive")
+        return tracing.runware_call(
+            f"runware {kind}",
+            {
+                "runware.taskUUID": job.task_uuid,
+                "runware.taskType": str(body.get("taskType", "?")),
+                "runware.model": str(body.get("model", "")),
+                "runware.call": call,
+                "enhance.account": job.account,
+                "enhance.priority": str(priority),
+                "enhance.attempt": int(self.request.retries or 0) + 1,
+                "celery.task_id": str(self.request.id),
+            },
         )
 
     def _forget_webhook(self, job: RunwareJob) -> None:
@@ -360,6 +389,9 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         if not done:
             return None
         inbox.finished(task_uuid, str(self.request.id))
+        tracing.event(
+            "runware webhook", **{"runware.taskUUID": task_uuid, "runware.cost_usd": outcome.cost}
+        )
         metrics.WEBHOOK_LAG.observe(max(0.0, time.time() - received))
         logger.info("taskUUID %s finished by Runware's webhook; no poll.", task_uuid)
         return outcome
@@ -396,6 +428,9 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             settings.runware_retry_after_max_s,
         )
         metrics.RETRIES.labels(self.name).inc()
+        tracing.event(
+            "retry", reason=str(exc), countdown_s=countdown, attempt=retries + 2, limit=limit
+        )
         logger.warning(
             "Task %s (%s) will retry in %.2fs (retry %d of %d): %s",
             self.request.id,
@@ -452,6 +487,13 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             f"{cost:.6f}" if isinstance(cost, int | float) else "?",
             extra=fields,
         )
+
+
+def _traced_outcome(outcome: TaskOutcome, done: bool) -> dict[str, object]:
+    """What a call's span says of its answer: the cost once the task finished."""
+    if not done:
+        return {"runware.status": "processing"}
+    return {"runware.status": "success", "runware.cost_usd": outcome.cost}
 
 
 def _or(option: N | None, setting: N) -> N:

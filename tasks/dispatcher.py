@@ -43,7 +43,7 @@ import redis
 
 from config.keys import KOMBU_UNACKED, FairKeys, celery_queue_keys, other_layout_keys
 from config.settings import Settings
-from tasks import messages, metrics, scripts, unknown
+from tasks import messages, metrics, scripts, tracing, unknown
 from tasks.deadletter import DeadLetters, get_dead_letters
 from tasks.limiter import Limiter
 from tasks.scripts import Pump, Wait
@@ -151,6 +151,7 @@ class Dispatcher(threading.Thread):
         # task-sent events that show them in Flower while they wait).
         self._on_taken = on_taken
         self._read: list[messages.Read | None] = []  # the last step's reads, in ARGV order
+        self._waits = tracing.IntakeWaits()  # (with tracing on) the traceparents of waiting jobs
 
     # --- life cycle ---
     def stop(self) -> None:
@@ -395,18 +396,24 @@ class Dispatcher(threading.Thread):
         reply = scripts.run(self._pump, script_keys, [*args, *reads])
         code, wait, granted, read, recovered, due_in, rejected, unread = reply[:8]
         self._unread = int(code) != Pump.OK or bool(int(unread))
-        if self._on_taken is not None and int(read):
+        if int(read) and (self._on_taken is not None or tracing.active()):
             # The step takes messages in the order they were read (up to a list whose next
             # message someone else took): the first `read` of them.
             jobs = [r for r in self._read[: int(read)] if r and r.kind in TAKEN_KINDS]
-            if jobs:
+            for job in jobs:  # (with tracing on: the span of its wait is made at its grant)
+                if job.kind == messages.CALL:
+                    self._waits.taken_in(job.task_id, job.traceparent)
+            if jobs and self._on_taken is not None:
                 self._on_taken(jobs)
         if int(rejected):
             self._file_rejected()
-        for index in range(8, len(reply), 3):
-            account, klass, waited = reply[index : index + 3]
-            label = metrics.ACCOUNTS.label(account.decode())
-            metrics.LIMIT_WAIT.labels(label, PRIORITY_NAMES[klass.decode()]).observe(float(waited))
+        for index in range(8, len(reply), 4):
+            account, klass, waited, task_id = (v.decode() for v in reply[index : index + 4])
+            priority = PRIORITY_NAMES[klass]
+            metrics.LIMIT_WAIT.labels(metrics.ACCOUNTS.label(account), priority).observe(
+                float(waited)
+            )
+            self._waits.granted(task_id, account, priority, float(waited))
         if int(recovered):
             logger.warning(
                 "%d granted job(s) were lost between the ready queue and a worker; "

@@ -70,6 +70,7 @@ class Read:
     argsrepr: str = ""
     kwargsrepr: str = ""
     retries: int = 0
+    traceparent: str = ""  # the producer's trace (W3C), for the span of the wait (tasks/tracing.py)
 
     def code(self) -> str:
         """The kind, the class and `continues` in one word (pump.lua reads it by position)."""
@@ -220,6 +221,7 @@ def _read(raw: bytes, runware_tasks: frozenset[str], known_tasks: frozenset[str]
         argsrepr=_text(headers.get("argsrepr")) or "",
         kwargsrepr=_text(headers.get("kwargsrepr")) or "",
         retries=retries if type(retries) is int else 0,
+        traceparent=_text(headers.get("traceparent")) or "",
     )
     if task not in runware_tasks or not task_id:
         return passes

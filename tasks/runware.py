@@ -26,7 +26,7 @@ from requests.adapters import HTTPAdapter
 
 from config.settings import Settings, get_settings
 from enhance_client.masking import mask_urls
-from tasks import metrics
+from tasks import metrics, tracing
 from tasks.batching import Coalescer
 from tasks.errors import AuthenticationError, RateLimited, TransientError, runware_error
 from tasks.redact import mask, redact
@@ -212,6 +212,9 @@ class RunwareClient:
             raise TransientError(f"Runware {kind} {task_uuid}: {what}", code=code)
         outcome = "ok" if answer.status == 200 else f"http_{answer.status}"
         metrics.RUNWARE_CALLS.labels(kind, outcome).inc()
+        tracing.on_call(
+            {"http.response.status_code": answer.status, "runware.request.tasks": answer.size}
+        )
         if answer.unattributed_rejection():
             _code, text = self._describe(_errors_of(answer.body))
             raise TransientError(

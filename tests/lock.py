@@ -4,8 +4,8 @@
 requirements/ pin every package of one install set, for every platform and Python 3.11+
 (`uv pip compile --universal`), and `./run`, `.ci/run` and the Dockerfile install only from them:
 
-    requirements/runtime.txt             the package (the Dockerfile)
-    requirements/dev.txt                 the package, its dev tools and the ASGI example (`./run`)
+    requirements/runtime.txt             the package and its tracing extra (the Dockerfile)
+    requirements/dev.txt                 the same, its dev tools and the ASGI example (`./run`)
     requirements/dev-embedded-redis.txt  the same and the embedded server (`./run`, no redis-server)
 
 Each also pins the build backend (the `build` dependency group, kept equal to [build-system]
@@ -47,11 +47,11 @@ class Lock:
 
 
 LOCKS = (
-    Lock("requirements/runtime.txt", (), None),
-    Lock("requirements/dev.txt", ("dev", "asgi"), "requirements/runtime.txt"),
+    Lock("requirements/runtime.txt", ("tracing",), None),
+    Lock("requirements/dev.txt", ("dev", "asgi", "tracing"), "requirements/runtime.txt"),
     Lock(
         "requirements/dev-embedded-redis.txt",
-        ("dev", "asgi", "embedded-redis"),
+        ("dev", "asgi", "tracing", "embedded-redis"),
         "requirements/dev.txt",
     ),
 )

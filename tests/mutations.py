@@ -47,6 +47,7 @@ class Mutation:
 _E = "tests/integration/test_errors_and_retries.py::"
 _L = "tests/integration/test_limiter_redis.py::"
 _W = "tests/integration/test_webhooks.py::"
+_T = "tests/integration/test_tracing.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- the five the audit found the suite letting through ---------------------------------
@@ -300,6 +301,47 @@ MUTATIONS: tuple[Mutation, ...] = (
         "  local hooked = continues and was_delayed and redis.call('ZSCORE', HOOKED, id)",
         "a webhook that comes before the job's poll is parked still ends the job at once",
         (_W + "test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once",),
+    ),
+    # --- tracing ----------------------------------------------------------------------------
+    Mutation(
+        "span-without-the-cost",
+        "tasks/base.py",
+        '    return {"runware.status": "success", "runware.cost_usd": outcome.cost}',
+        '    return {"runware.status": "success"}',
+        "each Runware call's span carries the call's cost in USD",
+        (_T + "test_a_job_sent_by_name_is_one_trace_down_to_its_runware_call",),
+    ),
+    Mutation(
+        "intake-wait-not-in-the-trace",
+        "tasks/dispatcher.py",
+        "                    self._waits.taken_in(job.task_id, job.traceparent)",
+        "                    pass",
+        "the wait in the fair intake is a span of the job's trace",
+        (_T + "test_a_job_sent_by_name_is_one_trace_down_to_its_runware_call",),
+    ),
+    Mutation(
+        "secrets-reach-the-exporter",
+        "tasks/trace_export.py",
+        "        return self._inner.export([self._copy(span) for span in spans])",
+        "        return self._inner.export(list(spans))",
+        "no secret is in any span, event or resource exported",
+        ("tests/unit/test_tracing.py::test_no_secret_reaches_the_exporter",),
+    ),
+    Mutation(
+        "helpers-drop-the-trace",
+        "tasks/tracing.py",
+        "    propagate.inject(headers, context=otel_context.get_current())",
+        "    return",
+        "the project's helpers carry the producer's trace in the `traceparent` header",
+        (_T + "test_the_projects_helpers_carry_the_producers_trace",),
+    ),
+    Mutation(
+        "logs-without-trace-ids",
+        "workers/logs.py",
+        "            record.trace_id, record.span_id = ids",
+        "            pass",
+        "log lines written inside a span carry its trace and span ids",
+        (_T + "test_a_job_sent_by_name_is_one_trace_down_to_its_runware_call",),
     ),
 )
 

@@ -23,7 +23,10 @@ def _load_app() -> Celery:
         import tasks  # noqa: F401 - registers the tasks on the app
         import workers.signals  # noqa: F401 - connects the worker life-cycle hooks
         from config.celery import app
+        from tasks import tracing
         from workers.shutdown import Worker
+
+        tracing.check()  # the OTEL_* variables, before the worker starts
     except ConfigError as exc:  # one line, naming the variable, instead of a traceback
         sys.stderr.write(f"enhance-worker: {exc}\n")
         raise SystemExit(2) from None

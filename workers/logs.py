@@ -1,5 +1,7 @@
 """Logging of the worker: one format (text or JSON lines) and a filter that masks secrets in
-every record, whichever library wrote it (Celery logs task requests at DEBUG, for example)."""
+every record, whichever library wrote it (Celery logs task requests at DEBUG, for example).
+With tracing on (tasks/tracing.py), a line written inside a span carries its trace and span ids
+(JSON fields `trace_id` and `span_id`; at the end of a text line)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,21 @@ import sys
 from datetime import UTC, datetime
 
 from config.settings import Settings
+from tasks import tracing
 from tasks.redact import redact
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 # Fields a JSON line carries beyond the message, when a record has them (see tasks/base.py).
-EXTRA_FIELDS = ("task_id", "task_name", "taskUUID", "duration_s", "cost", "outcome")
+EXTRA_FIELDS = (
+    "task_id",
+    "task_name",
+    "taskUUID",
+    "duration_s",
+    "cost",
+    "outcome",
+    "trace_id",
+    "span_id",
+)
 
 
 class RedactingFilter(logging.Filter):
@@ -27,6 +39,29 @@ class RedactingFilter(logging.Filter):
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
         return True
+
+
+class TraceIds(logging.Filter):
+    """Adds the current trace and span ids to a record written inside a span (tracing on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = tracing.log_ids()
+        if ids is not None:
+            record.trace_id, record.span_id = ids
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, then the trace and span ids when the record has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is None:
+            return line
+        first, newline, rest = line.partition("\n")  # (before a traceback)
+        ids = f" trace_id={trace_id} span_id={getattr(record, 'span_id', '')}"
+        return f"{first}{ids}{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,10 +87,11 @@ def setup(settings: Settings) -> None:
     """Configure the root logger for a worker process."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
+    handler.addFilter(TraceIds())
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -13,7 +13,7 @@ from celery import signals
 from config import redis as redis_urls
 from config.keys import FairKeys
 from config.settings import get_settings, unknown_variables
-from tasks import ledger, runware
+from tasks import ledger, runware, tracing
 from tasks.base import RunwareTask
 from tasks.dispatcher import worker_id
 from workers import logs
@@ -52,6 +52,10 @@ def size_pools(sender: Any = None, **_: Any) -> None:
     # records the process holding its call (a prefork child names its parent).
     _ident.append(worker_id())
     ledger.set_holder(_ident[-1])
+    # Tracing, when the OTEL_* variables ask for it (tasks/tracing.py): set up before the pool
+    # starts, so the dispatcher's spans and the threads' are in it; a prefork child's exporter
+    # thread is restarted by the SDK after the fork.
+    tracing.setup()
 
 
 @signals.celeryd_after_setup.connect
@@ -130,3 +134,15 @@ def leave_the_fleet(**_: Any) -> None:
     """Stop granting jobs to this worker: it leaves the fleet's thread count at once."""
     for member in _members:
         member.stop()
+
+
+@signals.worker_shutdown.connect
+def export_the_last_spans(**_: Any) -> None:
+    """Export the spans still buffered, then stop the exporter (tracing on only)."""
+    tracing.shutdown()
+
+
+@signals.worker_process_shutdown.connect
+def export_a_childs_last_spans(**_: Any) -> None:
+    """A prefork child exports its buffered spans before it exits."""
+    tracing.flush()

@@ -52,7 +52,7 @@
 --         differs (another consumer took the one that was read) ends that list's reading for
 --         the step, and what was popped goes back as it was.
 -- Returns {code, wait, granted, read, recovered, due_in, rejected, unread,
---          account1, class1, dwell1, ...}
+--          account1, class1, dwell1, task id1, ...}
 --   code 1 OK, -3 NOT_DISPATCHER (this caller does not hold the lock)
 --   wait: '0' more may be due now; > 0 seconds to the next possible grant; '-1' nobody waits;
 --         '-2' the in-flight cap or every worker thread is taken
@@ -60,7 +60,7 @@
 --   rejected: messages this step set aside (KEYS[32])
 --   unread: messages left to read after this step (the intake list, the Celery queues, delayed
 --           ones due): the dispatcher reads them before its next step, which is then due now
---   then one triple per grant: account, class (i|b), seconds it waited since intake
+--   then four values per grant: account, class (i|b), seconds it waited since intake, task id
 
 if redis.call('GET', KEYS[9]) ~= ARGV[1] then return {-3, '0', 0, 0, 0, '-1', 0, 0} end
 redis.call('PEXPIRE', KEYS[9], tonumber(ARGV[2]))
@@ -399,6 +399,7 @@ while granted < max_grants do
   dwell[#dwell + 1] = acct
   dwell[#dwell + 1] = class
   dwell[#dwell + 1] = tostring(now - since)
+  dwell[#dwell + 1] = id
 end
 if pushed ~= pushed0 then redis.call('SET', PUSHED, string.format('%.0f', pushed)) end
 if granted > 0 then
