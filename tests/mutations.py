@@ -343,6 +343,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "log lines written inside a span carry its trace and span ids",
         (_T + "test_a_job_sent_by_name_is_one_trace_down_to_its_runware_call",),
     ),
+    Mutation(
+        "scale-on-the-backlog",
+        "workers/metrics.py",
+        "        usable = min(usable, math.ceil(rate * call_s))",
+        "        pass",
+        "the autoscaling signal counts the threads the rate can use, not the backlog",
+        (
+            "tests/integration/test_operations.py::"
+            "test_the_autoscaling_signal_follows_the_rate_not_the_backlog",
+        ),
+    ),
 )
 
 

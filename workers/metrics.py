@@ -37,7 +37,7 @@ from tasks import scripts
 from tasks.dispatcher import PRIORITY_NAMES
 from tasks.ledger import MICRO, utc_day
 from tasks.limiter import broker_redis
-from tasks.metrics import OTHER
+from tasks.metrics import OTHER, RUNWARE_LATENCY
 from tasks.state import redis_client, text
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,46 @@ logger = logging.getLogger(__name__)
 READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
 ACCOUNTS_PER_CALL = 250  # waiting accounts read per script call (a few ms of Redis each)
 DAY_FIELDS_PER_CALL = 1000  # fields of today's totals read per HSCAN (one per account: 2)
+ASSUMED_CALL_S = 1.0  # a Runware call's duration, assumed until this process has made one
+
+
+class RecentCalls:
+    """The mean duration of this process's Runware calls since the previous scrape, from the
+    call histogram (the last value known while it makes none)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen = (0.0, 0.0)  # the histogram's (sum, count) at the previous read
+        self.seconds = ASSUMED_CALL_S
+
+    def read(self) -> float:
+        total = count = 0.0
+        for family in RUNWARE_LATENCY.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+        with self._lock:
+            seen_total, seen_count = self._seen
+            if count > seen_count:
+                self.seconds = (total - seen_total) / (count - seen_count)
+            self._seen = (total, count)
+            return self.seconds
+
+
+def usable_threads(rate: float, call_s: float, cap: int, work: int) -> int:
+    """The worker threads the fleet can keep busy now: the jobs there are (waiting and
+    running), but no more than the global rate keeps busy (calls per second x seconds a call
+    holds a thread: Little's law) and no more than the in-flight cap. What scales the fleet
+    (deploy/k8s/keda-scaledobject.yaml): behind a rate limit, a longer queue needs no more
+    threads, only a slower API does."""
+    usable = work
+    if rate > 0:
+        usable = min(usable, math.ceil(rate * call_s))
+    if cap > 0:
+        usable = min(usable, cap)
+    return max(0, usable)
 
 
 def _pairs(flat: list[Any]) -> dict[str, int]:
@@ -135,6 +175,7 @@ class RedisStateCollector(Collector):
         self._lock = threading.Lock()
         self._cached: tuple[float, Reading] | None = None
         self.ttl_s = READING_TTL_S
+        self.recent_calls = RecentCalls()
 
     def read(self) -> Reading:
         """Both scripts' replies, shared by scrapes within READING_TTL_S of each other."""
@@ -284,6 +325,20 @@ class RedisStateCollector(Collector):
                 "The fleet's rate limit (RUNWARE_RATE_LIMIT or its override), calls per second.",
                 value=rate,
             )
+        call_s = self.recent_calls.read()
+        yield GaugeMetricFamily(
+            "enhance_runware_recent_call_seconds",
+            "Mean duration of this process's Runware calls since the previous scrape.",
+            value=call_s,
+        )
+        yield GaugeMetricFamily(
+            "enhance_fleet_usable_threads",
+            "Worker threads the fleet can keep busy now: the jobs waiting and running, capped "
+            "by the global rate x the recent call duration and by the in-flight cap. KEDA "
+            "scales the workers on it.",
+            # (a granted job waiting in the ready queue holds a lease already)
+            value=usable_threads(rate or 0.0, call_s, cap or 0, incoming + fair + leases),
+        )
         yield GaugeMetricFamily(
             "enhance_fleet_paused",
             "1 while every call of the fleet is paused because Runware refused the API key "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import shutil
 import signal
@@ -652,3 +653,38 @@ def test_per_account_gauges_stay_bounded_with_the_rest_summed(redis_server: Redi
     assert m[used] == pytest.approx(0.3)  # c's 0.003 of 0.01: the fuller of a and c
     client.flushdb()
     client.close()
+
+
+def test_the_autoscaling_signal_follows_the_rate_not_the_backlog(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """`enhance_fleet_usable_threads` (what KEDA scales on): behind a rate of 5 calls/s of about
+    0.2 s, a backlog of 40 jobs keeps about one thread busy, not 40; with nothing left, none."""
+    sandbox.configure(latency_s=0.2)
+    worker = start_worker(
+        "scaling", METRICS_PORT="0", RUNWARE_RATE_LIMIT="5", RUNWARE_BATCH_MAX="1"
+    )
+    port = metrics_port(worker)
+    results = [worker.send(prompt=f"fox {n}") for n in range(40)]
+    seen: list[tuple[float, float, float]] = []
+
+    def busy_reading() -> bool:
+        m = scrape_metrics(port)
+        depth = m[("enhance_queue_depth", (("queue", "enhance"),))]
+        usable = m[("enhance_fleet_usable_threads", ())]
+        call_s = m[("enhance_runware_recent_call_seconds", ())]
+        seen.append((depth, usable, call_s))
+        return depth >= 10 and call_s < 0.9  # (calls measured, not the 1 s assumed)
+
+    wait_until(busy_reading, 20, "a reading with a backlog and measured calls")
+    depth, usable, call_s = seen[-1]
+    assert 0.15 < call_s < 0.9, seen
+    assert usable == math.ceil(5 * call_s), seen
+    assert usable < depth
+    for result in results:
+        result.get(timeout=30)  # type: ignore[attr-defined]
+    wait_until(
+        lambda: scrape_metrics(port)[("enhance_fleet_usable_threads", ())] == 0,
+        10,
+        "no usable thread once every job is done",
+    )

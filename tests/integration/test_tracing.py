@@ -223,3 +223,25 @@ def test_the_projects_helpers_carry_the_producers_trace(sandbox: Sandbox) -> Non
     headers = json.loads(raw)["headers"]
     version, carried_trace, _span, _flags = headers["traceparent"].split("-")
     assert (version, carried_trace) == ("00", trace_id)
+
+
+def test_a_prefork_child_exports_its_spans(start_worker: StartWorker, sandbox: Sandbox) -> None:
+    """Tracing is set up before the pool forks; the SDK restarts the exporter's thread in each
+    child, so a prefork child's run and call reach the receiver."""
+    with HttpReceiver() as otlp:
+        worker = start_worker(
+            "prefork-traced", WORKER_POOL="prefork", WORKER_CONCURRENCY="2", **otlp.env()
+        )
+        trace_id, parent_id, traceparent = _traceparent()
+        result = worker.app.send_task(
+            "tasks.enhance_prompt", kwargs={"prompt": "a fox"}, headers={"traceparent": traceparent}
+        ).get(timeout=30)
+        otlp.received.wait_for(
+            lambda: bool(_named(otlp.received.in_trace(trace_id), "runware promptEnhance")),
+            15,
+            "a prefork child's call span",
+        )
+        [run] = _named(otlp.received.in_trace(trace_id), "run/tasks.enhance_prompt")
+        [call] = _named(otlp.received.in_trace(trace_id), "runware promptEnhance")
+    assert run.parent_id == parent_id
+    assert call.attributes["runware.cost_usd"] == pytest.approx(result["cost"])

@@ -9,7 +9,9 @@ layout): a low-load phase of sequential jobs, then N jobs pushed as fast as the 
 Reports jobs/s, end-to-end latency p50/p99, the low-load latency that is not the API's, worker
 CPU seconds per 1000 jobs, peak RSS, tasks per Runware request, and each ratio project/baseline.
 With --soak N it then runs N more jobs through the first project worker and prints its RSS as it
-goes (leak check).
+goes (leak check). With --tracing on|both the project's workers export spans over OTLP/HTTP to a
+receiver in this process (tests/otlp.py), which counts them; `both` measures each process count
+with tracing off, then on, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from celery import Celery
 
 from tests.load.common import KEY, done_at, percentile, private_redis
+from tests.otlp import HttpReceiver
 from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
@@ -125,6 +128,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-max", default=None, help="RUNWARE_BATCH_MAX for the project")
     parser.add_argument("--only", choices=["baseline", "project"], default=None)
+    parser.add_argument(
+        "--tracing",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the project's workers with OpenTelemetry tracing off, on, or both in turn",
+    )
     args = parser.parse_args()
     counts = sorted({int(n) for n in args.processes.split(",")})
     baseline: dict[str, float] | None = None
@@ -148,15 +157,33 @@ def main() -> None:
                 )
             print_row("baseline (1 process, threads, 200, bare requests.post)", baseline)
         if args.only in (None, "project"):
-            for db, processes in enumerate(counts, start=2):
-                project = run_project(server.url(db), sandbox, processes, args)
-                if baseline is not None:
-                    ratio = project["jobs_per_s"] / baseline["jobs_per_s"]
-                    print(f"  ratio project ({processes} process(es)) / baseline: {ratio:.2f}")
+            modes = {"off": [False], "on": [True], "both": [False, True]}[args.tracing]
+            db = 2
+            for processes in counts:
+                by_mode: dict[bool, dict[str, float]] = {}
+                for traced in modes:
+                    project = by_mode[traced] = run_project(
+                        server.url(db), sandbox, processes, args, traced
+                    )
+                    db += 1
+                    if baseline is not None:
+                        ratio = project["jobs_per_s"] / baseline["jobs_per_s"]
+                        print(
+                            f"  ratio project ({processes} process(es), tracing "
+                            f"{'on' if traced else 'off'}) / baseline: {ratio:.2f}"
+                        )
+                if len(by_mode) == 2:
+                    on, off = by_mode[True], by_mode[False]
+                    print(
+                        f"  tracing on / off ({processes} process(es)): jobs/s "
+                        f"{on['jobs_per_s'] / off['jobs_per_s']:.2f}, CPU per job "
+                        f"{on['cpu_s_per_1000'] / off['cpu_s_per_1000']:.2f}, p50 "
+                        f"{on['p50_ms'] - off['p50_ms']:+.1f} ms"
+                    )
 
 
 def run_project(
-    url: str, sandbox: SandboxProcess, processes: int, args: argparse.Namespace
+    url: str, sandbox: SandboxProcess, processes: int, args: argparse.Namespace, traced: bool
 ) -> dict[str, float]:
     env = {
         "REDIS_URL": url,
@@ -173,6 +200,9 @@ def run_project(
         env["WORKER_CONCURRENCY"] = str(args.concurrency)
     if args.batch_max:
         env["RUNWARE_BATCH_MAX"] = str(args.batch_max)
+    receiver = HttpReceiver().__enter__() if traced else None
+    if receiver is not None:
+        env.update(receiver.env())
     workers = [WorkerProcess(env, name=f"project{n}").start() for n in range(processes)]
     try:
         figures = measure(
@@ -184,13 +214,19 @@ def run_project(
             sandbox,
             args.latency,
         )
-        print_row(f"project ({processes} worker process(es), as documented)", figures)
+        if receiver is not None:
+            time.sleep(1.0)  # the last batch of spans
+            figures["spans_per_job"] = len(receiver.received.spans) / (args.jobs + 120)
+        title = f"project ({processes} worker process(es), tracing {'on' if traced else 'off'})"
+        print_row(title, figures)
         if args.soak:
             soak(workers[0], url, args.soak)
         return figures
     finally:
         for worker in workers:
             worker.stop()
+        if receiver is not None:
+            receiver.__exit__()
 
 
 def soak(worker: WorkerProcess, url: str, jobs: int) -> None:

@@ -35,6 +35,7 @@ REMAP = {"REMAP_SIGTERM": "SIGQUIT"}
 METRICS_MODULES = (ROOT / "workers" / "metrics.py", ROOT / "tasks" / "metrics.py")
 # The dispatcher empties `celery` into the fair queues at once: its length is no backlog.
 BACKLOG_METRIC = "enhance_queue_depth"
+USABLE_THREADS_METRIC = "enhance_fleet_usable_threads"  # what KEDA scales the workers on
 
 Obj = dict[str, Any]
 
@@ -219,7 +220,7 @@ def test_promql_metrics_are_read_from_a_query() -> None:
     assert "enhance_queue_length" not in _exported_metrics()
 
 
-def test_keda_scales_the_worker_on_the_fleet_backlog() -> None:
+def test_keda_scales_the_worker_on_the_threads_the_fleet_can_use() -> None:
     [scaled] = [o for o in K8S if o["kind"] == "ScaledObject"]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
@@ -237,7 +238,7 @@ def test_keda_scales_the_worker_on_the_fleet_backlog() -> None:
     # Every worker reports the same fleet-wide figure: one series per replica, so max, not sum.
     query = meta["query"]
     assert re.fullmatch(r"max\s*\(.*\)", query.strip()), query
-    assert BACKLOG_METRIC in _promql_metrics(query)
+    assert _promql_metrics(query) == {USABLE_THREADS_METRIC}
     missing = _promql_metrics(query) - _exported_metrics()
     assert missing == set(), f"not declared in workers/metrics.py or tasks/metrics.py: {missing}"
     # A `redis` list trigger, if any, reads the fleet's queue `enhance`. It is the only way to wake
