@@ -302,6 +302,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a webhook that comes before the job's poll is parked still ends the job at once",
         (_W + "test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once",),
     ),
+    # --- production sizes -------------------------------------------------------------------
+    Mutation(
+        "large-result-stored-raw",
+        "config/backend.py",
+        "        if not celery_backend.compression and len(value) > LARGE_RESULT_BYTES:",
+        "        if False:",
+        "a result over a mebibyte (a batch's) is stored compressed, so no Redis call holds the "
+        "server for its size",
+        (
+            "tests/integration/test_hot_path.py::"
+            "test_a_result_over_a_mebibyte_is_stored_compressed_and_read_as_it_was",
+        ),
+    ),
+    Mutation(
+        "batch-callback-uncompressed",
+        "tasks/pipelines.py",
+        "    return collect_batch.s().set(compression=CALLBACK_COMPRESSION)",
+        "    return collect_batch.s()",
+        "a batch's callback message, which carries every result, is sent compressed",
+        (
+            "tests/unit/test_messages.py::"
+            "test_a_batch_callback_goes_compressed_and_is_taken_in_without_decoding_its_body",
+        ),
+    ),
     # --- tracing ----------------------------------------------------------------------------
     Mutation(
         "span-without-the-cost",

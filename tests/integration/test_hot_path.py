@@ -160,3 +160,40 @@ def test_compressed_results_are_smaller_and_read_by_a_plain_celery_producer(
     ]
     batch = chord(items)(worker.app.signature("tasks.collect_batch"))
     assert [item["prompt"] for item in batch.get(timeout=60)["results"]] == ["a fox", "an owl"]
+
+
+def test_a_result_over_a_mebibyte_is_stored_compressed_and_read_as_it_was(
+    redis_server: RedisServer,
+) -> None:
+    """A batch's result (tens of MB for 10,000 prompts) is stored in Celery's marked compressed
+    form even with CELERY_RESULT_COMPRESSION unset: its write, its PUBLISH and each read move a
+    fraction of it. A plain Celery reader with no compression set reads it as it was; a result
+    under the limit is stored as plain JSON."""
+    from config.backend import LARGE_RESULT_BYTES
+
+    url = redis_server.url(9)
+    writer = backend_app(broker=url, backend=result_backend_url(url))
+    reader = backend_app(broker=url, backend=url)
+    assert isinstance(writer.backend, ResultStore)
+    assert not writer.conf.result_compression
+    client = redis.Redis.from_url(url)
+    texts = [f"version {n}: {uuid.uuid4()} a lighthouse in a storm" for n in range(30_000)]
+    large, small = {"results": texts}, {"results": texts[:10]}
+    assert len(json.dumps(large)) > LARGE_RESULT_BYTES
+    stored = {}
+    for value in (large, small):
+        task_id = str(uuid.uuid4())
+        writer.backend.store_result(task_id, value, "SUCCESS")
+        raw = client.get(f"celery-task-meta-{task_id}")
+        assert raw is not None
+        stored[len(value["results"])] = raw
+        assert reader.AsyncResult(task_id).get(timeout=5) == value
+        # Written once: a redelivered job's second SUCCESS does not replace it.
+        writer.backend.store_result(task_id, {"results": []}, "SUCCESS")
+        assert reader.AsyncResult(task_id).get(timeout=5) == value
+    assert stored[30_000].startswith(b"\x00celery-compressed\x00")
+    assert len(stored[30_000]) < LARGE_RESULT_BYTES
+    assert stored[10].startswith(b"{")
+    client.close()
+    writer.close()
+    reader.close()

@@ -7,11 +7,11 @@ Prints figures; asserts nothing.
                              [--flood 0] [--real 800] [--cap 12] [--lease-s 0] [--latency-s 0.3]
                              [--backlog 0] [--prompt-chars 300,3000]
 
-For each PROMPTSxVERSIONS: one `enhance_batch` of that many prompts (sent by this process, as a
-backend would, with the project's helper), every result read back, then the SLOWLOG: how many
-commands passed --slow-ms, the longest, and the longest of each command name (EVALSHA is a
-script: pump.lua, the ledger's, the result store). The sandbox answers at once, so the batch
-is bound by the workers and Redis alone.
+For each PROMPTSxVERSIONS: one `enhance_batch` of that many prompts of English prose, up to 280
+characters (sent by this process, as a backend would, with the project's helper), every result
+read back, then the SLOWLOG: how many commands passed --slow-ms, the longest, and the longest
+of each command name (EVALSHA is a script: pump.lua, the ledger's, the result store). The
+sandbox answers at once, so the batch is bound by the workers and Redis alone.
 
 With --accounts N (the batches are then skipped unless --batch is given too): N accounts with
 one job each, under a global --rate and a per-account --account-rate, through --workers
@@ -44,10 +44,26 @@ from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
 
 
+def prose_prompts(count: int, max_chars: int = 280) -> list[str]:
+    """`count` prompts of English prose (CPython's own help texts, in order), up to `max_chars`
+    each: a batch's messages then compress as real ones do, not as a repeated line would."""
+    from pydoc_data.topics import topics
+
+    words = " ".join(topics[name] for name in sorted(topics)).split()
+    prompts, at = [], 0
+    while len(prompts) < count:
+        text = ""
+        while len(text) + len(words[at % len(words)]) + 1 <= max_chars:
+            text = f"{text} {words[at % len(words)]}".strip()
+            at += 1
+        prompts.append(text)
+    return prompts
+
+
 def batch(producer: Any, prompts: int, versions: int) -> tuple[float, int, int]:
     from tasks import enhance_batch
 
-    texts = [f"prompt {n}: a lighthouse in a storm, seen from the cliffs" for n in range(prompts)]
+    texts = prose_prompts(prompts)
     started = time.monotonic()
     result = enhance_batch(texts, versions=versions).get(timeout=1800)
     took = time.monotonic() - started

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.apps.worker import Worker
+from celery.backends import base as celery_base
 from celery.backends.redis import RedisBackend
 from celery.worker import request, strategy
 from celery.worker.consumer import Consumer
@@ -66,6 +67,16 @@ INTERNALS: dict[str, tuple[Callable[..., Any], str, str]] = {
         RedisBackend._store_result,
         "config/backend.py overrides it with one atomic script (the SUCCESS check and the write)",
         "c0214af4c66e2999",
+    ),
+    "celery.backends.base.compress_payload": (
+        celery_base.compress_payload,
+        "config/backend.py stores a result over LARGE_RESULT_BYTES in its marked, compressed form",
+        "13cf04d008002c03",
+    ),
+    "celery.backends.base.decompress_payload": (
+        celery_base.decompress_payload,
+        "every reader decodes that form by its marker, whatever its own result_compression",
+        "8bfab5ab8f854fce",
     ),
     "celery.backends.redis.RedisBackend.on_task_call": (
         RedisBackend.on_task_call,

@@ -3,6 +3,7 @@ items it answers with. Kept apart from the HTTP server in workers/sandbox/server
 
 from __future__ import annotations
 
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -174,12 +175,18 @@ def check(task: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def enhanced_texts(prompt: str, versions: int, max_tokens: int | None) -> list[str]:
-    """Deterministic stand-ins for the model's output: the prompt, expanded, one per version."""
+    """Deterministic stand-ins for the model's output: the prompt, expanded, one per version.
+    The first keeps the prompt's words in order; each other version reorders them (as a model's
+    versions reword one another), so that a batch's results are no more alike than real ones."""
     limit = (max_tokens or 400) * 4
-    return [
-        f"{prompt.strip().rstrip('.')}, {FLOURISHES[index % len(FLOURISHES)]}"[:limit]
-        for index in range(versions)
-    ]
+    base = prompt.strip().rstrip(".")
+    texts = []
+    for index in range(versions):
+        words = base.split(" ")
+        if index:
+            random.Random(f"{base}|{index}").shuffle(words)
+        texts.append(f"{' '.join(words)}, {FLOURISHES[index % len(FLOURISHES)]}"[:limit])
+    return texts
 
 
 def accept(task: dict[str, Any], prices: Prices, base_url: str) -> Accepted:
