@@ -9,7 +9,8 @@ result (a dict); it raises what went wrong and does nothing else. Celery runs ev
 - TransientError retries with exponential back-off and full jitter, capped, honouring Retry-After,
   at most RUNWARE_MAX_RETRIES times (the task's `retry_limit`, `retry_backoff_s` and
   `retry_backoff_max_s` options override the settings); then the task fails with the last error
-  and the retry count.
+  and the retry count. The rules are tasks/policy.py's, as pure decisions; this class applies
+  them.
 - Every job's outcome is logged once (taskUUID, duration, cost or reason) and counted in the
   metrics (tasks/metrics.py); a job that fails for good is kept as a dead letter.
 - Waiting for Runware to finish an async task is not failing: the job is re-scheduled with a
@@ -18,27 +19,30 @@ result (a dict); it raises what went wrong and does nothing else. Celery runs ev
   and makes at most one call to Runware per run; the slot goes back when it is acknowledged.
 - Every call reserves its estimated cost under the budgets first and records its real cost once;
   a call whose outcome the job could not learn is left for the reconciler (tasks/reconcile.py).
+  One object owns the reservation (tasks/reservation.py's ReservedCall).
+- What a task works with (the ledger, the limiter, the Runware client, the poll markers, the
+  webhook inbox, the dead letters, the settings) is handed to it once, as `Collaborators`: this
+  process's by default, fakes in unit tests.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore, Retry
 
-from config.settings import get_settings
+from config.settings import Settings, get_settings
 from enhance_client.schemas import stable_task_uuid
 from tasks import metrics, tracing
-from tasks.deadletter import get_dead_letters
+from tasks.deadletter import DeadLetters, get_dead_letters
 from tasks.errors import (
-    BUDGET_UNSETTLED,
     AuthenticationError,
     ConflictTaskUUID,
     PermanentError,
@@ -48,29 +52,47 @@ from tasks.errors import (
     WorkerError,
     for_policy,
 )
-from tasks.ledger import Started, call_shape, get_ledger
+from tasks.ledger import Ledger, Started, call_shape, get_ledger
 from tasks.limiter import Limiter, get_limiter
 from tasks.messages import CONTINUES_HEADER
-from tasks.polling import get_pending
-from tasks.runware import UNATTRIBUTED, TaskOutcome, get_client
-from tasks.webhooks import expected_items, get_inbox, is_error, webhook_url
+from tasks.policy import Decision, GiveUp, RetryIn, RetryPolicy, WaitForBudget, backoff_seconds
+from tasks.polling import PendingCalls, get_pending
+from tasks.reservation import ReservedCall
+from tasks.runware import UNATTRIBUTED, RunwareClient, TaskOutcome, get_client
+from tasks.webhooks import Inbox, expected_items, get_inbox, is_error, webhook_url
 
 logger = logging.getLogger(__name__)
-N = TypeVar("N", int, float)
 BUDGET_WAIT_HEADER = "enhance_budget_wait_since"  # when a job's first such refusal came
 KEY_WAIT_S = 1.0  # a job sent back while the key is refused: due again at once, then held
 
 
-def backoff_seconds(
-    retries: int, base: float, cap: float, retry_after: float | None, retry_after_cap: float
-) -> float:
-    """Full-jitter exponential back-off: uniform(0, min(cap, base * 2**retries)), but never
-    sooner than the server's Retry-After (itself bounded by `retry_after_cap`)."""
-    ceiling = min(cap, base * (2 ** min(retries, 32)))
-    delay = random.uniform(0.0, ceiling)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, retry_after_cap))
-    return delay
+__all__ = ["Collaborators", "RunwareJob", "RunwareTask", "backoff_seconds"]
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    """What a RunwareTask works with, handed to it once (`RunwareTask.use`); by default this
+    process's own, made on first use. Unit tests hand it fakes (tests/unit/test_policy.py)."""
+
+    settings: Settings
+    ledger: Ledger
+    limiter: Limiter
+    client: RunwareClient
+    pending: PendingCalls
+    inbox: Inbox
+    dead_letters: DeadLetters
+
+    @classmethod
+    def of_this_process(cls) -> Collaborators:
+        return cls(
+            get_settings(),
+            get_ledger(),
+            get_limiter(),
+            get_client(),
+            get_pending(),
+            get_inbox(),
+            get_dead_letters(),
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,19 @@ class RunwareTask(Task):  # type: ignore[type-arg]
     # A job that fails for good returns {"prompt", "error"} (and is kept as a dead letter)
     # instead of failing: for the items of a batch, so that one failure does not sink its chord.
     failure_as_result = False
+    _collaborators: tuple[int, Collaborators] | None = None  # (the process they belong to, them)
+
+    @property
+    def services(self) -> Collaborators:
+        """What this task works with (see Collaborators): this process's, unless handed others."""
+        held = self._collaborators
+        if held is None or held[0] != os.getpid():  # (a forked child makes its own)
+            held = self._collaborators = (os.getpid(), Collaborators.of_this_process())
+        return held[1]
+
+    def use(self, collaborators: Collaborators) -> None:
+        """Work with these collaborators in this process from now on."""
+        self._collaborators = (os.getpid(), collaborators)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the body (`run`) under the retry policy. Celery's worker calls this with the
@@ -114,7 +149,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         try:
             # A job granted a slot is on its way to a Runware call: a request this process's
             # other threads hold open waits for it (tasks/batching.py), and for nothing else.
-            with get_client().on_the_way(self.request.id):
+            with self.services.client.on_the_way(self.request.id):
                 result = self.run(*args, **kwargs)
         except (Ignore, Retry):
             raise
@@ -125,12 +160,16 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             if isinstance(error, AuthenticationError):
                 # A key problem is the fleet's, not the job's: the fleet pauses, the job waits.
                 try:
-                    get_limiter().refuse_key(str(error))
+                    self.services.limiter.refuse_key(str(error))
                 except redis.RedisError as failure:  # this process stays refused all the same
                     logger.warning("Could not pause the fleet for the refused key: %s", failure)
                 raise self._wait_for_a_key() from None
             if isinstance(error, TransientError):
-                error = self._retry_or_give_up(error, started)  # raises Retry while it may
+                decision = self._after_transient(error)
+                if not isinstance(decision, GiveUp):
+                    raise self._run_again(decision, error) from None
+                error = decision.error
+                self._log_outcome(logging.ERROR, "gave up", started, reason=str(error))
             else:
                 self._log_outcome(logging.ERROR, "failed", started, reason=str(error))
             if self.failure_as_result:
@@ -224,7 +263,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         metrics.JOBS.labels(self.name, "failure").inc()
         metrics.DEAD_LETTERS.labels(self.name).inc()
         try:
-            get_dead_letters().record(
+            self.services.dead_letters.record(
                 task_uuid, self.name, f"{type(exc).__name__}: {exc}", task_id, args, kwargs
             )
         except redis.RedisError as error:  # the failure itself is still in the result backend
@@ -236,53 +275,49 @@ class RunwareTask(Task):  # type: ignore[type-arg]
 
         One script starts the call (a finished task's items come back at once, without calling
         Runware; else the reservation, the submission marker and whether to send it alone) and
-        one ends it (the cost recorded once, with the items). What happens to the reservation
-        when the call does not end: a re-schedule or a retry keeps it (the next run takes it
-        up); Runware refusing the call drops it (nothing was billed); anything else may leave a
-        call Runware accepted, so the reservation is left unsettled for the reconciler.
+        one ends it (the cost recorded once, with the items). The reservation has one owner,
+        tasks/reservation.py's ReservedCall: the exception the call ends with decides whether
+        it is kept for the job's next run, released or given up to the reconciler.
         """
-        ledger, limiter = get_ledger(), get_limiter()
-        if limiter.refused():  # granted before the pause: no call with a refused key
+        services = self.services
+        if services.limiter.refused():  # granted before the pause: no call with a refused key
             raise self._wait_for_a_key()
-        task_uuid, shape = job.task_uuid, call_shape(job.body)
-        started = ledger.begin(task_uuid, job.account, job.estimate_usd, shape)
-        if started.finished is not None:  # a redelivered or resent job whose call finished
-            logger.info("taskUUID %s already finished; returning its result.", task_uuid)
-            return TaskOutcome(task_uuid, started.finished)
-        try:
-            outcome = self._submit_or_poll(job, started, limiter)
-        except (Ignore, Retry):
-            raise
-        except TransientError as exc:
-            if exc.code == UNATTRIBUTED:  # its next call goes in a request of its own
-                get_pending().send_alone(task_uuid)
-            raise
-        except AuthenticationError:
-            # Refused before any work: nothing was billed, unless this was a poll of a call
-            # Runware accepted earlier (its reservation stays until the poll succeeds).
-            if started.submitted is None:
-                ledger.release(task_uuid)
-            raise
-        except PermanentError:
-            ledger.release(task_uuid)
-            self._forget_webhook(job)
-            raise
-        except BaseException as exc:
-            ledger.give_up(task_uuid)
-            if isinstance(exc, TaskTimeout):
-                self._forget_webhook(job)
-            raise
-        ledger.end(task_uuid, job.account, outcome.cost, outcome.items, shape)
+        policy = RetryPolicy.of(self, services.settings)
+        reserved = ReservedCall(
+            services.ledger,
+            job.task_uuid,
+            job.account,
+            job.estimate_usd,
+            call_shape(job.body),
+            last_attempt=policy.last_attempt(int(self.request.retries or 0)),
+        )
+        with reserved:
+            finished = reserved.started.finished
+            if finished is not None:  # a redelivered or resent job whose call finished
+                logger.info("taskUUID %s already finished; returning its result.", job.task_uuid)
+                return TaskOutcome(job.task_uuid, finished)
+            try:
+                outcome = self._submit_or_poll(job, reserved.started)
+            except TransientError as exc:
+                if exc.code == UNATTRIBUTED:  # its next call goes in a request of its own
+                    services.pending.send_alone(job.task_uuid)
+                raise
+            except (PermanentError, TaskTimeout) as exc:
+                if not isinstance(exc, AuthenticationError):  # (its poll waits for the key)
+                    self._forget_webhook(job)
+                raise
+            reserved.finish(outcome.cost, outcome.items)
         return outcome
 
-    def _submit_or_poll(self, job: RunwareJob, started: Started, limiter: Limiter) -> TaskOutcome:
+    def _submit_or_poll(self, job: RunwareJob, started: Started) -> TaskOutcome:
         """One call to Runware (a run holds one slot): submit the task, or poll it; the fleet
         hears how it went (`Limiter.heard`)."""
-        client, pending = get_client(), get_pending()
+        services = self.services
+        client, pending, limiter = services.client, services.pending, services.limiter
         task_uuid, submitted = job.task_uuid, started.submitted
         # (a sync call expects no webhook: no token is made for it)
         hook = (
-            webhook_url(get_settings(), job.body, str(self.request.id))
+            webhook_url(services.settings, job.body, str(self.request.id))
             if job.deliver_async
             else None
         )
@@ -303,7 +338,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 return outcome
             pending.mark(task_uuid, job.timeout_s)
             if hook is not None:
-                get_inbox().expect(task_uuid)
+                services.inbox.expect(task_uuid)
             raise self.reschedule(
                 self._next_poll_in(0.0, hook), f"submitted {task_uuid} to Runware, polling later"
             )
@@ -324,7 +359,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         if done:
             if hook is not None:  # (its webhook did not come, or not yet)
                 metrics.WEBHOOK_MISSED.inc()
-                get_inbox().finished(task_uuid, str(self.request.id))
+                services.inbox.finished(task_uuid, str(self.request.id))
             return outcome
         elapsed = max(0.0, started.now - submitted)  # both by Redis's clock
         if elapsed > job.timeout_s:
@@ -360,32 +395,32 @@ class RunwareTask(Task):  # type: ignore[type-arg]
 
     def _forget_webhook(self, job: RunwareJob) -> None:
         """A call that may have expected a webhook ended for good."""
-        if job.deliver_async and get_settings().runware_webhook_url:
-            get_inbox().finished(job.task_uuid, str(self.request.id))
+        if job.deliver_async and self.services.settings.runware_webhook_url:
+            self.services.inbox.finished(job.task_uuid, str(self.request.id))
 
     def _next_poll_in(self, elapsed_s: float, hook: str | None) -> float:
         """The countdown to the next poll: RUNWARE_WEBHOOK_POLL_S when a webhook is expected
         (the fallback for one that never comes), else the growing poll interval."""
         if hook is not None:
-            return get_settings().runware_webhook_poll_s
-        return get_pending().next_poll_in(elapsed_s)
+            return self.services.settings.runware_webhook_poll_s
+        return self.services.pending.next_poll_in(elapsed_s)
 
     def _from_webhook(self, job: RunwareJob) -> TaskOutcome | None:
         """The call's outcome from what its webhooks brought; None when nothing came (the job
         polls). While only some of its items came, and lately, the job waits for the rest
         without a call (a run woken by a webhook has no grant to call with)."""
-        inbox, task_uuid = get_inbox(), job.task_uuid
+        inbox, task_uuid = self.services.inbox, job.task_uuid
         items, received = inbox.read(task_uuid)
         if received is None:
             return None
-        expected, poll_s = expected_items(job.body), get_settings().runware_webhook_poll_s
+        expected, poll_s = expected_items(job.body), self.services.settings.runware_webhook_poll_s
         if len(items) < expected and not any(map(is_error, items)):
             if time.time() - received > poll_s:
                 return None  # the rest is late: poll for it
             raise self.reschedule(
                 poll_s, f"Runware's webhooks brought {len(items)} of {expected} items"
             )
-        done, outcome = get_client().settle(task_uuid, items)  # (raises a task's error)
+        done, outcome = self.services.client.settle(task_uuid, items)  # (raises a task's error)
         if not done:
             return None
         inbox.finished(task_uuid, str(self.request.id))
@@ -396,54 +431,54 @@ class RunwareTask(Task):  # type: ignore[type-arg]
         logger.info("taskUUID %s finished by Runware's webhook; no poll.", task_uuid)
         return outcome
 
-    # --- the retry policy ----------------------------------------------------------------------
-    def _retry_or_give_up(self, exc: TransientError, started: float) -> TransientError:
-        """Raise the retry of this job; or, once its retries are spent, return the error it
-        fails with."""
-        settings = get_settings()
-        if exc.code == BUDGET_UNSETTLED:
-            # It fits once unsettled calls are reconciled: it waits for that, its retries
-            # untouched, for at most RUNWARE_BUDGET_WAIT_MAX_S from its first such refusal.
-            since = float(self._own_headers().get(BUDGET_WAIT_HEADER) or time.time())
-            left = settings.runware_budget_wait_max_s - (time.time() - since)
-            if left > 0:
-                countdown = min(exc.retry_after or settings.runware_reconcile_s, left)
-                why = f"waits for unsettled calls to be reconciled ({exc})"
-                # Not ahead of its account's queue (it is no call under way): like a retry.
-                raise self.reschedule(
-                    countdown, why, {BUDGET_WAIT_HEADER: repr(since)}, continues=False
-                )
-        retries = int(self.request.retries or 0)
-        limit = _or(self.retry_limit, settings.runware_max_retries)
-        if retries >= limit:
-            reason = f"{exc} (gave up after {retries} retries)"
-            get_ledger().give_up(self.job_uuid())  # Runware may have billed an attempt
-            self._log_outcome(logging.ERROR, "gave up", started, reason=reason)
-            return type(exc)(reason, code=exc.code, status=exc.status, retry_after=exc.retry_after)
-        countdown = backoff_seconds(
-            retries,
-            _or(self.retry_backoff_s, settings.runware_retry_backoff_s),
-            _or(self.retry_backoff_max_s, settings.runware_retry_backoff_max_s),
-            exc.retry_after,
-            settings.runware_retry_after_max_s,
+    # --- the retry policy (its rules: tasks/policy.py) ---------------------------------------
+    def _after_transient(self, exc: TransientError) -> Decision:
+        """What this job does after `exc` (tasks/policy.py)."""
+        since = self._own_headers().get(BUDGET_WAIT_HEADER)
+        return RetryPolicy.of(self, self.services.settings).after(
+            exc,
+            int(self.request.retries or 0),
+            float(since) if since else None,
+            time.time(),
         )
+
+    def _run_again(self, decision: WaitForBudget | RetryIn, exc: TransientError) -> Ignore | Retry:
+        """The exception that ends this run and sends the job again as `decision` says: a
+        re-schedule with its retries untouched, or a Celery retry."""
+        if isinstance(decision, WaitForBudget):
+            # Not ahead of its account's queue (it is no call under way): like a retry.
+            return self.reschedule(
+                decision.countdown,
+                decision.why,
+                {BUDGET_WAIT_HEADER: repr(decision.since)},
+                continues=False,
+            )
         metrics.RETRIES.labels(self.name).inc()
         tracing.event(
-            "retry", reason=str(exc), countdown_s=countdown, attempt=retries + 2, limit=limit
+            "retry",
+            reason=str(exc),
+            countdown_s=decision.countdown,
+            attempt=decision.attempt + 1,
+            limit=decision.limit,
         )
         logger.warning(
             "Task %s (%s) will retry in %.2fs (retry %d of %d): %s",
             self.request.id,
             self.name,
-            countdown,
-            retries + 1,
-            limit,
+            decision.countdown,
+            decision.attempt,
+            decision.limit,
             exc,
             extra={"task_id": self.request.id, "taskUUID": self.job_uuid(), "outcome": "retry"},
         )
-        raise self.retry(
-            exc=exc, countdown=countdown, max_retries=None, headers=self._headers(continues=False)
+        retry: Retry = self.retry(
+            exc=exc,
+            countdown=decision.countdown,
+            max_retries=None,
+            headers=self._headers(continues=False),
+            throw=False,
         )
+        return retry
 
     def _log_outcome(
         self,
@@ -494,8 +529,3 @@ def _traced_outcome(outcome: TaskOutcome, done: bool) -> dict[str, object]:
     if not done:
         return {"runware.status": "processing"}
     return {"runware.status": "success", "runware.cost_usd": outcome.cost}
-
-
-def _or(option: N | None, setting: N) -> N:
-    """A task's own option when it has one, else the setting."""
-    return setting if option is None else option

@@ -48,24 +48,29 @@ _E = "tests/integration/test_errors_and_retries.py::"
 _L = "tests/integration/test_limiter_redis.py::"
 _W = "tests/integration/test_webhooks.py::"
 _T = "tests/integration/test_tracing.py::"
+_P = "tests/unit/test_policy.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- the five the audit found the suite letting through ---------------------------------
     Mutation(
         "refused-call-keeps-reservation",
-        "tasks/base.py",
-        "        except PermanentError:\n            ledger.release(task_uuid)\n",
-        "        except PermanentError:\n            pass\n",
+        "tasks/policy.py",
+        '    if isinstance(exc, PermanentError):\n        return "release"\n',
+        '    if isinstance(exc, PermanentError):\n        return "keep"\n',
         "a call Runware refuses gives its budget reservation back",
-        (_E + "test_a_call_runware_refuses_gives_its_budget_reservation_back",),
+        (
+            _E + "test_a_call_runware_refuses_gives_its_budget_reservation_back",
+            _P + "test_a_call_that_fails_leaves_its_reservation_as_the_policy_says",
+        ),
     ),
     Mutation(
         "retry-ignores-retry-after",
-        "tasks/base.py",
-        "            exc.retry_after,\n            settings.runware_retry_after_max_s,",
-        "            None,\n            settings.runware_retry_after_max_s,",
+        "tasks/policy.py",
+        "            exc.retry_after,\n            self.retry_after_max_s,",
+        "            None,\n            self.retry_after_max_s,",
         "a retry waits at least Retry-After",
         (
+            _P + "test_a_retry_waits_at_least_retry_after_itself_capped",
             _E + "test_a_500_with_retry_after_is_retried_no_sooner",
             _E + "test_retry_after_is_honoured",
         ),
@@ -167,11 +172,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- the retry policy ---------------------------------------------------------------------
     Mutation(
         "one-retry-too-many",
-        "tasks/base.py",
-        "        if retries >= limit:",
-        "        if retries > limit:",
+        "tasks/policy.py",
+        "        return retries >= self.limit",
+        "        return retries > self.limit",
         "a job is tried 1 + RUNWARE_MAX_RETRIES times, then fails with its reason",
         (
+            _P + "test_the_last_attempt_gives_up_with_the_retry_count",
             "tests/integration/test_fairness.py::"
             "test_failing_jobs_retry_behind_the_jobs_that_have_not_started",
         ),
@@ -301,6 +307,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "  local hooked = continues and was_delayed and redis.call('ZSCORE', HOOKED, id)",
         "a webhook that comes before the job's poll is parked still ends the job at once",
         (_W + "test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once",),
+    ),
+    Mutation(
+        "last-attempt-keeps-reservation",
+        "tasks/policy.py",
+        '        return "give up" if last_attempt else "keep"',
+        '        return "keep"',
+        "a call whose job gives up is left to the reconciler (Runware may have billed it)",
+        (_P + "test_a_call_that_fails_leaves_its_reservation_as_the_policy_says",),
     ),
     # --- production sizes -------------------------------------------------------------------
     Mutation(

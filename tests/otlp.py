@@ -98,9 +98,32 @@ class Received:
             time.sleep(0.05)
 
 
-class HttpReceiver:
+class Receiver:
+    """What both receivers share: what they got, and the variables that send spans to them."""
+
+    received: Received
+    protocol: str
+
+    @property
+    def endpoint(self) -> str:
+        raise NotImplementedError
+
+    def env(self, service: str = "enhance-worker-test") -> dict[str, str]:
+        """The standard variables that send a worker's spans here, exported every 100 ms."""
+        return {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": self.protocol,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_SERVICE_NAME": service,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+
+
+class HttpReceiver(Receiver):
     """OTLP/HTTP (protobuf) on 127.0.0.1 and a free port; `endpoint` is the base URL an
     exporter takes as OTEL_EXPORTER_OTLP_ENDPOINT."""
+
+    protocol = "http/protobuf"
 
     def __init__(self) -> None:
         self.received = Received()
@@ -134,16 +157,6 @@ class HttpReceiver:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def env(self, service: str = "enhance-worker-test") -> dict[str, str]:
-        """The standard variables that send a worker's spans here, exported every 100 ms."""
-        return {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
-            "OTEL_SERVICE_NAME": service,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        }
-
     def __enter__(self) -> HttpReceiver:
         self._thread.start()
         return self
@@ -153,8 +166,10 @@ class HttpReceiver:
         self._server.server_close()
 
 
-class GrpcReceiver:
+class GrpcReceiver(Receiver):
     """OTLP/gRPC on 127.0.0.1 and a free port (insecure, as an `http://` endpoint says)."""
+
+    protocol = "grpc"
 
     def __init__(self) -> None:
         import grpc
@@ -174,15 +189,6 @@ class GrpcReceiver:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def env(self, service: str = "enhance-worker-test") -> dict[str, str]:
-        return {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
-            "OTEL_SERVICE_NAME": service,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        }
 
     def __enter__(self) -> GrpcReceiver:
         self._server.start()

@@ -22,12 +22,7 @@ def _check_shape(result: dict[str, Any], prompt: str, versions: int) -> None:
     assert uuid.UUID(result["taskUUID"]).version == 4
     assert len(result["texts"]) == versions
     assert result["text"] == result["texts"][0]
-    # The sandbox's stand-in: the first version keeps the prompt as written, the others reword it
-    # (the same words, reordered), and each version differs from the others.
-    assert prompt.split(",")[0] in result["text"]
-    words = set(prompt.rstrip(".").replace(",", " ").split())
-    assert all(words <= set(text.replace(",", " ").split()) for text in result["texts"])
-    assert len(set(result["texts"])) == versions
+    assert all(prompt.split(",")[0] in text for text in result["texts"])
     assert result["cost"] == pytest.approx(0.0013 * versions)
 
 

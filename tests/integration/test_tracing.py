@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import SECRET, StartWorker, worker_env
+from tests.conftest import SECRET, RunningWorker, StartWorker, worker_env
 from tests.otlp import GrpcReceiver, HttpReceiver, Received, Span
 from tests.producer import backend_app
 from workers.sandbox import Sandbox
@@ -172,19 +173,26 @@ def test_a_retry_is_in_the_trace(start_worker: StartWorker, sandbox: Sandbox) ->
     assert retries[0][1]["attempt"] == 2
 
 
+def _one_traced_call(
+    worker: RunningWorker, received: Received, what: str
+) -> tuple[str, dict[str, Any], list[Span]]:
+    """One job sent by name under a new traceparent, once its Runware call's span arrived:
+    the producer's span id, the result and the trace's spans."""
+    trace_id, parent_id, traceparent = _traceparent()
+    result = worker.app.send_task(
+        "tasks.enhance_prompt", kwargs={"prompt": "a fox"}, headers={"traceparent": traceparent}
+    ).get(timeout=30)
+    received.wait_for(
+        lambda: bool(_named(received.in_trace(trace_id), "runware promptEnhance")), 15, what
+    )
+    return parent_id, result, received.in_trace(trace_id)
+
+
 def test_grpc_export(start_worker: StartWorker, sandbox: Sandbox) -> None:
     with GrpcReceiver() as otlp:
         worker = start_worker("grpc-traced", **otlp.env())
-        trace_id, _parent_id, traceparent = _traceparent()
-        result = worker.app.send_task(
-            "tasks.enhance_prompt", kwargs={"prompt": "a fox"}, headers={"traceparent": traceparent}
-        ).get(timeout=30)
-        otlp.received.wait_for(
-            lambda: bool(_named(otlp.received.in_trace(trace_id), "runware promptEnhance")),
-            15,
-            "the call's span over gRPC",
-        )
-        [call] = _named(otlp.received.in_trace(trace_id), "runware promptEnhance")
+        _parent_id, result, spans = _one_traced_call(worker, otlp.received, "a span over gRPC")
+    [call] = _named(spans, "runware promptEnhance")
     assert call.attributes["runware.taskUUID"] == result["taskUUID"]
 
 
@@ -232,16 +240,8 @@ def test_a_prefork_child_exports_its_spans(start_worker: StartWorker, sandbox: S
         worker = start_worker(
             "prefork-traced", WORKER_POOL="prefork", WORKER_CONCURRENCY="2", **otlp.env()
         )
-        trace_id, parent_id, traceparent = _traceparent()
-        result = worker.app.send_task(
-            "tasks.enhance_prompt", kwargs={"prompt": "a fox"}, headers={"traceparent": traceparent}
-        ).get(timeout=30)
-        otlp.received.wait_for(
-            lambda: bool(_named(otlp.received.in_trace(trace_id), "runware promptEnhance")),
-            15,
-            "a prefork child's call span",
-        )
-        [run] = _named(otlp.received.in_trace(trace_id), "run/tasks.enhance_prompt")
-        [call] = _named(otlp.received.in_trace(trace_id), "runware promptEnhance")
+        parent_id, result, spans = _one_traced_call(worker, otlp.received, "a child's span")
+    [run] = _named(spans, "run/tasks.enhance_prompt")
+    [call] = _named(spans, "runware promptEnhance")
     assert run.parent_id == parent_id
     assert call.attributes["runware.cost_usd"] == pytest.approx(result["cost"])

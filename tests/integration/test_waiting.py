@@ -24,9 +24,14 @@ def _no_ids(text: str) -> str:
 
 
 def _pubsub_clients(url: str) -> int:
+    """Subscribed connections on `url`'s database (the server is shared: the workers of other
+    tests, on databases of their own, come and go meanwhile)."""
     client = redis.Redis.from_url(url)
+    db = str(client.connection_pool.connection_kwargs.get("db", 0))
     try:
-        return sum(1 for c in client.client_list() if int(c.get("sub", 0)) > 0)
+        return sum(
+            1 for c in client.client_list() if int(c.get("sub", 0)) > 0 and str(c.get("db")) == db
+        )
     finally:
         client.close()
 

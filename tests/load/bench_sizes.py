@@ -257,6 +257,7 @@ def main() -> None:
         client = redis.Redis.from_url(url)
         client.config_set("slowlog-log-slower-than", int(args.slow_ms * 1000))
         client.config_set("slowlog-max-len", 100_000)
+        sandbox.configure(reword_versions=True)  # versions as unlike as a model's
         with fleet(url, sandbox, args.workers) as producer:
             for prompts, versions in sizes:
                 client.slowlog_reset()

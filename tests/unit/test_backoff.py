@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.base import backoff_seconds
+from tasks.policy import backoff_seconds
 
 
 def test_full_jitter_stays_under_the_exponential_ceiling() -> None:

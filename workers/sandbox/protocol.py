@@ -53,6 +53,7 @@ FLOURISHES = (
 
 class Prices(Protocol):
     cost_per_item: float
+    reword_versions: bool
     image_cost: float
     video_cost: float
     async_delay_s: float
@@ -174,16 +175,19 @@ def check(task: dict[str, Any]) -> dict[str, Any] | None:
     return _int(task, "numberResults", 1, 4) or _int(task, "fps", 1, 120)
 
 
-def enhanced_texts(prompt: str, versions: int, max_tokens: int | None) -> list[str]:
+def enhanced_texts(
+    prompt: str, versions: int, max_tokens: int | None, reword: bool = False
+) -> list[str]:
     """Deterministic stand-ins for the model's output: the prompt, expanded, one per version.
-    The first keeps the prompt's words in order; each other version reorders them (as a model's
-    versions reword one another), so that a batch's results are no more alike than real ones."""
+    With `reword`, each version after the first reorders the prompt's words (as a model's
+    versions reword one another), so that a batch's results are no more alike than real ones
+    (the sizes benchmark: messages that compress as real ones do)."""
     limit = (max_tokens or 400) * 4
     base = prompt.strip().rstrip(".")
     texts = []
     for index in range(versions):
         words = base.split(" ")
-        if index:
+        if index and reword:
             random.Random(f"{base}|{index}").shuffle(words)
         texts.append(f"{' '.join(words)}, {FLOURISHES[index % len(FLOURISHES)]}"[:limit])
     return texts
@@ -198,7 +202,10 @@ def accept(task: dict[str, Any], prices: Prices, base_url: str) -> Accepted:
     if kind == "promptEnhance":
         unit = prices.cost_per_item
         texts = enhanced_texts(
-            task["prompt"], task.get("promptVersions", 1), task.get("promptMaxLength")
+            task["prompt"],
+            task.get("promptVersions", 1),
+            task.get("promptMaxLength"),
+            reword=prices.reword_versions,
         )
         items = [{"taskType": kind, "taskUUID": task_uuid, "text": text} for text in texts]
     else:
