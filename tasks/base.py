@@ -306,7 +306,8 @@ class RunwareTask(Task):  # type: ignore[type-arg]
                 if not isinstance(exc, AuthenticationError):  # (its poll waits for the key)
                     self._forget_webhook(job)
                 raise
-            reserved.finish(outcome.cost, outcome.items)
+        # (After the `with`: a failure to record it keeps the reservation for the next run.)
+        reserved.finish(outcome.cost, outcome.items)
         return outcome
 
     def _submit_or_poll(self, job: RunwareJob, started: Started) -> TaskOutcome:
@@ -458,7 +459,7 @@ class RunwareTask(Task):  # type: ignore[type-arg]
             "retry",
             reason=str(exc),
             countdown_s=decision.countdown,
-            attempt=decision.attempt + 1,
+            retry=decision.attempt,
             limit=decision.limit,
         )
         logger.warning(

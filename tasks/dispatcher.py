@@ -401,7 +401,7 @@ class Dispatcher(threading.Thread):
             # message someone else took): the first `read` of them.
             jobs = [r for r in self._read[: int(read)] if r and r.kind in TAKEN_KINDS]
             for job in jobs:  # (with tracing on: the span of its wait is made at its grant)
-                if job.kind == messages.CALL:
+                if job.kind == messages.CALL and not job.continues:
                     self._waits.taken_in(job.task_id, job.traceparent)
             if jobs and self._on_taken is not None:
                 self._on_taken(jobs)
@@ -462,6 +462,7 @@ class Dispatcher(threading.Thread):
         """Pump once and wait as long as nothing can change; False if the role was lost."""
         code, wait, _, due_in = self.pump()
         if code == Pump.NOT_DISPATCHER:
+            self._waits.forget()
             return False
         if wait == Wait.NOW:
             return True

@@ -3,7 +3,7 @@
     with ReservedCall(ledger, job, shape, last_attempt) as reserved:
         if reserved.started.finished is not None: ...  # its items, no call
         outcome = ...the call...
-        reserved.finish(outcome)                        # the real cost, recorded once
+    reserved.finish(outcome.cost, outcome.items)        # the real cost, recorded once
 
 Entering reserves the estimate under the budgets (or finds the call finished); `finish` records
 the real cost. Leaving with an exception decides the reservation's fate by that exception
@@ -67,7 +67,8 @@ class ReservedCall:
         return self
 
     def finish(self, cost: float, items: list[dict[str, Any]]) -> None:
-        """The call finished: record its real cost (once per taskUUID) with its items."""
+        """The call finished: record its real cost (once per taskUUID) with its items. Called
+        inside the `with` or after it (then a failure to record keeps the reservation)."""
         self.ledger.end(self.task_uuid, self.account, cost, items, self.shape)
         self._finished = True
 

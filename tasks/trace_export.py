@@ -6,7 +6,9 @@ exporters)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -57,15 +59,27 @@ def _masked_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class Redacting(SpanExporter):
-    """Hands `inner` a masked copy of each span: its name, attributes, events (an exception's
-    message and stack trace are an event) and status description."""
+    """Hands the exporter `make()` builds a masked copy of each span: its name, attributes,
+    events (an exception's message and stack trace are an event) and status description.
 
-    def __init__(self, inner: SpanExporter, masked_resource: Resource) -> None:
-        self._inner = inner
+    The exporter is built in the process that exports, on its first export there: a prefork
+    child never uses its parent's gRPC channel or HTTP connections (neither survives a fork)."""
+
+    def __init__(self, make: Callable[[], SpanExporter], masked_resource: Resource) -> None:
+        self._make = make
         self._resource = masked_resource
+        self._lock = threading.Lock()
+        self._inner: tuple[int, SpanExporter] | None = None
+
+    @property
+    def inner(self) -> SpanExporter:
+        with self._lock:
+            if self._inner is None or self._inner[0] != os.getpid():
+                self._inner = (os.getpid(), self._make())
+            return self._inner[1]
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return self._inner.export([self._copy(span) for span in spans])
+        return self.inner.export([self._copy(span) for span in spans])
 
     def _copy(self, span: ReadableSpan) -> ReadableSpan:
         status = span.status
@@ -88,7 +102,12 @@ class Redacting(SpanExporter):
         )
 
     def shutdown(self) -> None:
-        self._inner.shutdown()
+        held = self._inner
+        if held is not None and held[0] == os.getpid():
+            held[1].shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self._inner.force_flush(timeout_millis)
+        held = self._inner
+        if held is None or held[0] != os.getpid():
+            return True  # nothing exported here yet: nothing to flush
+        return held[1].force_flush(timeout_millis)

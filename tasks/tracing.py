@@ -26,6 +26,7 @@ as webhook tokens) to its name, attributes, events and status, and to the resour
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -162,8 +163,11 @@ def setup(environ: Mapping[str, str] | None = None) -> bool:
         resource = trace_export.resource(name)
         provider = TracerProvider(resource=resource)
         for kind in want.exporters:
-            exporter = trace_export.Redacting(trace_export.exporter(kind, want.protocol), resource)
-            # (The SDK restarts the processor's thread in a forked child: prefork pools too.)
+            exporter = trace_export.Redacting(
+                functools.partial(trace_export.exporter, kind, want.protocol), resource
+            )
+            # (The SDK restarts the processor's thread in a forked child, and the exporter is
+            # built anew there: prefork pools too.)
             provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
         CeleryInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
@@ -241,20 +245,29 @@ class IntakeWaits:
     """The dispatcher's memory of the traceparent of each job it took in, until it grants it;
     then the wait becomes a span of the job's trace (from the moment the job entered the fair
     intake to its grant). Bounded: beyond INTAKE_MEMORY waiting jobs, the oldest are forgotten
-    (their wait shows in the metrics only). A job taken in by another dispatcher process (after
-    a hand-over) has no such span."""
+    (their wait shows in the metrics only). Polls are not remembered (their run continues a
+    call, and one woken by its webhook passes without a grant). A job taken in by another
+    dispatcher process (after a hand-over) has no such span."""
 
     def __init__(self, limit: int = INTAKE_MEMORY) -> None:
         self._parents: OrderedDict[str, str] = OrderedDict()
         self._limit = limit
 
     def taken_in(self, task_id: str, traceparent: str) -> None:
+        """A job taken into the fair intake (not a poll: its run continues a call)."""
         if _active is None or not traceparent or not task_id:
             return
         self._parents[task_id] = traceparent
         self._parents.move_to_end(task_id)
         while len(self._parents) > self._limit:
             self._parents.popitem(last=False)
+
+    def forget(self) -> None:
+        """This process no longer dispatches: the jobs it took in are granted by another."""
+        self._parents.clear()
+
+    def __len__(self) -> int:
+        return len(self._parents)
 
     def granted(self, task_id: str, account: str, priority: str, waited_s: float) -> None:
         current = _active

@@ -360,8 +360,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "secrets-reach-the-exporter",
         "tasks/trace_export.py",
-        "        return self._inner.export([self._copy(span) for span in spans])",
-        "        return self._inner.export(list(spans))",
+        "        return self.inner.export([self._copy(span) for span in spans])",
+        "        return self.inner.export(list(spans))",
         "no secret is in any span, event or resource exported",
         ("tests/unit/test_tracing.py::test_no_secret_reaches_the_exporter",),
     ),

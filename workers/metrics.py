@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,21 +45,25 @@ logger = logging.getLogger(__name__)
 READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
 ACCOUNTS_PER_CALL = 250  # waiting accounts read per script call (a few ms of Redis each)
 DAY_FIELDS_PER_CALL = 1000  # fields of today's totals read per HSCAN (one per account: 2)
-ASSUMED_CALL_S = 1.0  # a Runware call's duration, assumed until this process has made one
+CALL_DURATION = "enhance_runware_call_duration_seconds"  # tasks/metrics.py's RUNWARE_LATENCY
 
 
 class RecentCalls:
-    """The mean duration of this process's Runware calls since the previous scrape, from the
-    call histogram (the last value known while it makes none)."""
+    """The mean duration of this worker's Runware calls since the previous scrape, from the call
+    histogram (`families`: this process's, or with prefork every child's, as /metrics serves
+    them); the last value known while it makes none, and None before its first call."""
 
-    def __init__(self) -> None:
+    def __init__(self, families: Callable[[], Iterable[Metric]] = RUNWARE_LATENCY.collect) -> None:
+        self._families = families
         self._lock = threading.Lock()
         self._seen = (0.0, 0.0)  # the histogram's (sum, count) at the previous read
-        self.seconds = ASSUMED_CALL_S
+        self.seconds: float | None = None
 
-    def read(self) -> float:
+    def read(self) -> float | None:
         total = count = 0.0
-        for family in RUNWARE_LATENCY.collect():
+        for family in self._families():
+            if family.name != CALL_DURATION:
+                continue
             for sample in family.samples:
                 if sample.name.endswith("_sum"):
                     total += sample.value
@@ -144,7 +148,13 @@ def _memory(role: str, client: redis.Redis) -> Memory | None:
 class RedisStateCollector(Collector):
     """Gauges that live in Redis, so they describe the whole fleet, read when scraped."""
 
-    def __init__(self, settings: Settings, queues: Iterable[str], ident: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queues: Iterable[str],
+        ident: str = "",
+        recent_calls: RecentCalls | None = None,
+    ) -> None:
         self.settings = settings
         self.ident = ident  # this process's id in the dispatcher lock
         self.queues = sorted(set(queues))
@@ -175,7 +185,7 @@ class RedisStateCollector(Collector):
         self._lock = threading.Lock()
         self._cached: tuple[float, Reading] | None = None
         self.ttl_s = READING_TTL_S
-        self.recent_calls = RecentCalls()
+        self.recent_calls = recent_calls or RecentCalls()
 
     def read(self) -> Reading:
         """Both scripts' replies, shared by scrapes within READING_TTL_S of each other."""
@@ -326,9 +336,11 @@ class RedisStateCollector(Collector):
                 value=rate,
             )
         call_s = self.recent_calls.read()
+        if call_s is None:  # no call measured yet: no figure rather than a guessed one
+            return
         yield GaugeMetricFamily(
             "enhance_runware_recent_call_seconds",
-            "Mean duration of this process's Runware calls since the previous scrape.",
+            "Mean duration of this worker's Runware calls since the previous scrape.",
             value=call_s,
         )
         yield GaugeMetricFamily(
@@ -529,12 +541,14 @@ def serve(settings: Settings, queues: Iterable[str], ident: str = "") -> None:
     if settings.metrics_port is None:
         return
     registry: CollectorRegistry = REGISTRY
+    recent_calls = RecentCalls()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # prefork: add every child's values
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(RedisStateCollector(settings, queues, ident))
+        children = multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        recent_calls = RecentCalls(children.collect)  # (the children make the calls)
+    registry.register(RedisStateCollector(settings, queues, ident, recent_calls))
     server, _ = start_http_server(settings.metrics_port, registry=registry)
     # The port bound, which differs from METRICS_PORT=0's; tests read it from this line.
     logger.info("Prometheus metrics are served on port %d at /metrics.", server.server_port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.metrics import RUNWARE_LATENCY
-from workers.metrics import ASSUMED_CALL_S, RecentCalls, usable_threads
+from workers.metrics import CALL_DURATION, RecentCalls, usable_threads
 
 
 @pytest.mark.parametrize(
@@ -28,12 +28,29 @@ def test_usable_threads(rate: float, call_s: float, cap: int, work: int, expecte
 
 def test_recent_calls_is_the_mean_since_the_last_read() -> None:
     recent = RecentCalls()
-    first = recent.read()  # whatever this process called before: its mean, or the assumption
-    assert first > 0
+    recent.read()  # whatever this process called before
     for seconds in (0.2, 0.4):
         RUNWARE_LATENCY.labels("promptEnhance").observe(seconds)
     assert recent.read() == pytest.approx(0.3)
     assert recent.read() == pytest.approx(0.3)  # no call since: the last value known
     RUNWARE_LATENCY.labels("imageInference").observe(3.0)
     assert recent.read() == pytest.approx(3.0)
-    assert RecentCalls().seconds == ASSUMED_CALL_S
+
+
+def test_no_figure_before_the_first_call() -> None:
+    """A fresh worker (or a prefork parent reading no child yet) reports no usable threads
+    rather than a guess: with KEDA's max() a guessed 1 s would outweigh the measured ones."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    fresh = Histogram(
+        CALL_DURATION.removesuffix("_seconds"),
+        "d",
+        ["task_type"],
+        registry=registry,
+        unit="seconds",
+    )
+    recent = RecentCalls(registry.collect)
+    assert recent.read() is None
+    fresh.labels("promptEnhance").observe(0.5)
+    assert recent.read() == pytest.approx(0.5)

@@ -195,7 +195,8 @@ class FakePending:
 def _task(answer: TaskOutcome | Exception, ledger: FakeLedger) -> tuple[RunwareTask, FakePending]:
     app = Celery("policy-test", set_as_current=False)
 
-    @app.task(bind=True, base=RunwareTask, name="tests.policy_call", retry_limit=2)
+    # (shared=False: a shared task would join every Celery app made later in this process)
+    @app.task(bind=True, base=RunwareTask, name="tests.policy_call", retry_limit=2, shared=False)
     def call(self: RunwareTask, **_: Any) -> None:  # (the body is not run here)
         return None
 

@@ -159,7 +159,7 @@ def test_no_secret_reaches_the_exporter(monkeypatch: pytest.MonkeyPatch) -> None
         kept = Kept()
         monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"cmd=--key {SECRET}")
         masked_resource = trace_export.resource("s")
-        _spans_with_secrets(trace_export.Redacting(kept, masked_resource), Resource({}))
+        _spans_with_secrets(trace_export.Redacting(lambda: kept, masked_resource), Resource({}))
         text = _everything(kept.spans)
         for planted in (SECRET, "hunter2-pass", "tok-abc123"):
             assert planted not in text, planted
@@ -168,3 +168,79 @@ def test_no_secret_reaches_the_exporter(monkeypatch: pytest.MonkeyPatch) -> None
         assert kept.spans[0].resource.attributes["cmd"] == "--key <redacted>"
     finally:
         get_settings.cache_clear()
+
+
+def _tracing_into(kept: Kept) -> Any:
+    """This process's tracing (tasks/tracing.py's state) exporting into `kept`, not globally."""
+    import os
+
+    from tasks import tracing
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    return tracing._Active(os.getpid(), provider, provider.get_tracer("test"))
+
+
+def test_the_wait_in_the_intake_is_a_span_of_the_jobs_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks import tracing
+
+    kept = Kept()
+    monkeypatch.setattr(tracing, "_active", _tracing_into(kept))
+    waits = tracing.IntakeWaits(limit=2)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    waits.taken_in("t1", f"00-{trace_id}-{parent_id}-01")
+    waits.granted("t1", "acme", "interactive", 1.5)
+    [span] = kept.spans
+    assert span.name == "fair intake wait"
+    assert span.context is not None
+    assert span.parent is not None
+    assert (f"{span.context.trace_id:032x}", f"{span.parent.span_id:016x}") == (trace_id, parent_id)
+    assert span.end_time is not None
+    assert span.start_time is not None
+    assert (span.end_time - span.start_time) / 1e9 == pytest.approx(1.5, abs=0.01)
+    assert span.attributes is not None
+    assert dict(span.attributes)["enhance.account"] == "acme"
+    waits.granted("t1", "acme", "interactive", 1.5)  # granted once: nothing more
+    assert len(kept.spans) == 1
+    # Bounded: the oldest are forgotten first; and all of them when the role goes elsewhere.
+    for n in (2, 3, 4):
+        waits.taken_in(f"t{n}", f"00-{trace_id}-{parent_id}-01")
+    assert len(waits) == 2
+    waits.granted("t2", "acme", "batch", 0.1)
+    assert len(kept.spans) == 1
+    waits.forget()
+    assert len(waits) == 0
+
+
+def test_off_the_intake_remembers_nothing() -> None:
+    from tasks import tracing
+
+    assert not tracing.active()
+    waits = tracing.IntakeWaits()
+    waits.taken_in("t1", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert len(waits) == 0
+
+
+def test_a_log_line_written_in_a_span_carries_its_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from tasks import tracing
+    from workers.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, TraceIds
+
+    active = _tracing_into(Kept())
+    monkeypatch.setattr(tracing, "_active", active)
+
+    def line(formatter: logging.Formatter) -> str:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "done", None, None)
+        TraceIds().filter(record)
+        return formatter.format(record)
+
+    assert "trace_id" not in line(TextFormatter(TEXT_FORMAT))  # outside a span
+    with active.tracer.start_as_current_span("run") as span:
+        ids = span.get_span_context()
+        trace_id, span_id = f"{ids.trace_id:032x}", f"{ids.span_id:016x}"
+        text, record = line(TextFormatter(TEXT_FORMAT)), json.loads(line(JsonFormatter()))
+    assert text.endswith(f"done trace_id={trace_id} span_id={span_id}")
+    assert (record["trace_id"], record["span_id"]) == (trace_id, span_id)
