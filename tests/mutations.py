@@ -382,6 +382,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         (_T + "test_a_job_sent_by_name_is_one_trace_down_to_its_runware_call",),
     ),
     Mutation(
+        "fleet-gauges-wait-for-a-call",
+        "workers/metrics.py",
+        "        if call_s is not None:  # no call measured yet",
+        "        if call_s is None:\n            return\n        if True:  #",
+        "a worker that has made no call (a fleet paused from the start) still reports the "
+        "fleet's paused and cool-down gauges",
+        (
+            "tests/integration/test_operations.py::"
+            "test_the_autoscaling_signal_follows_the_rate_not_the_backlog",
+        ),
+    ),
+    Mutation(
         "scale-on-the-backlog",
         "workers/metrics.py",
         "        usable = min(usable, math.ceil(rate * call_s))",

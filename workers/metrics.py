@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
 ACCOUNTS_PER_CALL = 250  # waiting accounts read per script call (a few ms of Redis each)
 DAY_FIELDS_PER_CALL = 1000  # fields of today's totals read per HSCAN (one per account: 2)
-CALL_DURATION = "enhance_runware_call_duration_seconds"  # tasks/metrics.py's RUNWARE_LATENCY
+CALL_DURATION = RUNWARE_LATENCY.describe()[0].name  # its family's name, as /metrics has it
 
 
 class RecentCalls:
@@ -336,21 +336,20 @@ class RedisStateCollector(Collector):
                 value=rate,
             )
         call_s = self.recent_calls.read()
-        if call_s is None:  # no call measured yet: no figure rather than a guessed one
-            return
-        yield GaugeMetricFamily(
-            "enhance_runware_recent_call_seconds",
-            "Mean duration of this worker's Runware calls since the previous scrape.",
-            value=call_s,
-        )
-        yield GaugeMetricFamily(
-            "enhance_fleet_usable_threads",
-            "Worker threads the fleet can keep busy now: the jobs waiting and running, capped "
-            "by the global rate x the recent call duration and by the in-flight cap. KEDA "
-            "scales the workers on it.",
-            # (a granted job waiting in the ready queue holds a lease already)
-            value=usable_threads(rate or 0.0, call_s, cap or 0, incoming + fair + leases),
-        )
+        if call_s is not None:  # no call measured yet: no figure rather than a guessed one
+            yield GaugeMetricFamily(
+                "enhance_runware_recent_call_seconds",
+                "Mean duration of this worker's Runware calls since the previous scrape.",
+                value=call_s,
+            )
+            yield GaugeMetricFamily(
+                "enhance_fleet_usable_threads",
+                "Worker threads the fleet can keep busy now: the jobs waiting and running, "
+                "capped by the global rate x the recent call duration and by the in-flight cap. "
+                "KEDA scales the workers on it.",
+                # (a granted job waiting in the ready queue holds a lease already)
+                value=usable_threads(rate or 0.0, call_s, cap or 0, incoming + fair + leases),
+            )
         yield GaugeMetricFamily(
             "enhance_fleet_paused",
             "1 while every call of the fleet is paused because Runware refused the API key "

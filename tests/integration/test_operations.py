@@ -665,8 +665,12 @@ def test_the_autoscaling_signal_follows_the_rate_not_the_backlog(
         "scaling", METRICS_PORT="0", RUNWARE_RATE_LIMIT="5", RUNWARE_BATCH_MAX="1"
     )
     port = metrics_port(worker)
-    # Before its first call a worker has no duration to go by: no figure, rather than a guess.
-    assert ("enhance_fleet_usable_threads", ()) not in scrape_metrics(port)
+    # Before its first call a worker has no duration to go by: no figure, rather than a guess;
+    # the fleet's other gauges are all there (a fleet paused from the start makes no call).
+    first = scrape_metrics(port)
+    assert ("enhance_fleet_usable_threads", ()) not in first
+    for gauge in ("enhance_fleet_paused", "enhance_cooldown_active", "enhance_cooldown_strikes"):
+        assert (gauge, ()) in first, gauge
     results = [worker.send(prompt=f"fox {n}") for n in range(40)]
     seen: list[tuple[float, float, float]] = []
 
