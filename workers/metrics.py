@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 READING_TTL_S = 1.0  # scrapes closer together than this share one reading of Redis
 ACCOUNTS_PER_CALL = 250  # waiting accounts read per script call (a few ms of Redis each)
 DAY_FIELDS_PER_CALL = 1000  # fields of today's totals read per HSCAN (one per account: 2)
-CALL_DURATION = RUNWARE_LATENCY.describe()[0].name  # its family's name, as /metrics has it
+CALL_DURATION = next(iter(RUNWARE_LATENCY.describe())).name  # its family's name in /metrics
 
 
 class RecentCalls:
