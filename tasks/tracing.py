@@ -212,22 +212,30 @@ def runware_call(name: str, attributes: Mapping[str, Any]) -> Iterator[trace.Spa
             raise
 
 
+def _recording() -> trace.Span | None:
+    """The current span, when this process traces and one is recording."""
+    if _active is None:
+        return None
+    span = trace.get_current_span()
+    return span if span.is_recording() else None
+
+
+def _given(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attributes.items() if v is not None}
+
+
 def on_call(attributes: Mapping[str, Any]) -> None:
     """Add attributes to the current Runware call's span (no-op off, or outside one)."""
-    if _active is None:
-        return
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+    span = _recording()
+    if span is not None:
+        span.set_attributes(_given(attributes))
 
 
 def event(name: str, **attributes: Any) -> None:
     """An event on the current span (the job's run): a re-schedule, a retry."""
-    if _active is None:
-        return
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(name, {k: v for k, v in attributes.items() if v is not None})
+    span = _recording()
+    if span is not None:
+        span.add_event(name, _given(attributes))
 
 
 def log_ids() -> tuple[str, str] | None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
@@ -99,14 +99,29 @@ class Received:
 
 
 class Receiver:
-    """What both receivers share: what they got, and the variables that send spans to them."""
+    """What both receivers share: what they got, their address, the variables that send spans
+    to them, and serving while in a `with` block (`start` and `stop`)."""
 
     received: Received
     protocol: str
+    port: int
 
     @property
     def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
         raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def env(self, service: str = "enhance-worker-test") -> dict[str, str]:
         """The standard variables that send a worker's spans here, exported every 100 ms."""
@@ -151,17 +166,13 @@ class HttpReceiver(Receiver):
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> HttpReceiver:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
 
@@ -186,13 +197,8 @@ class GrpcReceiver(Receiver):
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> GrpcReceiver:
+    def start(self) -> None:
         self._server.start()
-        return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
         self._server.stop(grace=None)

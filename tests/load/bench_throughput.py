@@ -200,8 +200,9 @@ def run_project(
         env["WORKER_CONCURRENCY"] = str(args.concurrency)
     if args.batch_max:
         env["RUNWARE_BATCH_MAX"] = str(args.batch_max)
-    receiver = HttpReceiver().__enter__() if traced else None
+    receiver = HttpReceiver() if traced else None
     if receiver is not None:
+        receiver.start()
         env.update(receiver.env())
     workers = [WorkerProcess(env, name=f"project{n}").start() for n in range(processes)]
     try:
@@ -226,7 +227,7 @@ def run_project(
         for worker in workers:
             worker.stop()
         if receiver is not None:
-            receiver.__exit__()
+            receiver.stop()
 
 
 def soak(worker: WorkerProcess, url: str, jobs: int) -> None:
