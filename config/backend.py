@@ -5,10 +5,14 @@ overwrites a SUCCESS, and then writes and publishes. Here one Lua script does th
 the write, atomically (so the check cannot race another worker either), which saves a round trip
 on every job. Everything else (reading results, groups, chords) is Celery's own.
 
-A result larger than LARGE_RESULT_BYTES (a batch's: 25-40 MB for 10,000 prompts of 5 versions)
-is stored compressed even when CELERY_RESULT_COMPRESSION is unset, in Celery 5.7's marked form,
-which every Celery 5.7+ reader decodes whatever its own setting: its write, its PUBLISH and every
-read then move a fifth of it, and no Redis command holds the server for 100 ms and more.
+Results are the largest share of Redis's memory (docs/operating.md, Sizing), so a SUCCESS is
+stored compressed (CELERY_RESULT_COMPRESSION, zlib by default) in Celery 5.7's marked form, which
+every Celery 5.7+ reader decodes whatever its own setting. Only a SUCCESS over SMALL_RESULT_BYTES
+is compressed: the other states are small, and are never compressed, so that the store script
+can tell a SUCCESS by its first byte (a NUL) without a second key beside it. A SUCCESS larger than
+LARGE_RESULT_BYTES (a batch's: 25-40 MB for 10,000 prompts of 5 versions) is compressed even with
+CELERY_RESULT_COMPRESSION=none: its write, its PUBLISH and every read then move a fifth of it, and
+no Redis command holds the server for 100 ms and more.
 
 Selected in config/celery.py with Celery's `module:Class+redis://...` backend URL form
 (`SentinelResultStore+sentinel://...` behind Redis Sentinel).
@@ -27,31 +31,27 @@ from kombu.utils.encoding import bytes_to_str
 from enhance_client.backends import QuietRedisBackend
 
 STORE = """
--- KEYS: 1 the task's result key. ARGV: 1 the encoded meta, 2 seconds to keep it (0: for ever),
--- 3 the state written. A compressed result (CELERY_RESULT_COMPRESSION: Celery's marked form,
--- which starts with a NUL byte) cannot be read here, so its SUCCESS is also noted beside it
--- (KEYS[1] .. ':succeeded', with the same lifetime) for the check.
+-- KEYS: 1 the task's result key. ARGV: 1 the encoded meta, 2 seconds to keep it (0: for ever).
+-- A stored SUCCESS is never replaced. Only a SUCCESS is ever stored compressed (Celery's marked
+-- form, which starts with a NUL byte and cannot be read here), so that byte says SUCCESS.
 local current = redis.call('GET', KEYS[1])
 if current then
-  if string.byte(current, 1) == 0 then
-    if redis.call('EXISTS', KEYS[1] .. ':succeeded') == 1 then return 0 end
-  else
-    local ok, meta = pcall(cjson.decode, current)
-    if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
-  end
+  if string.byte(current, 1) == 0 then return 0 end
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
 end
 local ttl = tonumber(ARGV[2])
-local keep = {}
-if ttl > 0 then keep = {'EX', ttl} end
-redis.call('SET', KEYS[1], ARGV[1], unpack(keep))
-if ARGV[3] == 'SUCCESS' and string.byte(ARGV[1], 1) == 0 then
-  redis.call('SET', KEYS[1] .. ':succeeded', 1, unpack(keep))
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
 
 
+SMALL_RESULT_BYTES = 256  # below it, the marked form's 38-byte header outweighs the gain
 LARGE_RESULT_BYTES = 1 << 20
 LARGE_RESULT_COMPRESSION = "zlib"
 
@@ -78,22 +78,26 @@ class ResultStore(QuietRedisBackend):
             result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = bytes_to_str(task_id)
-        value = self.encode(meta)
-        if not celery_backend.compression and len(value) > LARGE_RESULT_BYTES:
-            value = compress_payload(value, LARGE_RESULT_COMPRESSION)
-        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
-            raise BackendStoreError(
+        _, _, value = celery_backend._encode(meta)  # Celery's encode() would compress any state
+        if state == states.SUCCESS:
+            compression = celery_backend.compression
+            if len(value) > LARGE_RESULT_BYTES:
+                value = compress_payload(value, compression or LARGE_RESULT_COMPRESSION)
+            elif compression and len(value) > SMALL_RESULT_BYTES:
+                value = compress_payload(value, compression)
+        if isinstance(value, str) and len(value) > celery_backend._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError(  # type: ignore[call-arg]  # (celery-types lacks the kwargs)
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = (
             celery_backend.failure_expires if state == states.FAILURE else celery_backend.expires
         )
         key = self.get_key_for_task(task_id)
-        self.ensure(self._store_once, (key, value, int(expires or 0), state))
+        self.ensure(self._store_once, (key, value, int(expires or 0)))
         return result
 
-    def _store_once(self, key: bytes | str, value: bytes | str, expires: int, state: str) -> None:
-        self._store(keys=[key], args=[value, expires, state])
+    def _store_once(self, key: bytes | str, value: bytes | str, expires: int) -> None:
+        self._store(keys=[key], args=[value, expires])
 
 
 class SentinelResultStore(ResultStore, SentinelBackend):

@@ -317,9 +317,10 @@ class Settings(BaseSettings):
         default=86_400, ge=60, description="seconds results are kept, an integer >= 60"
     )
     celery_result_compression: Literal["gzip", "zlib", "bzip2", "lzma"] | None = Field(
-        default=None,
-        description="compress stored results (gzip, zlib, bzip2 or lzma; empty for none): a "
-        "third to a half of their memory, readable by Celery 5.7+ only",
+        default="zlib",
+        description="how a SUCCESS result is stored compressed: zlib (gzip is the same codec), "
+        "bzip2, lzma, or none (then only one over 1 MiB is); a third to a half of the "
+        "results' memory, read by Celery 5.7+",
     )
     worker_pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = Field(
         default="threads", description="the worker pool: threads, prefork, solo, gevent, eventlet"
@@ -434,7 +435,8 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: object) -> object:
         # A budget of 0 means "spend nothing"; only an empty value means "no budget".
         if isinstance(value, str):
-            return value.strip().lower() or None
+            value = value.strip().lower()
+            return None if value in ("", "none") else value
         return value
 
     @field_validator("redis_url", "celery_broker_url", "celery_result_backend", "limiter_redis_url")

@@ -115,6 +115,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/integration/test_cost.py::test_a_call_ended_twice_is_counted_once",),
     ),
     Mutation(
+        "marker-looked-up-by-its-text",
+        "tasks/lua/ledger_lib.lua",
+        "    if redis.call('HEXISTS', name .. n, field) == 1 then return false end",
+        "    if redis.call('HEXISTS', name .. n, uuid) == 1 then return false end",
+        "a resend after the items went is still counted once (the marker's field is the UUID's "
+        "bytes, and the lookup must use the same form)",
+        (
+            "tests/integration/test_money.py::"
+            "test_a_resend_gets_the_items_and_is_counted_once_before_and_after_they_go",
+        ),
+    ),
+    Mutation(
         "budget-ignores-the-calls-estimate",
         "tasks/lua/ledger_begin.lua",
         "  if spent + estimate > fleet_budget then",
@@ -318,10 +330,33 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # --- production sizes -------------------------------------------------------------------
     Mutation(
+        "any-state-compressed",
+        "config/backend.py",
+        "        if state == states.SUCCESS:",
+        "        if True:",
+        "only a SUCCESS is stored compressed: the store script reads the marked form as SUCCESS, "
+        "so a compressed RETRY would never be replaced by the job's result",
+        (
+            "tests/integration/test_hot_path.py::"
+            "test_the_app_writes_results_through_the_one_trip_store",
+        ),
+    ),
+    Mutation(
+        "compressed-success-replaced",
+        "config/backend.py",
+        "  if string.byte(current, 1) == 0 then return 0 end\n",
+        "",
+        "a stored SUCCESS, compressed, is never replaced by a redelivered copy's late state",
+        (
+            "tests/integration/test_hot_path.py::"
+            "test_the_app_writes_results_through_the_one_trip_store",
+        ),
+    ),
+    Mutation(
         "large-result-stored-raw",
         "config/backend.py",
-        "        if not celery_backend.compression and len(value) > LARGE_RESULT_BYTES:",
-        "        if False:",
+        "            if len(value) > LARGE_RESULT_BYTES:",
+        "            if False:",
         "a result over a mebibyte (a batch's) is stored compressed, so no Redis call holds the "
         "server for its size",
         (

@@ -61,20 +61,31 @@ end
 
 -- The billed-once markers: taskUUID -> cost, in hashes that each cover `span` seconds
 -- (<prefix>:billed:<span>:<n>, n = time / span); a lookup reads the last BILLED_BUCKETS + 1, so a
--- marker counts for at least `billed_ttl` seconds, and costs a hash field, not a key. The bucket
--- that leaves the window is removed with UNLINK, which frees it off Redis's main thread: at a
--- high job rate a bucket holds millions of fields, too many to free inline when a key expires.
--- Its expiry, a span later, is only the fallback for a fleet that stopped writing.
+-- marker counts for at least `billed_ttl` seconds, and costs a hash field, not a key. The field
+-- is the UUID's 16 bytes (marker_field), not its 36 characters: a marker is kept 8 days, and
+-- those 20 bytes are a quarter of its memory. The bucket that leaves the window is removed with
+-- UNLINK, which frees it off Redis's main thread: at a high job rate a bucket holds millions of
+-- fields, too many to free inline when a key expires. Its expiry, a span later, is only the
+-- fallback for a fleet that stopped writing.
 local BILLED_BUCKETS = 8
+local UUID_FORM = '^' .. string.rep('%x', 8) .. '%-' .. string.rep('%x', 4) .. '%-'
+  .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 12) .. '$'
+local function marker_field(task_uuid)
+  if not string.find(task_uuid, UUID_FORM) then return task_uuid end
+  return (string.gsub(string.gsub(string.lower(task_uuid), '%-', ''), '%x%x', function(pair)
+    return string.char(tonumber(pair, 16))
+  end))
+end
 local function first_billing(cost, billed_ttl)
   local span = math.ceil(billed_ttl / BILLED_BUCKETS)
   local current = math.floor(now / span)
   local name = prefix .. ':billed:' .. span .. ':'
+  local field = marker_field(uuid)
   for n = current - BILLED_BUCKETS, current do
-    if redis.call('HEXISTS', name .. n, uuid) == 1 then return false end
+    if redis.call('HEXISTS', name .. n, field) == 1 then return false end
   end
   redis.call('UNLINK', name .. (current - BILLED_BUCKETS - 1))
-  redis.call('HSET', name .. current, uuid, cost)
+  redis.call('HSET', name .. current, field, cost)
   redis.call('EXPIREAT', name .. current, (current + BILLED_BUCKETS + 2) * span)
   return true
 end

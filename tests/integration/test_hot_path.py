@@ -39,37 +39,53 @@ def test_a_busy_worker_sends_several_jobs_per_request(
     assert_billed_once(sandbox, results, ledger=ledger_micro(worker.redis_url))
 
 
-@pytest.mark.parametrize("compression", [None, "gzip"])
+@pytest.mark.parametrize("compression", [None, "zlib"])
 def test_the_app_writes_results_through_the_one_trip_store(
     redis_server: RedisServer, compression: str | None
 ) -> None:
-    """Plain and compressed (a compressed result cannot be read by the script: its success
-    is noted beside it, with the same lifetime)."""
+    """Plain and compressed. Only a SUCCESS is stored compressed (the script reads the marked
+    form's leading NUL as SUCCESS, with no second key beside it); the other states stay plain,
+    and so does a SUCCESS too small to gain from it."""
+    from config.backend import SMALL_RESULT_BYTES
+
     url = redis_server.url(9)
     app = backend_app(broker=url, backend=result_backend_url(url))
     app.conf.result_compression = compression
     backend = app.backend
     assert isinstance(backend, ResultStore)
+    client = redis.Redis.from_url(url)
+    done = {"text": "a lighthouse on a cliff at dusk, " * 20}
     task_id = str(uuid.uuid4())
-    backend.store_result(task_id, {"text": "done"}, "SUCCESS")
+    backend.store_result(task_id, done, "SUCCESS")
     # A late write from a redelivered copy of the job must not replace the success (Celery's
     # own rule, here made atomic).
     backend.store_result(task_id, ValueError("late"), "FAILURE")
     backend.store_result(task_id, None, "RETRY")
     meta = backend.get_task_meta(task_id, cache=False)
     assert meta["status"] == "SUCCESS"
-    assert meta["result"] == {"text": "done"}
-    client = redis.Redis.from_url(url)
+    assert meta["result"] == done
     ttl = client.ttl(f"celery-task-meta-{task_id}")
     assert 0 < ttl <= int(app.conf.result_expires.total_seconds())
     stored = client.get(f"celery-task-meta-{task_id}")
     assert stored is not None
     assert stored.startswith(b"\x00celery-compressed\x00") == (compression is not None)
-    # Other states replace each other as in Celery, and the reader sees the last one.
+    assert client.keys(f"*{task_id}*") == [f"celery-task-meta-{task_id}".encode()]
+    # Other states replace each other as in Celery, plain whatever the compression, and the
+    # reader sees the last one; a stored FAILURE is replaced by a later SUCCESS.
     other = str(uuid.uuid4())
     backend.store_result(other, None, "RETRY")
-    backend.store_result(other, ValueError("bad prompt"), "FAILURE")
+    assert client.get(f"celery-task-meta-{other}").startswith(b"{")  # type: ignore[union-attr]
+    backend.store_result(other, ValueError("bad prompt " * 100), "FAILURE")
+    assert client.get(f"celery-task-meta-{other}").startswith(b"{")  # type: ignore[union-attr]
     assert backend.get_task_meta(other, cache=False)["status"] == "FAILURE"
+    backend.store_result(other, done, "SUCCESS")
+    assert backend.get_task_meta(other, cache=False)["result"] == done
+    small = str(uuid.uuid4())
+    backend.store_result(small, {"text": "a fox"}, "SUCCESS")
+    raw = client.get(f"celery-task-meta-{small}")
+    assert raw is not None
+    assert len(raw) < SMALL_RESULT_BYTES
+    assert raw.startswith(b"{")
     client.close()
     app.close()
 
@@ -138,10 +154,11 @@ def test_the_broker_channel_shares_one_client_and_still_delivers(
 def test_compressed_results_are_smaller_and_read_by_a_plain_celery_producer(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
-    """CELERY_RESULT_COMPRESSION=gzip: the stored result is Celery's marked compressed form,
-    smaller than the JSON it holds, and a producer with no compression set reads it (waiting
-    on it, and again from Redis); a chord's callback, in the worker, reads its parts."""
-    worker = start_worker("compressed", CELERY_RESULT_COMPRESSION="gzip")
+    """A worker at the default CELERY_RESULT_COMPRESSION (zlib): the stored result is Celery's
+    marked compressed form, smaller than the JSON it holds, and a producer with no compression
+    set reads it (waiting on it, and again from Redis); a chord's callback, in the worker, reads
+    its parts."""
+    worker = start_worker("compressed")
     prompt = "a lighthouse keeper's cat watching a storm roll over the cliffs " * 4
     sent = worker.send(prompt=prompt, promptVersions=3)
     result = sent.get(timeout=30)  # type: ignore[attr-defined]
@@ -166,7 +183,7 @@ def test_a_result_over_a_mebibyte_is_stored_compressed_and_read_as_it_was(
     redis_server: RedisServer,
 ) -> None:
     """A batch's result (tens of MB for 10,000 prompts) is stored in Celery's marked compressed
-    form even with CELERY_RESULT_COMPRESSION unset: its write, its PUBLISH and each read move a
+    form even with CELERY_RESULT_COMPRESSION=none: its write, its PUBLISH and each read move a
     fraction of it. A plain Celery reader with no compression set reads it as it was; a result
     under the limit is stored as plain JSON."""
     from config.backend import LARGE_RESULT_BYTES

@@ -283,9 +283,8 @@ def test_a_resend_gets_the_items_and_is_counted_once_before_and_after_they_go(
     keys = [k.decode() for k in client.scan_iter(f"*{task_uuid}*")]
     assert keys == [f"enhance:ledger:task:{task_uuid}"]  # the items: the only key of its own
     assert 600 < client.ttl(keys[0]) <= 700
-    buckets = [
-        k for k in client.scan_iter("enhance:ledger:billed:*") if client.hexists(k, task_uuid)
-    ]
+    marker = uuid.UUID(task_uuid).bytes  # the field: the UUID's 16 bytes
+    buckets = [k for k in client.scan_iter("enhance:ledger:billed:*") if client.hexists(k, marker)]
     assert len(buckets) == 1
     assert client.ttl(buckets[0]) >= 8 * 86_400
     again = worker.send(prompt="a fox", taskUUID=task_uuid).get(timeout=30)

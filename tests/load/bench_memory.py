@@ -4,12 +4,14 @@ asserts nothing.
   python -m tests.load memory [--jobs 600] [--prompt-chars 300] [--versions 1] [--workers 2]
                               [--soak-s 0] [--soak-rate 20] [--set NAME=VALUE ...]
 
-1. Footprint: --jobs enhancements (prompts of --prompt-chars characters, --versions each, ten
-   accounts) through real workers on a private Redis at the default settings. Then every key in
-   Redis is read (MEMORY USAGE, TTL) and grouped by family: bytes per finished job, how long
-   each family keeps them, and so the MB that 1, 20 and 100 sustained jobs/s hold. The bytes are
-   also scaled to Redis's own `used_memory` growth (allocator overhead, the expiry index), which
-   is what the server really spends; the held figures use the larger of the two.
+1. Footprint: --jobs enhancements (prompts of --prompt-chars characters of English prose,
+   --versions each, worded by the sandbox as unlike the prompt as a model's, ten accounts)
+   through real workers on a private Redis at the default settings. Then every key in Redis is
+   read (MEMORY USAGE, TTL) and grouped by family: bytes per finished job, how long each family
+   keeps them, and so the MB that 1, 20 and 100 sustained jobs/s hold. The bytes are also
+   scaled to Redis's own `used_memory` growth per job over the run's second half (allocator
+   overhead, the expiry index; not what the run's start costs once), which is what the server
+   really spends; the held figures use the larger of the two.
 2. With --soak-s N: the retentions cut to a minute or two (CELERY_RESULT_EXPIRES_S,
    RUNWARE_ITEMS_RETENTION_S, RUNWARE_BILLED_RETENTION_S), jobs sent at --soak-rate per second
    for N seconds, then a wait as long as the longest retention: `used_memory` must come back to
@@ -19,7 +21,7 @@ asserts nothing.
 from __future__ import annotations
 
 import argparse
-import random
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -29,7 +31,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from tests.load.common import fleet, private_redis
+from enhance_client.schemas import PROMPT_MAX, PROMPT_MIN
+from tests.load.common import fleet, private_redis, prose_prompts
 from workers.sandbox.services import SandboxProcess
 
 ACCOUNTS = tuple(f"acct{n}" for n in range(10))
@@ -80,23 +83,15 @@ def census(client: redis.Redis) -> dict[str, Family]:
     return dict(found)
 
 
-WORDS = (  # noqa: SIM905 - a sentence reads better than 65 quoted words
-    "a the of lighthouse keeper cat storm cliffs amber dusk neon rain market fox snow dawn "
-    "ancient city glass tower desert caravan moonlit harbor painted brass owl forest river "
-    "misty mountain cathedral ruins garden lantern festival crowd quiet street golden field "
-    "wolf silver armor knight dragon ocean waves sunset violet clouds portrait elderly sailor "
-    "cinematic wide shot close-up watercolor oil painting photograph soft light dramatic"
-).split()
+@functools.cache
+def _prose(chars: int) -> list[str]:
+    return prose_prompts(4096, chars)
 
 
 def prompt(n: int, chars: int) -> str:
-    """A prompt of `chars` characters, words drawn from a vocabulary (not one sentence
-    repeated, which would flatter compression)."""
-    rng = random.Random(n)
-    text = f"job {n}:"
-    while len(text) < chars:
-        text += " " + rng.choice(WORDS)
-    return text[:chars]
+    """A prompt of about `chars` characters of English prose (CPython's help texts): results
+    then compress as real ones do, not as a sentence repeated or a small vocabulary would."""
+    return f"job {n}: {_prose(chars)[n % 4096]}"[:chars]
 
 
 def send(producer: Celery, n: int, chars: int, versions: int) -> Any:
@@ -118,22 +113,26 @@ def settle(client: redis.Redis) -> int:
 
 def footprint(args: argparse.Namespace) -> None:
     with private_redis() as server, SandboxProcess() as sandbox:
+        sandbox.configure(reword_versions=True)  # texts as unlike the prompt as a model's
         url = server.url(0)
         client = redis.Redis.from_url(url)
         with fleet(url, sandbox, args.workers, **args.env) as producer:
             warm = [send(producer, -n - 1, args.prompt_chars, args.versions) for n in range(20)]
             for job in warm:
                 job.get(timeout=120)
-            start = settle(client)
             keys_before = census(client)
             started = time.monotonic()
-            pending = [
-                send(producer, n, args.prompt_chars, args.versions) for n in range(args.jobs)
-            ]
-            for job in pending:
-                job.get(timeout=600)
+            half = args.jobs // 2
+            middle, end = 0, 0
+            for first, last in ((0, half), (half, args.jobs)):
+                pending = [
+                    send(producer, n, args.prompt_chars, args.versions) for n in range(first, last)
+                ]
+                for job in pending:
+                    job.get(timeout=600)
+                # with the same clients connected each time
+                middle, end = end, settle(client)
             took = time.monotonic() - started
-            end = settle(client)  # with the same clients connected as at the start
             after = census(client)
         client.close()
     jobs = args.jobs
@@ -143,14 +142,18 @@ def footprint(args: argparse.Namespace) -> None:
         if after[name].per_job
     }
     counted = sum(grown.values())
-    scale = max(1.0, (end - start) / counted) if counted else 1.0
+    # The second half's growth per job: what the first job of a run costs once (buffers, the
+    # scripts, a dictionary's first resize) is not a per-job cost.
+    per_job_growth = (end - middle) / (jobs - jobs // 2)
+    scale = max(1.0, per_job_growth * jobs / counted) if counted else 1.0
     print(
         f"{jobs} jobs ({args.prompt_chars}-character prompts, {args.versions} version(s), "
         f"{len(ACCOUNTS)} accounts) in {took:.1f} s through {args.workers} workers"
         + (f" with {' '.join(args.set)}" if args.set else "")
     )
     print(
-        f"used_memory grew {(end - start) / jobs:.0f} B per job; the keys' MEMORY USAGE "
+        f"used_memory grew {per_job_growth:.0f} B per job (the second half's jobs); the keys' "
+        f"MEMORY USAGE "
         f"{counted / jobs:.0f} B per job (x{scale:.2f} for the allocator and the expiry index)"
     )
     print()
@@ -199,6 +202,7 @@ SOAK_SETTINGS = {
 def soak(args: argparse.Namespace) -> None:
     longest = max(int(v) for k, v in SOAK_SETTINGS.items() if "RETENTION" in k or "EXPIRES" in k)
     with private_redis() as server, SandboxProcess() as sandbox:
+        sandbox.configure(reword_versions=True)
         url = server.url(0)
         client = redis.Redis.from_url(url)
         with fleet(url, sandbox, args.workers, **{**args.env, **SOAK_SETTINGS}) as producer:
@@ -256,6 +260,8 @@ def main() -> None:
         help="a worker setting, e.g. --set CELERY_RESULT_COMPRESSION=gzip (repeatable)",
     )
     args = parser.parse_args()
+    if not PROMPT_MIN <= args.prompt_chars <= PROMPT_MAX:
+        parser.error(f"--prompt-chars must be {PROMPT_MIN}..{PROMPT_MAX} (promptEnhance's limit)")
     args.env = dict(item.split("=", 1) for item in args.set)
     footprint(args)
     if args.soak_s > 0:

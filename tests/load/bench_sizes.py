@@ -39,25 +39,9 @@ from typing import Any
 
 import redis
 
-from tests.load.common import describe, fleet, private_redis, slowlog, worker_env
+from tests.load.common import describe, fleet, private_redis, prose_prompts, slowlog, worker_env
 from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
-
-
-def prose_prompts(count: int, max_chars: int = 280) -> list[str]:
-    """`count` prompts of English prose (CPython's own help texts, in order), up to `max_chars`
-    each: a batch's messages then compress as real ones do, not as a repeated line would."""
-    from pydoc_data.topics import topics
-
-    words = " ".join(topics[name] for name in sorted(topics)).split()
-    prompts, at = [], 0
-    while len(prompts) < count:
-        text = ""
-        while len(text) + len(words[at % len(words)]) + 1 <= max_chars:
-            text = f"{text} {words[at % len(words)]}".strip()
-            at += 1
-        prompts.append(text)
-    return prompts
 
 
 def batch(producer: Any, prompts: int, versions: int) -> tuple[float, int, int]:

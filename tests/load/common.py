@@ -180,3 +180,19 @@ def describe(entries: list[dict[str, Any]], slow_ms: float) -> list[str]:
         shown = " ".join(w[:40] for w in words[:6])
         lines.append(f"    {int(entry['duration']) / 1000:.1f} ms: {shown} ...")
     return lines
+
+
+def prose_prompts(count: int, max_chars: int = 280) -> list[str]:
+    """`count` prompts of English prose (CPython's own help texts, in order), up to `max_chars`
+    each: a batch's messages then compress as real ones do, not as a repeated line would."""
+    from pydoc_data.topics import topics
+
+    words = " ".join(topics[name] for name in sorted(topics)).split()
+    prompts, at = [], 0
+    while len(prompts) < count:
+        text = ""
+        while len(text) + len(words[at % len(words)]) + 1 <= max_chars:
+            text = f"{text} {words[at % len(words)]}".strip()
+            at += 1
+        prompts.append(text)
+    return prompts

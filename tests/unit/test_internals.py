@@ -70,8 +70,15 @@ INTERNALS: dict[str, tuple[Callable[..., Any], str, str]] = {
     ),
     "celery.backends.base.compress_payload": (
         celery_base.compress_payload,
-        "config/backend.py stores a result over LARGE_RESULT_BYTES in its marked, compressed form",
+        "config/backend.py stores a SUCCESS in its marked, compressed form (by "
+        "CELERY_RESULT_COMPRESSION, or over LARGE_RESULT_BYTES); the store script reads its "
+        "leading NUL as SUCCESS",
         "13cf04d008002c03",
+    ),
+    "celery.backends.base.Backend._encode": (
+        celery_base.Backend._encode,
+        "config/backend.py serializes a state's meta with it (encode() would compress any state)",
+        "429a9c3777ebe6d2",
     ),
     "celery.backends.base.decompress_payload": (
         celery_base.decompress_payload,

@@ -179,15 +179,15 @@ def enhanced_texts(
     prompt: str, versions: int, max_tokens: int | None, reword: bool = False
 ) -> list[str]:
     """Deterministic stand-ins for the model's output: the prompt, expanded, one per version.
-    With `reword`, each version after the first reorders the prompt's words (as a model's
-    versions reword one another), so that a batch's results are no more alike than real ones
-    (the sizes benchmark: messages that compress as real ones do)."""
+    With `reword`, each version reorders the prompt's words (as a model rewords a prompt, and
+    its versions one another), so that results are no more alike than real ones (the sizes and
+    memory benchmarks: messages and results that compress as real ones do)."""
     limit = (max_tokens or 400) * 4
     base = prompt.strip().rstrip(".")
     texts = []
     for index in range(versions):
         words = base.split(" ")
-        if index and reword:
+        if reword:
             random.Random(f"{base}|{index}").shuffle(words)
         texts.append(f"{' '.join(words)}, {FLOURISHES[index % len(FLOURISHES)]}"[:limit])
     return texts

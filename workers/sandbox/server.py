@@ -88,7 +88,7 @@ class SandboxConfig:
     webhook_retry_s: float = 0.5  # first wait before a webhook POST is retried (doubling, 8 s cap)
     webhook_give_up_s: float = 120.0  # a webhook not answered 2xx within this is dropped
     seed: int | None = None
-    reword_versions: bool = False  # each version after the first reorders the prompt's words
+    reword_versions: bool = False  # each version reorders the prompt's words
 
 
 @dataclass
