@@ -59,6 +59,20 @@ REGISTRATION_S = 6  # a worker that stops heartbeating leaves the fleet's thread
 MAX_READ = 50  # messages read per step (each read here, tasks/messages.py, not in Redis)
 MAX_GRANTS = 50  # grants per step: with the reads, a step stays within a few ms of Redis
 TRANSIT_CHECK_S = 15.0  # a granted message out of the ready queue this long, not in custody: lost
+
+# The step's KEYS and ARGV by name, in the order pump.lua's KEY_NAMES and ARG_NAMES give them
+# (tests/unit/test_pump_parts.py holds the two lists together).
+PUMP_KEYS = (
+    "intake", "delayed", "ready", "leases", "transit", "transit_at", "workers", "workers_seen",
+    "dispatcher", "overrides", "tat", "cooldown", "account_rate", "account_weight",
+    "account_tat", "streak", "wake", "i_active", "i_ring", "i_credit", "i_queue", "b_active",
+    "b_ring", "b_credit", "b_queue", "unacked", "busy", "pushed", "transit_left",
+    "transit_legacy", "parked", "rejected", "parked_polls", "hooked",
+)  # fmt: skip
+PUMP_ARGS = (
+    "dispatcher_id", "lock_ms", "rate", "burst", "cap", "account_rate", "lease_s", "max_streak",
+    "max_read", "max_grants", "transit_age",
+)  # fmt: skip
 COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
 TAKEN_KINDS = frozenset({messages.CALL, messages.PASS})  # jobs a worker of the fleet will run
@@ -137,7 +151,7 @@ class Dispatcher(threading.Thread):
         self.keys = FairKeys(settings.key_prefix)
         self.id = ident or worker_id()
         self._stopped = threading.Event()
-        self._pump = scripts.register(client, "pump")
+        self._pump = scripts.register(client, scripts.PUMP)
         self._heartbeat = scripts.register(client, "heartbeat")
         self._last_beat = 0.0
         self._other_layouts: list[str] = []  # lists of producers with other priority steps
@@ -297,60 +311,62 @@ class Dispatcher(threading.Thread):
 
     # --- one step ---
     def _pump_keys_args(self) -> tuple[list[str], list[str | int | float]]:
+        """The step's KEYS and ARGV, in the order of PUMP_KEYS and PUMP_ARGS (pump.lua's
+        KEY_NAMES and ARG_NAMES), then the Celery queues to take jobs from."""
         keys, settings = self.keys, self.settings
-        script_keys = [
-            keys.intake,
-            keys.delayed,
-            keys.ready,
-            keys.leases,
-            keys.transit,
-            keys.transit_at,
-            keys.workers,
-            keys.workers_seen,
-            keys.dispatcher,
-            keys.overrides,
-            keys.tat,
-            keys.cooldown,
-            keys.account_rate,
-            keys.account_weight,
-            keys.account_tat,
-            keys.streak,
-            keys.wake,
-            *(
-                key
+        named_keys = {
+            "intake": keys.intake,
+            "delayed": keys.delayed,
+            "ready": keys.ready,
+            "leases": keys.leases,
+            "transit": keys.transit,
+            "transit_at": keys.transit_at,
+            "workers": keys.workers,
+            "workers_seen": keys.workers_seen,
+            "dispatcher": keys.dispatcher,
+            "overrides": keys.overrides,
+            "tat": keys.tat,
+            "cooldown": keys.cooldown,
+            "account_rate": keys.account_rate,
+            "account_weight": keys.account_weight,
+            "account_tat": keys.account_tat,
+            "streak": keys.streak,
+            "wake": keys.wake,
+            **{
+                f"{klass}_{part}": key
                 for klass in ("i", "b")
-                for key in (
-                    keys.active(klass),
-                    keys.ring(klass),
-                    keys.credit(klass),
-                    keys.queue_prefix(klass),
+                for part, key in (
+                    ("active", keys.active(klass)),
+                    ("ring", keys.ring(klass)),
+                    ("credit", keys.credit(klass)),
+                    ("queue", keys.queue_prefix(klass)),
                 )
-            ),
-            KOMBU_UNACKED,
-            keys.busy,
-            keys.ready_pushed,
-            keys.transit_left,
-            keys.transit_legacy,
-            keys.parked,
-            keys.rejected,
-            keys.parked_polls,
-            keys.hooked,
-            *self._source_keys,
-        ]
-        args: list[str | int | float] = [
-            self.id,
-            LOCK_MS,
-            settings.runware_rate_limit or 0,
-            settings.runware_rate_burst,
-            settings.runware_max_in_flight or 0,
-            settings.runware_account_rate_limit or 0,
-            settings.lease_s,
-            MAX_STREAK,
-            MAX_READ,
-            MAX_GRANTS,
-            TRANSIT_CHECK_S,
-        ]
-        return script_keys, args
+            },
+            "unacked": KOMBU_UNACKED,
+            "busy": keys.busy,
+            "pushed": keys.ready_pushed,
+            "transit_left": keys.transit_left,
+            "transit_legacy": keys.transit_legacy,
+            "parked": keys.parked,
+            "rejected": keys.rejected,
+            "parked_polls": keys.parked_polls,
+            "hooked": keys.hooked,
+        }
+        named_args: dict[str, str | int | float] = {
+            "dispatcher_id": self.id,
+            "lock_ms": LOCK_MS,
+            "rate": settings.runware_rate_limit or 0,
+            "burst": settings.runware_rate_burst,
+            "cap": settings.runware_max_in_flight or 0,
+            "account_rate": settings.runware_account_rate_limit or 0,
+            "lease_s": settings.lease_s,
+            "max_streak": MAX_STREAK,
+            "max_read": MAX_READ,
+            "max_grants": MAX_GRANTS,
+            "transit_age": TRANSIT_CHECK_S,
+        }
+        script_keys = [named_keys[name] for name in PUMP_KEYS] + list(self._source_keys)
+        return script_keys, [named_args[name] for name in PUMP_ARGS]
 
     def _reads(self) -> list[str | int | float]:
         """What pump.lua's ARGV 12.. say: the messages waiting at the tail of the intake list
@@ -387,40 +403,39 @@ class Dispatcher(threading.Thread):
         return reads
 
     def pump(self) -> tuple[int, float, int, float]:
-        """One pump.lua step: (code, wait, granted, due_in); dwell times go to the metrics."""
+        """One step (tasks/lua/pump*.lua): (code, wait, granted, due_in); dwell times go to the
+        metrics."""
         script_keys, args = self._pump_keys, self._pump_args
         # Messages are looked at only when the last step said some wait to be read (or one was
         # just taken in by the blocking wait): a step with nothing to read is one round trip.
         self._read = []
         reads = self._reads() if self._unread else [0] * (len(self._source_keys) + 2)
-        reply = scripts.run(self._pump, script_keys, [*args, *reads])
-        code, wait, granted, read, recovered, due_in, rejected, unread = reply[:8]
-        self._unread = int(code) != Pump.OK or bool(int(unread))
-        if int(read) and (self._on_taken is not None or tracing.active()):
+        step = scripts.PumpReply.of(scripts.run(self._pump, script_keys, [*args, *reads]))
+        self._unread = step.code != Pump.OK or bool(step.unread)
+        if step.read and (self._on_taken is not None or tracing.active()):
             # The step takes messages in the order they were read (up to a list whose next
             # message someone else took): the first `read` of them.
-            jobs = [r for r in self._read[: int(read)] if r and r.kind in TAKEN_KINDS]
+            jobs = [r for r in self._read[: step.read] if r and r.kind in TAKEN_KINDS]
             for job in jobs:  # (with tracing on: the span of its wait is made at its grant)
                 if job.kind == messages.CALL and not job.continues:
                     self._waits.taken_in(job.task_id, job.traceparent)
             if jobs and self._on_taken is not None:
                 self._on_taken(jobs)
-        if int(rejected):
+        if step.rejected:
             self._file_rejected()
-        for index in range(8, len(reply), 4):
-            account, klass, waited, task_id = (v.decode() for v in reply[index : index + 4])
-            priority = PRIORITY_NAMES[klass]
-            metrics.LIMIT_WAIT.labels(metrics.ACCOUNTS.label(account), priority).observe(
-                float(waited)
+        for grant in step.grants:
+            priority = PRIORITY_NAMES[grant.klass]
+            metrics.LIMIT_WAIT.labels(metrics.ACCOUNTS.label(grant.account), priority).observe(
+                grant.waited
             )
-            self._waits.granted(task_id, account, priority, float(waited))
-        if int(recovered):
+            self._waits.granted(grant.task_id, grant.account, priority, grant.waited)
+        if step.recovered:
             logger.warning(
                 "%d granted job(s) were lost between the ready queue and a worker; "
                 "they are queued again.",
-                int(recovered),
+                step.recovered,
             )
-        return int(code), float(wait), int(granted), float(due_in)
+        return step.code, step.wait, step.granted, step.due_in
 
     def _file_rejected(self) -> None:
         """File the messages the step (or a worker) set aside: an unreadable one in the dead

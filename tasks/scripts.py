@@ -4,6 +4,7 @@ what it returns; loaded once and registered on a client. Return codes have names
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
 from pathlib import Path
@@ -15,19 +16,68 @@ from redis.commands.core import Script
 LUA_DIR = Path(__file__).with_name("lua")
 
 
+# The dispatcher's step: one script, these files joined in order (pump.lua's header says what
+# each holds), so that each reads at one sitting and the step stays atomic.
+PUMP = ("pump_lib", "pump", "pump_recover", "pump_intake", "pump_fair", "pump_grant")
+
+
 class Pump(IntEnum):
-    """pump.lua's first value."""
+    """The step's `code`."""
 
     OK = 1
     NOT_DISPATCHER = -3
 
 
 class Wait(IntEnum):
-    """pump.lua's second value when it is not a number of seconds to wait."""
+    """The step's `wait` when it is not a number of seconds to wait."""
 
     NOW = 0  # more may be due at once
     NOBODY_WAITS = -1
     NO_FREE_SLOT = -2  # the in-flight cap or every worker thread is taken
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A job the step handed to the ready queue."""
+
+    account: str
+    klass: str  # i | b
+    waited: float  # seconds since it entered the intake
+    task_id: str
+
+
+@dataclass(frozen=True)
+class PumpReply:
+    """What one step says, read by name from the script's name/value pairs."""
+
+    code: int
+    wait: float = 0.0
+    granted: int = 0
+    read: int = 0
+    recovered: int = 0
+    due_in: float = -1.0
+    rejected: int = 0
+    unread: int = 0
+    grants: tuple[Grant, ...] = ()
+
+    @classmethod
+    def of(cls, reply: Sequence[Any]) -> PumpReply:
+        named = {bytes(reply[i]).decode(): reply[i + 1] for i in range(0, len(reply), 2)}
+        flat = [bytes(value).decode() for value in named.get("grants", [])]
+        return cls(
+            code=int(named["code"]),
+            wait=float(named.get("wait", 0)),
+            granted=int(named.get("granted", 0)),
+            read=int(named.get("read", 0)),
+            recovered=int(named.get("recovered", 0)),
+            due_in=float(named.get("due_in", -1)),
+            rejected=int(named.get("rejected", 0)),
+            unread=int(named.get("unread", 0)),
+            grants=tuple(
+                Grant(flat[i], flat[i + 1], float(flat[i + 2]), flat[i + 3])
+                for i in range(0, len(flat), 4)
+            ),
+        )
 
 
 @cache
@@ -36,11 +86,14 @@ def source(name: str) -> str:
     return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def register(client: redis.Redis, name: str, after: str | None = None) -> Script:
+def register(client: redis.Redis, name: str | Sequence[str], after: str | None = None) -> Script:
     """tasks/lua/NAME.lua registered on `client` (loaded into Redis at its first use); with
-    `after`, that file's text comes first (functions several scripts share)."""
-    text = source(name) if after is None else source(after) + "\n" + source(name)
-    return client.register_script(text)
+    `after`, that file's text comes first (functions several scripts share). A sequence of
+    names is one script of those files, joined in order (PUMP)."""
+    names = [name] if isinstance(name, str) else list(name)
+    if after is not None:
+        names.insert(0, after)
+    return client.register_script("\n".join(source(n) for n in names))
 
 
 def run(script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:

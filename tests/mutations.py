@@ -145,10 +145,29 @@ MUTATIONS: tuple[Mutation, ...] = (
             "test_calls_their_jobs_gave_up_on_are_settled_by_the_reconciler",
         ),
     ),
-    # --- the fair intake (pump.lua) -----------------------------------------------------------
+    # --- the fair intake (pump*.lua) ----------------------------------------------------------
+    Mutation(
+        "fair-entry-loses-its-tag",
+        "tasks/lua/pump_lib.lua",
+        "  return cmsgpack.pack(since, id, tag, raw)",
+        "  return cmsgpack.pack(since, id, '', raw)",
+        "a granted job's slot is named by its delivery tag, kept in its fair list's entry",
+        ("tests/integration/test_pump_lib.py::test_a_fair_list_entry_gives_back_what_went_in",),
+    ),
+    Mutation(
+        "pump-keys-out-of-order",
+        "tasks/dispatcher.py",
+        '    "intake", "delayed", "ready",',
+        '    "delayed", "intake", "ready",',
+        "the dispatcher hands the step each key under the name the script reads it by",
+        (
+            "tests/unit/test_pump_parts.py::"
+            "test_the_dispatcher_passes_the_keys_and_arguments_in_the_scripts_order",
+        ),
+    ),
     Mutation(
         "rate-too-slow",
-        "tasks/lua/pump.lua",
+        "tasks/lua/pump_fair.lua",
         "  local interval = 1 / r\n",
         "  local interval = 1.6 / r\n",
         "the fleet calls at the configured rate",
@@ -156,7 +175,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "in-flight-cap-off-by-one",
-        "tasks/lua/pump.lua",
+        "tasks/lua/pump_fair.lua",
         "if in_flight >= capacity or in_flight + busy >= threads then return -2 end",
         "if in_flight > capacity or in_flight + busy >= threads then return -2 end",
         "never more calls in flight than RUNWARE_MAX_IN_FLIGHT",
@@ -164,7 +183,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "retries-jump-the-queue",
-        "tasks/lua/pump.lua",
+        "tasks/lua/pump_intake.lua",
         "local push = (was_delayed and string.sub(code, 3, 3) == '1') and 'LPUSH' or 'RPUSH'",
         "local push = was_delayed and 'LPUSH' or 'RPUSH'",
         "a retry queues behind its account's waiting jobs (only a poll goes ahead)",
@@ -175,7 +194,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "batch-starves-behind-interactive",
-        "tasks/lua/pump.lua",
+        "tasks/lua/pump_grant.lua",
         "if has_i and (not has_b or streak < max_streak) then",
         "if has_i then",
         "batch jobs keep one grant in ten while interactive ones wait",
@@ -282,7 +301,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "woken-poll-takes-a-grant",
-        "tasks/lua/pump.lua",
+        "tasks/lua/pump_intake.lua",
         "if tonumber(hooked) > now then kind, was_delayed, due = 'p', true, nil end",
         "if tonumber(hooked) > now then was_delayed, due = true, nil end",
         "a job finished by its webhook takes no rate slot for it",
@@ -314,9 +333,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "early-webhook-waits-for-the-poll",
-        "tasks/lua/pump.lua",
-        "  local hooked = continues and redis.call('ZSCORE', HOOKED, id)",
-        "  local hooked = continues and was_delayed and redis.call('ZSCORE', HOOKED, id)",
+        "tasks/lua/pump_intake.lua",
+        "  local hooked = continues and redis.call('ZSCORE', K.hooked, id)",
+        "  local hooked = continues and was_delayed and redis.call('ZSCORE', K.hooked, id)",
         "a webhook that comes before the job's poll is parked still ends the job at once",
         (_W + "test_a_webhook_before_the_poll_is_parked_ends_the_job_at_once",),
     ),

@@ -105,7 +105,9 @@ def test_a_killed_workers_slots_come_back(start_worker: StartWorker, sandbox: Sa
     sandbox.configure(latency_s=30.0)  # the calls hang while their worker dies
     settings = {
         "RUNWARE_MAX_IN_FLIGHT": "2",
-        "RUNWARE_LEASE_S": "2",
+        # (long enough to count the slots after the kill on a loaded machine; the heir's job
+        # waits for them to expire)
+        "RUNWARE_LEASE_S": "5",
         "RUNWARE_TIMEOUT_S": "60",
         "RUNWARE_BATCH_MAX": "1",  # (two requests in flight, not one shared)
     }
