@@ -12,9 +12,15 @@ once: it never pays the window.
 Under load (other calls out as a call arrives, and calls arriving more than two a window) the
 first task also waits a little for calls not on their way yet: about eight arrivals' time,
 within the window. That is where the throughput gain of sharing requests comes from; a serial
-client's call never finds another out, so it never waits for it. Each task keeps everything
-that is its own: its slot, its ledger entry, its result and its error (a task's error in a
-batch belongs to that task only).
+client's call never finds another out, so it never waits for it.
+
+Either hold is also kept within a quarter of what this task type's requests recently took
+(HOLD_SHARE): sharing a request is worth a short wait against a call of a second, not against
+one of a few milliseconds, where the wait would be most of the job's latency (a burst of jobs
+against a fast API then goes at once, each in a request of its own, as a plain worker's would).
+
+Each task keeps everything that is its own: its slot, its ledger entry, its result and its
+error (a task's error in a batch belongs to that task only).
 
 One open batch per task type, so a quick promptEnhance never waits for a slow image.
 """
@@ -33,8 +39,10 @@ R = TypeVar("R")
 # A job received but not started within this is not waited for (it was revoked, or no thread
 # took it): at most this long, a request holds open for such a job.
 RECEIVED_FOR_S = 0.5
-# How quickly the arrival-rate estimate follows a change of load (weight of the newest gap).
+# How quickly the arrival-rate and request-time estimates follow a change (the newest's weight).
 _EWMA = 0.2
+# The longest a request is held open, as a share of what its task type's requests recently took.
+HOLD_SHARE = 0.25
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Coalescer(Generic[R]):
         self._sending = 0  # tasks in requests sent and not answered yet
         self._last: dict[str, float] = {}  # the latest arrival, per task type
         self._gap: dict[str, float] = {}  # the mean time between arrivals, per task type
+        self._took: dict[str, float] = {}  # the mean time a request took, per task type
 
     def expect(self, token: str) -> None:
         """This process received a job that will start in a moment (the worker's consumer
@@ -136,7 +145,8 @@ class Coalescer(Generic[R]):
             return self._send([task])
         with self._cond:
             self._arrive()
-            hold = self._speculative_hold(kind)
+            longest = self._longest_hold(kind)
+            hold = min(longest, self._speculative_hold(kind))
             key = f"{kind}/alone/{id(task)}" if alone else kind
             batch = self._open.get(key)
             leader = batch is None
@@ -151,7 +161,7 @@ class Coalescer(Generic[R]):
                     # Others are on their way (or, under load, sure to come): hold the request
                     # open for them, no longer.
                     now = time.monotonic()
-                    deadline, sure = now + self.window_s, now + hold
+                    deadline, sure = now + longest, now + hold
                     while (
                         not batch.closed
                         and ((now := time.monotonic()) < sure or self._others_coming())
@@ -176,6 +186,7 @@ class Coalescer(Generic[R]):
         else:
             with self._cond:
                 self._sending += len(batch.tasks)
+            began = time.monotonic()
             try:
                 batch.result = self._send(batch.tasks)
             except BaseException as exc:  # every task of the request sees the same failure
@@ -183,6 +194,7 @@ class Coalescer(Generic[R]):
             finally:
                 with self._cond:
                     self._sending -= len(batch.tasks)
+                    self._took_for(kind, time.monotonic() - began)
                 batch.done.set()
         if batch.error is not None:
             raise batch.error
@@ -194,6 +206,17 @@ class Coalescer(Generic[R]):
         if self._open.get(kind) is batch:
             del self._open[kind]
         self._cond.notify_all()
+
+    def _took_for(self, kind: str, seconds: float) -> None:
+        """A request of `kind` took `seconds` (the lock held)."""
+        mean = self._took.get(kind, seconds)
+        self._took[kind] = (1 - _EWMA) * mean + _EWMA * seconds
+
+    def _longest_hold(self, kind: str) -> float:
+        """The longest a request of `kind` may be held open (the lock held): the window, within
+        HOLD_SHARE of what its requests recently took (the window until one has been sent)."""
+        took = self._took.get(kind)
+        return self.window_s if took is None else min(self.window_s, HOLD_SHARE * took)
 
     def _speculative_hold(self, kind: str) -> float:
         """How long to hold a request open for calls not on their way yet (the lock held):

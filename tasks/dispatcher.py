@@ -165,6 +165,7 @@ class Dispatcher(threading.Thread):
         # task-sent events that show them in Flower while they wait).
         self._on_taken = on_taken
         self._read: list[messages.Read | None] = []  # the last step's reads, in ARGV order
+        self._moved: bytes | None = None  # what the blocking wait moved into the empty intake
         self._waits = tracing.IntakeWaits()  # (with tracing on) the traceparents of waiting jobs
 
     # --- life cycle ---
@@ -369,16 +370,24 @@ class Dispatcher(threading.Thread):
         return script_keys, [named_args[name] for name in PUMP_ARGS]
 
     def _reads(self) -> list[str | int | float]:
-        """What pump.lua's ARGV 12.. say: the messages waiting at the tail of the intake list
-        and of each Celery queue (at most MAX_READ in all), and the delayed ones due by now,
-        each read here (tasks/messages.py) with its fingerprint."""
-        sources = [self.keys.intake, *self._source_keys]
-        due_by = time.time() + self._clock_skew + 0.5
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key in sources:
-                pipe.lrange(key, -MAX_READ, -1)
-            pipe.zrangebyscore(self.keys.delayed, "-inf", due_by, start=0, num=MAX_READ)
-            replies = pipe.execute()
+        """What the step's reads say (pump.lua): the messages waiting at the tail of the intake
+        list and of each Celery queue (at most MAX_READ in all), and the delayed ones due by
+        now, each read here (tasks/messages.py) with its fingerprint."""
+        if self._moved is not None:
+            # The blocking wait just moved this message into the empty intake list: it is the
+            # whole reading, with no round trip to look. (Were it not at the list's tail, the
+            # step would see another fingerprint and leave the list for the next step; messages
+            # that came meanwhile elsewhere count as unread, and the next step reads them.)
+            moved, self._moved = self._moved, None
+            replies: list[list[bytes]] = [[moved], *([] for _ in range(len(self._source_keys) + 1))]
+        else:
+            sources = [self.keys.intake, *self._source_keys]
+            due_by = time.time() + self._clock_skew + 0.5
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in sources:
+                    pipe.lrange(key, -MAX_READ, -1)
+                pipe.zrangebyscore(self.keys.delayed, "-inf", due_by, start=0, num=MAX_READ)
+                replies = pipe.execute()
         runware, known = self.intake.runware_tasks, self.intake.known_tasks
         reads: list[str | int | float] = []
         budget = MAX_READ
@@ -500,7 +509,9 @@ class Dispatcher(threading.Thread):
                     "RIGHT",
                     "LEFT",
                 )
-                self._unread = self._unread or moved is not None
+                if moved is not None:
+                    self._unread = True
+                    self._moved = moved if isinstance(moved, bytes) else None
             else:
                 self._stopped.wait(timeout)
         elif timeout <= 0.25:

@@ -190,6 +190,7 @@ def test_a_received_job_is_waited_for_until_it_starts_or_goes_stale(
     it joins when its thread reaches the call. One that never starts (revoked) stops counting
     after RECEIVED_FOR_S, so a request never waits the whole window for it."""
     monkeypatch.setattr(batching, "RECEIVED_FOR_S", 0.2)
+    monkeypatch.setattr(batching, "HOLD_SHARE", 1e9)  # (the recorder answers at once)
     send = Recorder()
     coalescer = Coalescer(send, max_size=10, window_s=60.0)
     coalescer.expect("job-2")
@@ -255,3 +256,35 @@ def test_a_call_that_is_never_batched_stops_counting_as_it_goes_out() -> None:
     finish.set()
     image.join(timeout=10)
     assert send.requests == [[{"n": 1}]]
+
+
+def test_a_request_is_held_no_longer_than_a_share_of_what_requests_take() -> None:
+    """Against a fast API, waiting for a call on its way would be most of a job's latency: once
+    a request has taken 40 ms, the next is held 10 ms at most (HOLD_SHARE), not the window."""
+    assert batching.HOLD_SHARE == 0.25
+
+    def slow(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        time.sleep(0.04)
+        return send(tasks)
+
+    send = Recorder()
+    coalescer = Coalescer(slow, max_size=10, window_s=60.0)
+    coalescer.call("a", {"n": 0})  # alone: nothing on its way
+    assert 0.04 * batching.HOLD_SHARE <= coalescer._longest_hold("a") < 0.06 * batching.HOLD_SHARE
+    late, leave = threading.Event(), threading.Event()
+
+    def on_its_way_for_long() -> None:
+        with coalescer.on_the_way():
+            late.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=on_its_way_for_long)
+    other.start()
+    late.wait(10)
+    began = time.monotonic()
+    coalescer.call("a", {"n": 1})
+    waited = time.monotonic() - began - 0.04  # (the request itself takes 40 ms)
+    leave.set()
+    other.join(timeout=10)
+    assert waited < 0.05  # about 10 ms, far from the 60 s window
+    assert send.requests == [[{"n": 0}], [{"n": 1}]]
