@@ -425,15 +425,17 @@ class Settings(BaseSettings):
         # 0 is a port here: the OS picks a free one (tests use it; the log names it).
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator(
-        "runware_daily_budget_usd",
-        "runware_account_daily_budget_usd",
-        "celery_result_compression",
-        mode="before",
-    )
+    @field_validator("runware_daily_budget_usd", "runware_account_daily_budget_usd", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         # A budget of 0 means "spend nothing"; only an empty value means "no budget".
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+    @field_validator("celery_result_compression", mode="before")
+    @classmethod
+    def _none_is_none(cls, value: object) -> object:
         if isinstance(value, str):
             value = value.strip().lower()
             return None if value in ("", "none") else value

@@ -149,8 +149,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "fair-entry-loses-its-tag",
         "tasks/lua/pump_lib.lua",
-        "  return cmsgpack.pack(since, id, tag, raw)",
-        "  return cmsgpack.pack(since, id, '', raw)",
+        "  return since .. '|' .. #id .. '|' .. #tag .. '|' .. id .. tag .. raw",
+        "  return since .. '|' .. #id .. '|0|' .. id .. raw",
         "a granted job's slot is named by its delivery tag, kept in its fair list's entry",
         ("tests/integration/test_pump_lib.py::test_a_fair_list_entry_gives_back_what_went_in",),
     ),

@@ -15,15 +15,8 @@ for _, acct in ipairs(scan[2]) do
   local head = redis.call('LINDEX', q, 0)
   local age = 0
   if head then
-    -- a fair list's entry starts with its intake time (pump.lua, pack_entry: MessagePack; an
-    -- earlier version's entry: "<since>|...")
-    local since
-    if string.find(head, '^[%d.]+|') then
-      since = tonumber(string.sub(head, 1, string.find(head, '|', 1, true) - 1))
-    else
-      local _, first = cmsgpack.unpack_one(head)
-      since = first
-    end
+    -- a fair list's entry starts with its intake time: "<since>|..." (pump_lib.lua)
+    local since = tonumber(string.sub(head, 1, string.find(head, '|', 1, true) - 1))
     age = math.max(0, now - since)
   end
   reply[#reply + 1] = acct

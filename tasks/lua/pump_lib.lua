@@ -8,22 +8,21 @@ local function fingerprint(raw)
   return #raw .. ':' .. redis.sha1hex(ends)
 end
 
--- A fair list's entry, MessagePack (Redis's cmsgpack): the moment the job entered the intake,
--- its task id, its delivery tag ('' if none) and the message. Entries written by an earlier
--- version ("<since>|<id length>|<tag length>|<id><tag><message>") are still read.
+-- A fair list's entry: the moment the job entered the intake, its task id, its delivery tag
+-- ('' if none) and the message, as "<since>|<id length>|<tag length>|<id><tag><message>" (ids
+-- and tags are the producer's strings and may hold any byte, so they are cut by length). This
+-- is the only place that writes or reads the form; a dispatcher of the previous version reads it
+-- too, so the role can pass between versions during a rolling upgrade.
 local function pack_entry(since, id, tag, raw)
-  return cmsgpack.pack(since, id, tag, raw)
+  return since .. '|' .. #id .. '|' .. #tag .. '|' .. id .. tag .. raw
 end
 local function unpack_entry(entry)
-  if string.find(entry, '^[%d.]+|') then
-    local p1 = string.find(entry, '|', 1, true)
-    local p2 = string.find(entry, '|', p1 + 1, true)
-    local p3 = string.find(entry, '|', p2 + 1, true)
-    local id_len = tonumber(string.sub(entry, p1 + 1, p2 - 1))
-    local tag_len = tonumber(string.sub(entry, p2 + 1, p3 - 1))
-    return tonumber(string.sub(entry, 1, p1 - 1)), string.sub(entry, p3 + 1, p3 + id_len),
-      string.sub(entry, p3 + id_len + 1, p3 + id_len + tag_len),
-      string.sub(entry, p3 + id_len + tag_len + 1)
-  end
-  return cmsgpack.unpack(entry)
+  local p1 = string.find(entry, '|', 1, true)
+  local p2 = string.find(entry, '|', p1 + 1, true)
+  local p3 = string.find(entry, '|', p2 + 1, true)
+  local id_len = tonumber(string.sub(entry, p1 + 1, p2 - 1))
+  local tag_len = tonumber(string.sub(entry, p2 + 1, p3 - 1))
+  return tonumber(string.sub(entry, 1, p1 - 1)), string.sub(entry, p3 + 1, p3 + id_len),
+    string.sub(entry, p3 + id_len + 1, p3 + id_len + tag_len),
+    string.sub(entry, p3 + id_len + tag_len + 1)
 end

@@ -70,10 +70,17 @@ def test_a_fair_list_entry_gives_back_what_went_in(
     assert got == [since.encode(), task_id.encode(), tag.encode(), raw]
 
 
-def test_an_entry_of_the_earlier_format_is_still_read(lua: redis.Redis) -> None:
-    """Jobs waiting in the fair lists across an upgrade: "<since>|<id len>|<tag len>|<id><tag>
-    <message>", the format before MessagePack."""
+def test_an_entry_is_the_form_the_previous_dispatcher_reads(lua: redis.Redis) -> None:
+    """During a rolling upgrade the dispatcher's role can pass to a worker of the previous
+    version, which reads the fair lists' entries as "<since>|<id length>|<tag length>|<id><tag>
+    <message>": the entries keep that form."""
     task_id, tag, raw = "id|1", "tag", b'{"a": "b|c"}'
-    legacy = f"1733412345.5|{len(task_id)}|{len(tag)}|{task_id}{tag}".encode() + raw
-    got = run(lua, "local s, i, t, r = unpack_entry(ARGV[1]) return {tostring(s), i, t, r}", legacy)
-    assert got == [b"1733412345.5", task_id.encode(), tag.encode(), raw]
+    packed = run(
+        lua,
+        "return pack_entry(tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4])",
+        "1733412345.5",
+        task_id,
+        tag,
+        raw,
+    )
+    assert packed == f"1733412345.5|{len(task_id)}|{len(tag)}|{task_id}{tag}".encode() + raw

@@ -101,6 +101,21 @@ def test_a_reservation_must_outlast_the_time_a_job_takes_to_come_back() -> None:
     assert load_settings(_env_file=None, runware_reservation_s=601).runware_reservation_s == 601
 
 
+@pytest.mark.parametrize(("value", "stored"), [("", None), ("none", None), ("NONE", None)])
+def test_results_are_compressed_unless_none_is_asked(
+    monkeypatch: pytest.MonkeyPatch, value: str, stored: str | None
+) -> None:
+    assert load_settings(_env_file=None).celery_result_compression == "zlib"
+    monkeypatch.setenv("CELERY_RESULT_COMPRESSION", value)
+    assert load_settings(_env_file=None).celery_result_compression == stored
+    monkeypatch.setenv("CELERY_RESULT_COMPRESSION", "Gzip")
+    assert load_settings(_env_file=None).celery_result_compression == "gzip"
+    # ("none" means no compression; it is not a budget: a budget takes a number or nothing)
+    monkeypatch.setenv("RUNWARE_DAILY_BUDGET_USD", "none")
+    with pytest.raises(ConfigError, match="RUNWARE_DAILY_BUDGET_USD='none'"):
+        load_settings(_env_file=None)
+
+
 def test_a_log_level_in_any_case_is_accepted() -> None:
     assert load_settings(_env_file=None, log_level="info").log_level == "INFO"
     with pytest.raises(ConfigError, match="LOG_LEVEL='LOUD'"):
