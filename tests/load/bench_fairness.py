@@ -46,6 +46,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.backends.base import decompress_payload  # type: ignore[attr-defined]
 from celery.result import AsyncResult
 
 from tests.load.common import (
@@ -140,8 +141,8 @@ def read_results(
             chunk = missing[start : start + 1000]
             values = client.mget([f"celery-task-meta-{task_id}" for task_id in chunk])
             for task_id, raw in zip(chunk, values, strict=True):
-                if raw is not None:
-                    meta = json.loads(raw)
+                if raw is not None:  # (a SUCCESS is stored compressed: config/backend.py)
+                    meta = json.loads(decompress_payload(raw))
                     if meta.get("status") in ("SUCCESS", "FAILURE"):
                         found[task_id] = meta
         if len(found) == len(ids) or time.monotonic() > deadline:
