@@ -200,6 +200,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "batch jobs keep one grant in ten while interactive ones wait",
         (_L + "test_interactive_goes_first_but_batch_keeps_one_slot_in_ten",),
     ),
+    Mutation(
+        "request-held-the-whole-window",
+        "tasks/batching.py",
+        "        return self.window_s if took is None else min(self.window_s, HOLD_SHARE * took)",
+        "        return self.window_s",
+        "against a fast API a request is not held open for the whole window",
+        (
+            "tests/unit/test_batching.py::"
+            "test_a_request_is_held_no_longer_than_a_share_of_what_requests_take",
+        ),
+    ),
     # --- the retry policy ---------------------------------------------------------------------
     Mutation(
         "one-retry-too-many",
@@ -370,6 +381,14 @@ MUTATIONS: tuple[Mutation, ...] = (
             "tests/integration/test_hot_path.py::"
             "test_the_app_writes_results_through_the_one_trip_store",
         ),
+    ),
+    Mutation(
+        "compression-cannot-be-turned-off",
+        "config/settings.py",
+        '            return None if value in ("", "none") else value',
+        "            return value or None",
+        "CELERY_RESULT_COMPRESSION=none stores results as plain JSON (readers on an older Celery)",
+        ("tests/unit/test_settings.py::test_results_are_compressed_unless_none_is_asked",),
     ),
     Mutation(
         "large-result-stored-raw",
