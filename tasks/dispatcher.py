@@ -60,19 +60,10 @@ MAX_READ = 50  # messages read per step (each read here, tasks/messages.py, not 
 MAX_GRANTS = 50  # grants per step: with the reads, a step stays within a few ms of Redis
 TRANSIT_CHECK_S = 15.0  # a granted message out of the ready queue this long, not in custody: lost
 
-# The step's KEYS and ARGV by name, in the order pump.lua's KEY_NAMES and ARG_NAMES give them
-# (tests/unit/test_pump_parts.py holds the two lists together).
-PUMP_KEYS = (
-    "intake", "delayed", "ready", "leases", "transit", "transit_at", "workers", "workers_seen",
-    "dispatcher", "overrides", "tat", "cooldown", "account_rate", "account_weight",
-    "account_tat", "streak", "wake", "i_active", "i_ring", "i_credit", "i_queue", "b_active",
-    "b_ring", "b_credit", "b_queue", "unacked", "busy", "pushed", "transit_left",
-    "transit_legacy", "parked", "rejected", "parked_polls", "hooked",
-)  # fmt: skip
-PUMP_ARGS = (
-    "dispatcher_id", "lock_ms", "rate", "burst", "cap", "account_rate", "lease_s", "max_streak",
-    "max_read", "max_grants", "transit_age",
-)  # fmt: skip
+# The step's KEYS and ARGV by name, in the order pump.lua declares them (its KEY_NAMES and
+# ARG_NAMES): the script's header is the one list.
+PUMP_KEYS = scripts.declared("pump", "KEY_NAMES")
+PUMP_ARGS = scripts.declared("pump", "ARG_NAMES")
 COALESCE_S = 0.005  # when every slot is taken: how long releases are gathered into one step
 PRIORITY_NAMES = {"i": "interactive", "b": "batch"}
 TAKEN_KINDS = frozenset({messages.CALL, messages.PASS})  # jobs a worker of the fleet will run
@@ -312,62 +303,11 @@ class Dispatcher(threading.Thread):
 
     # --- one step ---
     def _pump_keys_args(self) -> tuple[list[str], list[str | int | float]]:
-        """The step's KEYS and ARGV, in the order of PUMP_KEYS and PUMP_ARGS (pump.lua's
-        KEY_NAMES and ARG_NAMES), then the Celery queues to take jobs from."""
-        keys, settings = self.keys, self.settings
-        named_keys = {
-            "intake": keys.intake,
-            "delayed": keys.delayed,
-            "ready": keys.ready,
-            "leases": keys.leases,
-            "transit": keys.transit,
-            "transit_at": keys.transit_at,
-            "workers": keys.workers,
-            "workers_seen": keys.workers_seen,
-            "dispatcher": keys.dispatcher,
-            "overrides": keys.overrides,
-            "tat": keys.tat,
-            "cooldown": keys.cooldown,
-            "account_rate": keys.account_rate,
-            "account_weight": keys.account_weight,
-            "account_tat": keys.account_tat,
-            "streak": keys.streak,
-            "wake": keys.wake,
-            **{
-                f"{klass}_{part}": key
-                for klass in ("i", "b")
-                for part, key in (
-                    ("active", keys.active(klass)),
-                    ("ring", keys.ring(klass)),
-                    ("credit", keys.credit(klass)),
-                    ("queue", keys.queue_prefix(klass)),
-                )
-            },
-            "unacked": KOMBU_UNACKED,
-            "busy": keys.busy,
-            "pushed": keys.ready_pushed,
-            "transit_left": keys.transit_left,
-            "transit_legacy": keys.transit_legacy,
-            "parked": keys.parked,
-            "rejected": keys.rejected,
-            "parked_polls": keys.parked_polls,
-            "hooked": keys.hooked,
-        }
-        named_args: dict[str, str | int | float] = {
-            "dispatcher_id": self.id,
-            "lock_ms": LOCK_MS,
-            "rate": settings.runware_rate_limit or 0,
-            "burst": settings.runware_rate_burst,
-            "cap": settings.runware_max_in_flight or 0,
-            "account_rate": settings.runware_account_rate_limit or 0,
-            "lease_s": settings.lease_s,
-            "max_streak": MAX_STREAK,
-            "max_read": MAX_READ,
-            "max_grants": MAX_GRANTS,
-            "transit_age": TRANSIT_CHECK_S,
-        }
-        script_keys = [named_keys[name] for name in PUMP_KEYS] + list(self._source_keys)
-        return script_keys, [named_args[name] for name in PUMP_ARGS]
+        """The step's KEYS and ARGV, in the order pump.lua declares them, then the Celery queues
+        to take jobs from."""
+        keys, args = pump_keys(self.keys), pump_args(self.id, self.settings)
+        script_keys = [keys[name] for name in PUMP_KEYS] + list(self._source_keys)
+        return script_keys, [args[name] for name in PUMP_ARGS]
 
     def _reads(self) -> list[str | int | float]:
         """What the step's reads say (pump.lua): the messages waiting at the tail of the intake
@@ -527,3 +467,62 @@ class Dispatcher(threading.Thread):
             if woken is not None and wait == Wait.NO_FREE_SLOT:
                 self._stopped.wait(COALESCE_S)
         return True
+
+
+def pump_keys(keys: FairKeys) -> dict[str, str]:
+    """The step's keys by the names pump.lua gives them."""
+    return {
+        "intake": keys.intake,
+        "delayed": keys.delayed,
+        "ready": keys.ready,
+        "leases": keys.leases,
+        "transit": keys.transit,
+        "transit_at": keys.transit_at,
+        "workers": keys.workers,
+        "workers_seen": keys.workers_seen,
+        "dispatcher": keys.dispatcher,
+        "overrides": keys.overrides,
+        "tat": keys.tat,
+        "cooldown": keys.cooldown,
+        "account_rate": keys.account_rate,
+        "account_weight": keys.account_weight,
+        "account_tat": keys.account_tat,
+        "streak": keys.streak,
+        "wake": keys.wake,
+        **{
+            f"{klass}_{part}": key
+            for klass in ("i", "b")
+            for part, key in (
+                ("active", keys.active(klass)),
+                ("ring", keys.ring(klass)),
+                ("credit", keys.credit(klass)),
+                ("queue", keys.queue_prefix(klass)),
+            )
+        },
+        "unacked": KOMBU_UNACKED,
+        "busy": keys.busy,
+        "pushed": keys.ready_pushed,
+        "transit_left": keys.transit_left,
+        "transit_legacy": keys.transit_legacy,
+        "parked": keys.parked,
+        "rejected": keys.rejected,
+        "parked_polls": keys.parked_polls,
+        "hooked": keys.hooked,
+    }
+
+
+def pump_args(ident: str, settings: Settings) -> dict[str, str | int | float]:
+    """The step's arguments by the names pump.lua gives them."""
+    return {
+        "dispatcher_id": ident,
+        "lock_ms": LOCK_MS,
+        "rate": settings.runware_rate_limit or 0,
+        "burst": settings.runware_rate_burst,
+        "cap": settings.runware_max_in_flight or 0,
+        "account_rate": settings.runware_account_rate_limit or 0,
+        "lease_s": settings.lease_s,
+        "max_streak": MAX_STREAK,
+        "max_read": MAX_READ,
+        "max_grants": MAX_GRANTS,
+        "transit_age": TRANSIT_CHECK_S,
+    }

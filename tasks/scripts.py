@@ -3,6 +3,7 @@ what it returns; loaded once and registered on a client. Return codes have names
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -84,6 +85,16 @@ class PumpReply:
 def source(name: str) -> str:
     """The text of tasks/lua/NAME.lua."""
     return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def declared(name: str, listing: str) -> tuple[str, ...]:
+    """The quoted names of `local LISTING = {...}` in tasks/lua/NAME.lua, in order: the names
+    under which a script takes its KEYS or ARGV (pump.lua's KEY_NAMES and ARG_NAMES), so that
+    the caller passes them in the order the script itself declares."""
+    found = re.search(rf"^local {listing} = \{{(.*?)^\}}", source(name), re.MULTILINE | re.DOTALL)
+    if found is None:
+        raise LookupError(f"tasks/lua/{name}.lua declares no {listing}")
+    return tuple(re.findall(r"'([a-z_]+)'", re.sub(r"--[^\n]*", "", found.group(1))))
 
 
 def register(client: redis.Redis, name: str | Sequence[str], after: str | None = None) -> Script:

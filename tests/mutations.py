@@ -155,14 +155,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/integration/test_pump_lib.py::test_a_fair_list_entry_gives_back_what_went_in",),
     ),
     Mutation(
-        "pump-keys-out-of-order",
+        "pump-key-misnamed",
         "tasks/dispatcher.py",
-        '    "intake", "delayed", "ready",',
-        '    "delayed", "intake", "ready",',
+        '        "hooked": keys.hooked,',
+        '        "hook": keys.hooked,',
         "the dispatcher hands the step each key under the name the script reads it by",
         (
             "tests/unit/test_pump_parts.py::"
-            "test_the_dispatcher_passes_the_keys_and_arguments_in_the_scripts_order",
+            "test_the_dispatcher_names_every_key_and_argument_the_script_declares",
         ),
     ),
     Mutation(

@@ -19,9 +19,9 @@
 --    `max_streak` in a row while batch waits; weighted deficit round-robin between the
 --    accounts of a class. pump_grant.lua ends the step with its reply.
 --
--- KEYS, by name (K.<name> below; tasks/dispatcher.py passes them in the order of KEY_NAMES,
--- which tests/unit/test_pump_parts.py checks against PUMP_KEYS there), then the Celery queues
--- to take jobs from (kombu's lists), in consumption order.
+-- KEYS, by name (K.<name> below; tasks/dispatcher.py reads this list and passes them in its
+-- order, each name's key from its pump_keys), then the Celery queues to take jobs from (kombu's
+-- lists), in consumption order.
 local KEY_NAMES = {
   'intake',          -- list: messages the dispatcher's blocking wait took, and recovered ones
   'delayed',         -- zset: messages with an ETA, by due time
@@ -52,7 +52,7 @@ local KEY_NAMES = {
   'parked_polls',    -- hash: task id -> a delayed message that continues a call
   'hooked',          -- zset: task ids whose webhook brought their result -> expiry
 }
--- ARGV, by name (A.<name>; PUMP_ARGS in tasks/dispatcher.py), then the reads (below).
+-- ARGV, by name (A.<name>; read the same way, from pump_args), then the reads (below).
 local ARG_NAMES = {
   'dispatcher_id', 'lock_ms',
   'rate',               -- calls per second across the fleet (0: none)

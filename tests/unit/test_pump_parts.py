@@ -1,28 +1,27 @@
 """The dispatcher's step is six Lua files joined into one script (tasks/scripts.py, PUMP): each
-reads at one sitting, the keys and arguments are named in one list that the dispatcher follows,
-and no part reaches a key by its position."""
+reads at one sitting, the keys and arguments are named in one list (pump.lua's header) that the
+dispatcher follows, and no part reaches a key by its position."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from tasks.dispatcher import PUMP_ARGS, PUMP_KEYS
-from tasks.scripts import PUMP, Grant, Pump, PumpReply, source
+from config.keys import FairKeys
+from config.settings import load_settings
+from tasks.dispatcher import PUMP_ARGS, PUMP_KEYS, pump_args, pump_keys
+from tasks.scripts import PUMP, Grant, Pump, PumpReply, declared, source
 
 
-def lua_list(name: str) -> tuple[str, ...]:
-    """The quoted names of `local NAME = {...}` in pump.lua."""
-    found = re.search(rf"^local {name} = \{{(.*?)^\}}", source("pump"), re.MULTILINE | re.DOTALL)
-    assert found, name
-    body = re.sub(r"--[^\n]*", "", found.group(1))
-    return tuple(re.findall(r"'([a-z_]+)'", body))
-
-
-def test_the_dispatcher_passes_the_keys_and_arguments_in_the_scripts_order() -> None:
-    assert lua_list("KEY_NAMES") == PUMP_KEYS
-    assert lua_list("ARG_NAMES") == PUMP_ARGS
+def test_the_dispatcher_names_every_key_and_argument_the_script_declares() -> None:
+    """pump.lua's KEY_NAMES and ARG_NAMES are the one list (the dispatcher passes the keys and
+    arguments in their order): the dispatcher has a value for each name, and none other."""
+    assert PUMP_KEYS[:3] == ("intake", "delayed", "ready")  # (the declaration is read)
+    assert len(PUMP_KEYS) == 34
+    assert set(pump_keys(FairKeys("enhance"))) == set(PUMP_KEYS)
+    assert len(PUMP_ARGS) == 11
+    assert set(pump_args("d-1", load_settings(_env_file=None))) == set(PUMP_ARGS)
+    with pytest.raises(LookupError, match=r"pump\.lua declares no NAMES"):
+        declared("pump", "NAMES")
 
 
 @pytest.mark.parametrize("part", PUMP)
