@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from typing import Any, cast
 
 import pytest
 import redis
@@ -158,13 +159,15 @@ def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
                 stored = sum(1 for m in reader.mget(keys) if m)
             except redis.ConnectionError:
                 continue
-        reader.close()
         if stored < len(keys):
+            missing = [p.id for p, m in zip(pending, reader.mget(keys), strict=True) if not m]
+            where = {task_id: _where_is(reader, task_id) for task_id in missing}
             pytest.fail(
                 f"{stored} of 40 results stored after the restart, "
-                f"{len(sandbox.state.accepted)} calls accepted; the worker's log ends: "
-                f"{worker.log()[-3000:]}"
+                f"{len(sandbox.state.accepted)} calls accepted; the missing jobs are in {where}; "
+                f"the worker's log ends: {worker.log()[-3000:]}"
             )
+        reader.close()
         metas = [producer.backend.get_task_meta(p.id) for p in pending]
         assert {m["status"] for m in metas} == {"SUCCESS"}
         results = [m["result"] for m in metas]
@@ -176,6 +179,26 @@ def test_redis_restarts_mid_run(sandbox: Sandbox) -> None:
         producer.close()
         worker.stop()
         server.cleanup()
+
+
+def _where_is(client: redis.Redis, task_id: str) -> list[str]:
+    """The keys of a (small) test database whose value holds `task_id`: where a job waits."""
+    found, needle, db = [], task_id.encode(), cast(Any, client)  # (its replies are bytes)
+    for key in db.scan_iter(count=1000):
+        kind, values = db.type(key), []
+        if kind == b"list":
+            values = db.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values = [field + b" " + value for field, value in db.hgetall(key).items()]
+        elif kind == b"set":
+            values = list(db.smembers(key))
+        elif kind == b"zset":
+            values = db.zrange(key, 0, -1)
+        elif kind == b"string":
+            values = [db.get(key) or b""]
+        if any(needle in value for value in values):
+            found.append(key.decode(errors="replace"))
+    return found
 
 
 def test_a_faulty_api(start_worker: StartWorker, sandbox: Sandbox) -> None:
