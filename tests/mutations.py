@@ -49,6 +49,7 @@ _L = "tests/integration/test_limiter_redis.py::"
 _W = "tests/integration/test_webhooks.py::"
 _T = "tests/integration/test_tracing.py::"
 _P = "tests/unit/test_policy.py::"
+_O = "tests/integration/test_operations.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- the five the audit found the suite letting through ---------------------------------
@@ -210,6 +211,22 @@ MUTATIONS: tuple[Mutation, ...] = (
             "tests/unit/test_batching.py::"
             "test_a_request_is_held_no_longer_than_a_share_of_what_requests_take",
         ),
+    ),
+    Mutation(
+        "intake-events-one-message-each",
+        "workers/events.py",
+        '                    buffer_group=["task"],\n',
+        "",
+        "a dispatcher step's task-sent events leave in one message",
+        (_O + "test_task_events_leave_together_and_none_is_lost",),
+    ),
+    Mutation(
+        "worker-events-flushed-every-turn",
+        "workers/consumer.py",
+        "        hub.call_soon(self._arm_events_flush)",
+        "        hub.call_soon(self._flush_armed_events)",
+        "the worker's task events are published a flush window at a time",
+        (_O + "test_task_events_leave_together_and_none_is_lost",),
     ),
     # --- the retry policy ---------------------------------------------------------------------
     Mutation(

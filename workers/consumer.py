@@ -11,6 +11,12 @@ messages aside before any worker sees them:
   (`enhance-worker unknown`);
 - a message Celery cannot decode or run goes to the dead letters with the reason
   (`enhance-worker failed list`).
+
+It also publishes the worker's task events (received, started, succeeded, ...) in fewer
+messages: Celery flushes its buffer of them on the event loop's next turn, which under load is
+one `PUBLISH` for every one or two events. Here a flush waits `EVENTS_FLUSH_S` for the events
+of the jobs around it, so Flower sees a job's state up to that much later, and a burst's events
+leave together. What is buffered is published before the consumer shuts down.
 """
 
 from __future__ import annotations
@@ -23,8 +29,39 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 
 logger = logging.getLogger(__name__)
 
+# How long a buffered task event waits for others before they are published together.
+EVENTS_FLUSH_S = 0.01
+
 
 class Consumer(CeleryConsumer):
+    _events_flush_armed = False
+
+    def on_send_event_buffered(self) -> Any:
+        """Called by whichever thread buffered an event (the pool's, or the loop's)."""
+        hub = self._hub()
+        if hub is None or self._events_flush_armed:
+            return None
+        self._events_flush_armed = True  # a race arms two flushes: harmless
+        hub.call_soon(self._arm_events_flush)
+        return None
+
+    def _arm_events_flush(self) -> None:
+        # On the loop's thread: its timer is not safe to touch from another.
+        self._hub().call_later(EVENTS_FLUSH_S, self._flush_armed_events)
+
+    def _flush_armed_events(self) -> None:
+        self._events_flush_armed = False  # first: an event buffered during the flush re-arms
+        celery: Any = self  # celery-stubs lack the consumer's attributes
+        celery._flush_events()
+
+    def shutdown(self) -> None:
+        celery: Any = self
+        celery._flush_events()
+        super().shutdown()
+
+    def _hub(self) -> Any:
+        return getattr(self, "hub", None)
+
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task") or "?"
         logger.warning(

@@ -8,6 +8,10 @@ Flower knew only the jobs already running. The dispatcher, which reads every mes
 takes it in (tasks/messages.py), sends the event for it: Flower lists each job as SENT from
 the moment the fleet has it, with its name and (masked) argument reprs. A job whose producer
 sent the event too is simply seen twice in the SENT state.
+
+A dispatcher step's events leave in one message (Celery's `task.multi` form, a list of events,
+as the worker's own buffered task events do), not one `PUBLISH` each: building and publishing a
+message per job took the GIL from the consumer's thread on the path of every job.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from tasks.messages import Read
 from tasks.redact import redact
 
 logger = logging.getLogger(__name__)
+
+# Events in one published message at most (a step takes in at most a few hundred jobs).
+MAX_PER_MESSAGE = 500
 
 
 class IntakeEvents:
@@ -40,7 +47,11 @@ class IntakeEvents:
             if sender is None:
                 connection = self.app.connection_for_write()
                 sender = self._sender = self.app.events.Dispatcher(
-                    connection, hostname=f"fair-intake@{socket.gethostname()}", enabled=True
+                    connection,
+                    hostname=f"fair-intake@{socket.gethostname()}",
+                    enabled=True,
+                    buffer_group=["task"],
+                    buffer_limit=MAX_PER_MESSAGE,
                 )
             for job in jobs:
                 sender.send(
@@ -58,6 +69,7 @@ class IntakeEvents:
                     root_id=None,
                     parent_id=None,
                 )
+            sender.flush()
             self._failing = False
         except Exception as exc:  # Flower's view must never stop the pump
             if not self._failing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 
 from tests.conftest import (
@@ -274,6 +276,62 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     assert m[("enhance_queue_depth", (("queue", "enhance"),))] == 0
     assert key not in m
     assert m[("enhance_fleet_in_flight_calls", ())] == 0
+
+
+def _events_in(payload: bytes) -> list[dict[str, Any]]:
+    """The task events in one published kombu message: one event, or a list (`task.multi`)."""
+    envelope = json.loads(payload)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    return body if isinstance(body, list) else [body]
+
+
+def test_task_events_leave_together_and_none_is_lost(
+    start_worker: StartWorker, sandbox: Sandbox
+) -> None:
+    """60 jobs waiting when a worker starts: every job's task-sent (the fleet's intake),
+    task-received, task-started and task-succeeded events are published, in far fewer messages
+    than events: a dispatcher step's task-sent events in one message, the worker's own a flush
+    at a time (one message per event, or per two, before)."""
+    first = start_worker("events")
+    first.process.stop()
+    db = int(first.redis_url.rsplit("/", 1)[1])
+    listener = redis.Redis.from_url(first.redis_url).pubsub(ignore_subscribe_messages=True)
+    listener.psubscribe(f"/{db}.celeryev/task.*")
+    try:
+        sent = [first.send(prompt=f"evented {n}") for n in range(60)]
+        worker = start_worker("events", same_db_as=first)
+        for job in sent:
+            job.get(timeout=30)  # type: ignore[attr-defined]
+        ids = {job.id for job in sent}  # type: ignore[attr-defined]
+        wanted = {(job, kind) for job in ids for kind in TASK_EVENTS}
+        seen: set[tuple[str, str]] = set()
+        messages = {"intake": 0, "worker": 0}
+        events = {"intake": 0, "worker": 0}
+        deadline = time.monotonic() + 15
+        while not wanted <= seen:
+            assert time.monotonic() < deadline, f"missing events: {sorted(wanted - seen)[:5]}"
+            message = listener.get_message(timeout=0.5)
+            if message is None:
+                continue
+            ours = [e for e in _events_in(message["data"]) if e.get("uuid") in ids]
+            for source in {_source(e) for e in ours}:
+                messages[source] += 1
+            for event in ours:
+                events[_source(event)] += 1
+                seen.add((event["uuid"], event["type"]))
+        assert worker.process.log().count("succeeded") >= 60
+        assert events == {"intake": 60, "worker": 180}, events
+        assert messages["intake"] <= 10, messages
+        assert messages["worker"] <= 180 / 4, messages
+    finally:
+        listener.close()
+
+
+def _source(event: dict[str, Any]) -> str:
+    return "intake" if str(event.get("hostname", "")).startswith("fair-intake@") else "worker"
+
+
+TASK_EVENTS = ("task-sent", "task-received", "task-started", "task-succeeded")
 
 
 def test_json_logs_carry_one_outcome_line_per_job(
