@@ -135,6 +135,15 @@ class RunwareClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Content-Type": "application/json", "User-Agent": USER_AGENT})
+        # Every request is the same but for its body: prepared once, with what requests would
+        # otherwise look up in the environment on every call (proxies, the CA bundle, netrc).
+        # That merging and preparing was a third of a request's CPU in the worker's profile.
+        self._request = self.session.prepare_request(
+            requests.Request("POST", self._url, headers=self._auth())
+        )
+        self._send_options = self.session.merge_environment_settings(
+            self._url, {}, None, None, None
+        )
         self._batcher: Coalescer[_Answer] = Coalescer(
             self._send,
             settings.runware_batch_max,
@@ -145,6 +154,9 @@ class RunwareClient:
                 code=UNATTRIBUTED,
             ),
         )
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"}
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -228,13 +240,10 @@ class RunwareClient:
     def _send(self, tasks: list[dict[str, Any]]) -> _Answer:
         """One HTTP request carrying `tasks`; its answer, or the transport failure."""
         metrics.RUNWARE_BATCH_SIZE.observe(len(tasks))
+        request = self._request.copy()
+        request.prepare_body(json.dumps(tasks).encode(), None)
         try:
-            response = self.session.post(
-                self._url,
-                data=json.dumps(tasks),
-                headers={"Authorization": f"Bearer {self._key}"},
-                timeout=self._timeout,
-            )
+            response = self.session.send(request, timeout=self._timeout, **self._send_options)
         except requests.Timeout as exc:
             return _Answer(
                 failure=(

@@ -228,6 +228,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the worker's task events are published a flush window at a time",
         (_O + "test_task_events_leave_together_and_none_is_lost",),
     ),
+    Mutation(
+        "proxy-from-environment-ignored",
+        "tasks/runware.py",
+        "self._send_options = self.session.merge_environment_settings(",
+        "self._send_options = {'proxies': {}} or self.session.merge_environment_settings(",
+        "the Runware calls go through the proxy HTTP(S)_PROXY names",
+        (
+            "tests/unit/test_runware_client.py::"
+            "test_the_calls_go_through_the_proxy_the_environment_names",
+        ),
+    ),
     # --- the retry policy ---------------------------------------------------------------------
     Mutation(
         "one-retry-too-many",

@@ -289,3 +289,47 @@ def test_a_connection_error_names_the_url_it_tried() -> None:
         client.run(_task())
     assert "RUNWARE_API_URL" in str(caught.value)
     client.close()
+
+
+def test_the_calls_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP(S)_PROXY is honoured, as requests honours it (read once, when the process's client is
+    built, not on every call): the proxy here answers as Runware would, and saw the request."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str]] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            tasks = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization", "")))
+            item = {**tasks[0], "text": "via the proxy", "cost": 0.0013}
+            body = json.dumps({"data": [item]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        settings = load_settings(
+            _env_file=None, runware_api_url="http://runware.invalid/v1", runware_api_key=SECRET
+        )
+        client = RunwareClient(settings)
+        outcome = client.run(_task())
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [item["text"] for item in outcome.items] == ["via the proxy"]
+    assert seen == [("http://runware.invalid/v1", f"Bearer {SECRET}")]
