@@ -8,6 +8,8 @@ patterns: the project's worker (one process, its defaults: RUNWARE_BATCH_WINDOW_
   request at a time, Poisson arrivals at 5/s and 50/s, bursts of 20. Each job's latency runs
   from just before its send to the moment this client process sees its result (the same
   waiting helper, `wait_async`, for both workers); added = project - baseline, per pattern.
+  Also each system's CPU a job (its worker processes', and Redis's, idle time included): at
+  --latency 0 a burst waits for the CPU, so its latency follows what a job costs.
 async: 300 concurrent `await tasks.enhance_async(...)` from one event loop against two workers
   of 100 threads (sandbox at 200 ms): how long the loop was ever blocked (a 5 ms ticker), the
   process's threads, and serial `enhance_async` against blocking `.get()` (sandbox at 0 ms).
@@ -32,6 +34,7 @@ from typing import Any
 
 from celery import Celery
 
+from tests.load.bench_throughput import Proc
 from tests.load.common import KEY, done_at, percentile, private_redis
 from tests.producer import backend_app
 from workers.sandbox.services import SandboxProcess, WorkerProcess
@@ -92,6 +95,13 @@ def patterns_of(
     }
 
 
+def _cpu(workers: list[Proc], redis_proc: Proc | None) -> tuple[float, float]:
+    return (
+        sum(p.cpu_seconds() for p in workers),
+        redis_proc.cpu_seconds() if redis_proc else 0.0,
+    )
+
+
 def run_patterns(args: argparse.Namespace) -> None:
     print(
         f"== patterns: sandbox at {args.latency * 1000:g} ms, {args.jobs} jobs a pattern, "
@@ -116,6 +126,7 @@ def run_patterns(args: argparse.Namespace) -> None:
         projects = [WorkerProcess(project_env, name=f"project{n}") for n in range(args.processes)]
         app = producer_for(url)
         figures: dict[str, dict[str, list[float]]] = {}
+        cpu: dict[str, dict[str, list[float]]] = {}
         with baseline, contextlib.ExitStack() as stack:
             for worker in projects:
                 stack.enter_context(worker)
@@ -123,6 +134,12 @@ def run_patterns(args: argparse.Namespace) -> None:
                 "baseline": ("baseline.enhance", lambda n: {"args": [f"base {n}"]}),
                 "project": ("tasks.enhance_prompt", lambda n: {"kwargs": {"prompt": f"p {n}"}}),
             }
+            # What each system's jobs cost in CPU: its worker processes', and Redis's.
+            procs = {
+                "baseline": [Proc(baseline.pid)],
+                "project": [Proc(worker.pid) for worker in projects],
+            }
+            redis_proc = Proc(server.process.pid) if server.process else None
             for task, make in systems.values():
                 asyncio.run(serial(app, task, make, 20))  # warm up: connections, imports
             # This client's own garbage collections would stall either system's figures alike.
@@ -136,7 +153,12 @@ def run_patterns(args: argparse.Namespace) -> None:
                     for name, (task, make) in systems.items():
                         run = patterns_of(app, task, make, max(20, args.jobs // rounds))[pattern]
                         figures.setdefault(pattern, {}).setdefault(name, [])
+                        before = _cpu(procs[name], redis_proc)
                         figures[pattern][name] += asyncio.run(run())
+                        spent = cpu.setdefault(pattern, {}).setdefault(name, [0.0, 0.0])
+                        after = _cpu(procs[name], redis_proc)
+                        spent[0] += after[0] - before[0]
+                        spent[1] += after[1] - before[1]
         app.close()
     for pattern, by in figures.items():
         base, proj = by["baseline"], by["project"]
@@ -146,6 +168,13 @@ def run_patterns(args: argparse.Namespace) -> None:
         print(f"  baseline {ms(base)}")
         print(f"  project  {ms(proj)}")
         print(f"  added    p50 {added50:+6.2f} ms  p99 {added99:+6.2f} ms")
+        for name in ("baseline", "project"):  # idle time's CPU included
+            worker_s, redis_s = cpu[pattern][name]
+            jobs = len(by[name])
+            print(
+                f"  CPU a job, {name:8}: worker {1000 * worker_s / jobs:.2f} ms, "
+                f"Redis {1000 * redis_s / jobs:.2f} ms"
+            )
 
 
 # --- async -----------------------------------------------------------------------------------
