@@ -226,7 +226,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        hub.call_soon(self._arm_events_flush)",
         "        hub.call_soon(self._flush_armed_events)",
         "the worker's task events are published a flush window at a time",
-        (_O + "test_task_events_leave_together_and_none_is_lost",),
+        (
+            _O + "test_task_events_leave_together_and_none_is_lost",
+            "tests/unit/test_consumer_events.py::"
+            "test_events_buffered_together_leave_in_one_flush_a_window_later",
+        ),
+    ),
+    Mutation(
+        "lost-events-flush-never-armed-again",
+        "workers/consumer.py",
+        "        if hub is None or now < self._events_flush_due:",
+        "        if hub is None or self._events_flush_due:",
+        "task events never stay buffered for good after the broker connection was lost",
+        (
+            "tests/unit/test_consumer_events.py::test_a_flush_lost_with_the_loops_timer_is_armed_again",
+        ),
     ),
     Mutation(
         "proxy-from-environment-ignored",

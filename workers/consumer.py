@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -34,14 +35,18 @@ EVENTS_FLUSH_S = 0.01
 
 
 class Consumer(CeleryConsumer):
-    _events_flush_armed = False
+    # Until when the armed flush is due (monotonic); 0: none armed. A flush whose timer entry
+    # was lost (Celery clears the loop's timer when the broker connection is lost) is armed
+    # again by the next event after this passed, so events never wait in the buffer for good.
+    _events_flush_due = 0.0
 
     def on_send_event_buffered(self) -> Any:
         """Called by whichever thread buffered an event (the pool's, or the loop's)."""
         hub = self._hub()
-        if hub is None or self._events_flush_armed:
+        now = time.monotonic()
+        if hub is None or now < self._events_flush_due:
             return None
-        self._events_flush_armed = True  # a race arms two flushes: harmless
+        self._events_flush_due = now + 2 * EVENTS_FLUSH_S  # a race arms two flushes: harmless
         hub.call_soon(self._arm_events_flush)
         return None
 
@@ -50,7 +55,7 @@ class Consumer(CeleryConsumer):
         self._hub().call_later(EVENTS_FLUSH_S, self._flush_armed_events)
 
     def _flush_armed_events(self) -> None:
-        self._events_flush_armed = False  # first: an event buffered during the flush re-arms
+        self._events_flush_due = 0.0  # first: an event buffered during the flush re-arms
         celery: Any = self  # celery-stubs lack the consumer's attributes
         celery._flush_events()
 
