@@ -451,9 +451,20 @@ class Settings(BaseSettings):
     @field_validator("runware_api_key")
     @classmethod
     def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
+        if value is None:
             return None
-        return value
+        # A secret file's trailing newline is not part of the key; a character no key holds
+        # (a space, a control character) is refused here, without echoing the key, rather than
+        # by requests as each call's Authorization header is built, in an error quoting it.
+        key = value.get_secret_value().strip()
+        if not key:
+            return None
+        if not key.isprintable() or any(c.isspace() for c in key):
+            raise ValueError(
+                "holds a space or a control character inside it (a Runware API key has none): "
+                "check how it is set"
+            )
+        return SecretStr(key) if key != value.get_secret_value() else value
 
     @model_validator(mode="after")
     def _broker_is_redis(self) -> Settings:

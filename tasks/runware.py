@@ -11,6 +11,7 @@ request (tasks/batching.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,12 +139,17 @@ class RunwareClient:
         # Every request is the same but for its body: prepared once, with what requests would
         # otherwise look up in the environment on every call (proxies, the CA bundle, netrc).
         # That merging and preparing was a third of a request's CPU in the worker's profile.
-        self._request = self.session.prepare_request(
-            requests.Request("POST", self._url, headers=self._auth())
-        )
-        self._send_options = self.session.merge_environment_settings(
-            self._url, {}, None, None, None
-        )
+        # (A URL requests cannot use, such as "http://" alone, fails each call as before: with
+        # the URL masked, never with the request's headers.)
+        self._request: requests.PreparedRequest | None = None
+        self._send_options: dict[str, Any] = {}
+        with contextlib.suppress(requests.RequestException, ValueError):
+            self._request = self.session.prepare_request(
+                requests.Request("POST", self._url, headers=self._auth())
+            )
+            self._send_options = dict(
+                self.session.merge_environment_settings(self._url, {}, None, None, None)
+            )
         self._batcher: Coalescer[_Answer] = Coalescer(
             self._send,
             settings.runware_batch_max,
@@ -240,9 +246,13 @@ class RunwareClient:
     def _send(self, tasks: list[dict[str, Any]]) -> _Answer:
         """One HTTP request carrying `tasks`; its answer, or the transport failure."""
         metrics.RUNWARE_BATCH_SIZE.observe(len(tasks))
-        request = self._request.copy()
-        request.prepare_body(json.dumps(tasks).encode(), None)
         try:
+            if self._request is None:
+                raise requests.exceptions.InvalidURL()
+            request = self._request.copy()
+            request.prepare_body(json.dumps(tasks).encode(), None)
+            if self.session.cookies:  # ones Runware's front set: sent back, as requests would
+                request.prepare_cookies(self.session.cookies)
             response = self.session.send(request, timeout=self._timeout, **self._send_options)
         except requests.Timeout as exc:
             return _Answer(

@@ -233,6 +233,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "buffered-events-lost-on-reconnect",
+        "workers/consumer.py",
+        "        self._flush_armed_events()\n        super().on_close()",
+        "        super().on_close()",
+        "task events buffered when the broker connection is lost are still published",
+        (
+            "tests/unit/test_consumer_events.py::"
+            "test_what_is_buffered_goes_out_before_the_consumer_is_torn_down",
+        ),
+    ),
+    Mutation(
+        "buffered-events-lost-at-shutdown",
+        "workers/consumer.py",
+        "        celery._flush_events()\n        super().shutdown()",
+        "        super().shutdown()",
+        "task events of jobs that finish as the worker stops are published",
+        (
+            "tests/unit/test_consumer_events.py::"
+            "test_what_is_buffered_goes_out_when_the_consumer_shuts_down",
+        ),
+    ),
+    Mutation(
         "lost-events-flush-never-armed-again",
         "workers/consumer.py",
         "        if hub is None or now < self._events_flush_due:",
@@ -243,10 +265,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "runware-cookies-not-sent-back",
+        "tasks/runware.py",
+        "            if self.session.cookies:",
+        "            if False:",
+        "a cookie Runware's front sets is sent back, as requests sends it",
+        (
+            "tests/unit/test_runware_client.py::"
+            "test_the_calls_go_through_the_proxy_the_environment_names",
+        ),
+    ),
+    Mutation(
+        "keys-newline-kept",
+        "config/settings.py",
+        "        key = value.get_secret_value().strip()\n",
+        "        key = value.get_secret_value()\n",
+        "a key's trailing newline (a secret file's) is not part of it",
+        (
+            "tests/unit/test_settings.py::"
+            "test_a_keys_trailing_newline_is_dropped_and_a_stray_character_refused",
+        ),
+    ),
+    Mutation(
         "proxy-from-environment-ignored",
         "tasks/runware.py",
-        "self._send_options = self.session.merge_environment_settings(",
-        "self._send_options = {'proxies': {}} or self.session.merge_environment_settings(",
+        "self.session.merge_environment_settings(self._url, {}, None, None, None)",
+        "{'proxies': {}}",
         "the Runware calls go through the proxy HTTP(S)_PROXY names",
         (
             "tests/unit/test_runware_client.py::"

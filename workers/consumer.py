@@ -35,9 +35,9 @@ EVENTS_FLUSH_S = 0.01
 
 
 class Consumer(CeleryConsumer):
-    # Until when the armed flush is due (monotonic); 0: none armed. A flush whose timer entry
-    # was lost (Celery clears the loop's timer when the broker connection is lost) is armed
-    # again by the next event after this passed, so events never wait in the buffer for good.
+    # Until when the armed flush is due (monotonic); 0: none armed. Should its timer entry be
+    # lost (Celery 5.7 keeps the loop's timer across a reconnect, but cancels the entries it
+    # registered itself), the next event after this passed arms another: none waits for good.
     _events_flush_due = 0.0
 
     def on_send_event_buffered(self) -> Any:
@@ -58,6 +58,13 @@ class Consumer(CeleryConsumer):
         self._events_flush_due = 0.0  # first: an event buffered during the flush re-arms
         celery: Any = self  # celery-stubs lack the consumer's attributes
         celery._flush_events()
+
+    def on_close(self) -> None:
+        # The broker connection was lost. What is buffered goes out now (the broker being gone,
+        # into the dispatcher's error buffer, which the next connection's dispatcher takes
+        # over): the armed flush would fire on that next dispatcher, and these would be lost.
+        self._flush_armed_events()
+        super().on_close()
 
     def shutdown(self) -> None:
         celery: Any = self

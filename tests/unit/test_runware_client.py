@@ -295,20 +295,24 @@ def test_the_calls_go_through_the_proxy_the_environment_names(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """HTTP(S)_PROXY is honoured, as requests honours it (read once, when the process's client is
-    built, not on every call): the proxy here answers as Runware would, and saw the request."""
+    built, not on every call): the proxy here answers as Runware would, and saw the request with
+    the session's headers, and a cookie its first answer set sent back on the next."""
     import json
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     seen: list[tuple[str, str]] = []
+    sent_headers: list[dict[str, str]] = []
 
     class Proxy(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             tasks = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.path, self.headers.get("Authorization", "")))
+            sent_headers.append(dict(self.headers))
             item = {**tasks[0], "text": "via the proxy", "cost": 0.0013}
             body = json.dumps({"data": [item]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Set-Cookie", "front=sticky-1; Path=/")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -320,16 +324,21 @@ def test_the_calls_go_through_the_proxy_the_environment_names(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
+        for other in ("NO_PROXY", "no_proxy", "http_proxy", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(other, raising=False)
         settings = load_settings(
             _env_file=None, runware_api_url="http://runware.invalid/v1", runware_api_key=SECRET
         )
         client = RunwareClient(settings)
         outcome = client.run(_task())
+        client.run(_task())  # with the cookie the first answer set, as requests sends it back
         client.close()
     finally:
         server.shutdown()
         server.server_close()
     assert [item["text"] for item in outcome.items] == ["via the proxy"]
-    assert seen == [("http://runware.invalid/v1", f"Bearer {SECRET}")]
+    assert seen == [("http://runware.invalid/v1", f"Bearer {SECRET}")] * 2
+    assert sent_headers[0]["Content-Type"] == "application/json"
+    assert sent_headers[0]["User-Agent"].startswith("enhance-worker")
+    assert "Cookie" not in sent_headers[0]
+    assert sent_headers[1]["Cookie"] == "front=sticky-1"

@@ -59,6 +59,22 @@ def test_the_key_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "very-secret-value" not in str(settings.model_dump())
 
 
+def test_a_keys_trailing_newline_is_dropped_and_a_stray_character_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key read from a file keeps its newline; one holding a space or a control character
+    inside is refused at start, naming the variable and never echoing the key (requests would
+    otherwise refuse each call's header in an error that quotes it)."""
+    monkeypatch.setenv("RUNWARE_API_KEY", "very-secret-value\n")
+    settings = load_settings(_env_file=None)
+    assert settings.runware_api_key is not None
+    assert settings.runware_api_key.get_secret_value() == "very-secret-value"
+    for stray in ("very-secret value", "very-secret\nvalue", "very-secret\x00value"):
+        with pytest.raises(ConfigError, match=r"RUNWARE_API_KEY='<hidden>' is not accepted") as err:
+            load_settings(_env_file=None, runware_api_key=stray)
+        assert "very-secret" not in str(err.value)
+
+
 def test_a_broker_that_is_not_redis_is_refused_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"CELERY_BROKER_URL must be a Redis URL"):
         load_settings(_env_file=None, celery_broker_url="amqp://guest@localhost//")
