@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -106,6 +107,10 @@ def test_a_result_written_by_the_store_reaches_a_waiting_get(redis_server: Redis
     def once_subscribed(task_id: str, write: Callable[[], object]) -> threading.Thread:
         def run() -> None:
             wait_until(lambda: subscribed(task_id), 10, "the reader's subscription")
+            # Celery reads the stored state once right after it subscribes: the write comes
+            # well after that read, so only a published message can wake the reader (a write
+            # racing that read made the control below fail on a loaded machine).
+            time.sleep(0.5)
             write()
 
         thread = threading.Thread(target=run)
