@@ -16,7 +16,9 @@ It also publishes the worker's task events (received, started, succeeded, ...) i
 messages: Celery flushes its buffer of them on the event loop's next turn, which under load is
 one `PUBLISH` for every one or two events. Here a flush waits `EVENTS_FLUSH_S` for the events
 of the jobs around it, so Flower sees a job's state up to that much later, and a burst's events
-leave together. What is buffered is published before the consumer shuts down.
+leave together. What is buffered is published before the consumer shuts down, and before it
+is torn down when the broker connection is lost (Celery's next event dispatcher takes over only
+the events the old one failed to publish).
 """
 
 from __future__ import annotations
