@@ -11,5 +11,7 @@ _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s/'\"<>@]*@", re.IGNOREC
 
 def mask_urls(text: str) -> str:
     """`text` with every URL's query string and credentials replaced by <redacted>."""
+    if "://" not in text:  # both patterns need it; most log lines and argument reprs have none
+        return text
     text = _URL_QUERY.sub(r"\1?<redacted>", text)
     return _URL_USERINFO.sub(r"\1<redacted>@", text)
