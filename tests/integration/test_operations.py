@@ -74,18 +74,20 @@ def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
     # proves it hears the events (a fixed sleep raced it). Any probe counts: a job's events
     # reach Flower a moment after its result (the worker publishes them up to 10 ms later).
     probes: list[Any] = []
-    while True:
-        if len(probes) < 60:  # one sent before Flower listened is never shown: send another
-            probes.append(worker.send(prompt="flower probe"))
-            probes[-1].get(timeout=30)
-        time.sleep(0.1)
-        seen = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
-        if any(seen.get(p.id, {}).get("state") == "SUCCESS" for p in probes):
-            break
-        assert time.monotonic() < deadline, "Flower never showed a probe job"
-    yield worker, url
-    process.terminate()
-    process.wait(timeout=20)
+    try:
+        while True:
+            if len(probes) < 60:  # one sent before Flower listened is never shown: another
+                probes.append(worker.send(prompt="flower probe"))
+                probes[-1].get(timeout=30)
+            time.sleep(0.1)
+            seen = requests.get(f"{url}/api/tasks", auth=FLOWER_AUTH, timeout=5).json()
+            if any(seen.get(p.id, {}).get("state") == "SUCCESS" for p in probes):
+                break
+            assert time.monotonic() < deadline, "Flower never showed a probe job"
+        yield worker, url
+    finally:  # also when Flower never showed a probe: no Flower outlives its test
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def test_flower_lists_jobs_that_still_wait_in_the_fair_intake(
