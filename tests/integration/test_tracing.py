@@ -173,18 +173,25 @@ def test_a_retry_is_in_the_trace(start_worker: StartWorker, sandbox: Sandbox) ->
     assert (retries[0][1]["retry"], retries[0][1]["limit"]) == (1, 3)
 
 
+RUN = "run/tasks.enhance_prompt"
+
+
 def _one_traced_call(
     worker: RunningWorker, received: Received, what: str
 ) -> tuple[str, dict[str, Any], list[Span]]:
-    """One job sent by name under a new traceparent, once its Runware call's span arrived:
-    the producer's span id, the result and the trace's spans."""
+    """One job sent by name under a new traceparent, once its Runware call's span and its run's
+    span arrived (the run ends after the call, and may be exported in a later batch): the
+    producer's span id, the result and the trace's spans."""
     trace_id, parent_id, traceparent = _traceparent()
     result = worker.app.send_task(
         "tasks.enhance_prompt", kwargs={"prompt": "a fox"}, headers={"traceparent": traceparent}
     ).get(timeout=30)
-    received.wait_for(
-        lambda: bool(_named(received.in_trace(trace_id), "runware promptEnhance")), 15, what
-    )
+
+    def both_arrived() -> bool:
+        spans = received.in_trace(trace_id)
+        return all(_named(spans, name) for name in ("runware promptEnhance", RUN))
+
+    received.wait_for(both_arrived, 15, what)
     return parent_id, result, received.in_trace(trace_id)
 
 
