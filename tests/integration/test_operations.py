@@ -31,7 +31,7 @@ from tests.conftest import (
 )
 from tests.producer import backend_app
 from workers.sandbox import Sandbox
-from workers.sandbox.services import RedisServer, free_port
+from workers.sandbox.services import RedisServer, free_port, terminate
 
 FLOWER_AUTH = ("ops", "pw-flower-7e2a")
 FLOWER_SECOND = ("oncall", "pw-second-51c9")  # several users, comma-separated
@@ -86,8 +86,7 @@ def flower(start_worker: StartWorker) -> Iterator[tuple[RunningWorker, str]]:
             assert time.monotonic() < deadline, "Flower never showed a probe job"
         yield worker, url
     finally:  # also when Flower never showed a probe: no Flower outlives its test
-        process.terminate()
-        process.wait(timeout=20)
+        terminate(process, timeout=20)  # SIGKILL if it lingers (it can, once its Redis is gone)
 
 
 def test_flower_lists_jobs_that_still_wait_in_the_fair_intake(
@@ -135,8 +134,7 @@ def test_flower_lists_jobs_that_still_wait_in_the_fair_intake(
         assert WEBHOOK_TOKEN not in json.dumps(known)
     finally:
         producer.close()
-        process.terminate()
-        process.wait(timeout=20)
+        terminate(process, timeout=20)
 
 
 def test_flower_shows_each_job_with_its_result(
