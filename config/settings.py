@@ -464,7 +464,7 @@ class Settings(BaseSettings):
                 "holds a space or a control character inside it (a Runware API key has none): "
                 "check how it is set"
             )
-        return SecretStr(key) if key != value.get_secret_value() else value
+        return SecretStr(key)
 
     @model_validator(mode="after")
     def _broker_is_redis(self) -> Settings:

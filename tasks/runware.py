@@ -144,8 +144,9 @@ class RunwareClient:
         self._request: requests.PreparedRequest | None = None
         self._send_options: dict[str, Any] = {}
         with contextlib.suppress(requests.RequestException, ValueError):
+            auth = {"Authorization": f"Bearer {self._key}"}
             self._request = self.session.prepare_request(
-                requests.Request("POST", self._url, headers=self._auth())
+                requests.Request("POST", self._url, headers=auth)
             )
             self._send_options = dict(
                 self.session.merge_environment_settings(self._url, {}, None, None, None)
@@ -160,9 +161,6 @@ class RunwareClient:
                 code=UNATTRIBUTED,
             ),
         )
-
-    def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._key}"}
 
     def close(self) -> None:
         """Close the pooled connections."""

@@ -246,7 +246,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "buffered-events-lost-at-shutdown",
         "workers/consumer.py",
-        "        celery._flush_events()\n        super().shutdown()",
+        "        self._flush_armed_events()\n        super().shutdown()",
         "        super().shutdown()",
         "task events of jobs that finish as the worker stops are published",
         (

@@ -69,8 +69,7 @@ class Consumer(CeleryConsumer):
         super().on_close()
 
     def shutdown(self) -> None:
-        celery: Any = self
-        celery._flush_events()
+        self._flush_armed_events()
         super().shutdown()
 
     def _hub(self) -> Any:

@@ -279,6 +279,9 @@ def test_waiting_jobs_show_in_the_gauges_while_they_wait(
     assert m[("enhance_fleet_in_flight_calls", ())] == 0
 
 
+TASK_EVENTS = ("task-sent", "task-received", "task-started", "task-succeeded")
+
+
 def _events_in(payload: bytes) -> list[dict[str, Any]]:
     """The task events in one published kombu message: one event, or a list (`task.multi`)."""
     envelope = json.loads(payload)
@@ -330,9 +333,6 @@ def test_task_events_leave_together_and_none_is_lost(
 
 def _source(event: dict[str, Any]) -> str:
     return "intake" if str(event.get("hostname", "")).startswith("fair-intake@") else "worker"
-
-
-TASK_EVENTS = ("task-sent", "task-received", "task-started", "task-succeeded")
 
 
 def test_json_logs_carry_one_outcome_line_per_job(
