@@ -82,9 +82,9 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_pool=settings.worker_pool,
         worker_concurrency=settings.worker_concurrency,
         # Flower shows a job from enqueue to result only when both kinds of event are sent.
-        # The task-sent event comes from the fleet's dispatcher as it takes a job in (for any
-        # producer's job: workers/events.py); sending it from here too would cost every send
-        # a second publish, for an event Flower already has.
+        # The task-sent event comes from the fleet's dispatcher as it takes in a job that waits
+        # (for any producer's job: workers/events.py); sending it from here too would cost every
+        # send a second publish, for an event Flower has or does not need.
         worker_send_task_events=True,
         task_send_sent_event=False,
         # No STARTED state write: it would cost a result-backend read and write per job, and

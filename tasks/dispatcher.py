@@ -130,7 +130,7 @@ class Dispatcher(threading.Thread):
         limiter: Limiter | None = None,
         ident: str | None = None,
         dead_letters: DeadLetters | None = None,
-        on_taken: Callable[[list[messages.Read]], None] | None = None,
+        on_waiting: Callable[[list[messages.Read]], None] | None = None,
     ) -> None:
         super().__init__(name="fair-dispatcher", daemon=True)
         self.redis = client
@@ -152,9 +152,9 @@ class Dispatcher(threading.Thread):
         self._clock_skew = 0.0  # Redis's clock minus this host's, for the delayed jobs due
         self._dead_letters = dead_letters
         self._returned_for: frozenset[str] = frozenset()  # the tasks parked jobs were checked for
-        # Told of the jobs each step takes into the fair intake (workers/events.py: the
-        # task-sent events that show them in Flower while they wait).
-        self._on_taken = on_taken
+        # Told of the jobs each step takes into the fair intake and leaves waiting there
+        # (workers/events.py: the task-sent events that show them in Flower while they wait).
+        self._on_waiting = on_waiting
         self._read: list[messages.Read | None] = []  # the last step's reads, in ARGV order
         self._moved: bytes | None = None  # what the blocking wait moved into the empty intake
         self._waits = tracing.IntakeWaits()  # (with tracing on) the traceparents of waiting jobs
@@ -361,15 +361,20 @@ class Dispatcher(threading.Thread):
         reads = self._reads() if self._unread else [0] * (len(self._source_keys) + 2)
         step = scripts.PumpReply.of(scripts.run(self._pump, script_keys, [*args, *reads]))
         self._unread = step.code != Pump.OK or bool(step.unread)
-        if step.read and (self._on_taken is not None or tracing.active()):
+        if step.read and (self._on_waiting is not None or tracing.active()):
             # The step takes messages in the order they were read (up to a list whose next
             # message someone else took): the first `read` of them.
             jobs = [r for r in self._read[: step.read] if r and r.kind in TAKEN_KINDS]
             for job in jobs:  # (with tracing on: the span of its wait is made at its grant)
                 if job.kind == messages.CALL and not job.continues:
                     self._waits.taken_in(job.task_id, job.traceparent)
-            if jobs and self._on_taken is not None:
-                self._on_taken(jobs)
+            if self._on_waiting is not None:
+                # A call granted in the step that took it in does not wait: a worker thread
+                # takes it at once, and its task-received event shows it a moment later.
+                granted = {grant.task_id for grant in step.grants}
+                waiting = [j for j in jobs if j.kind != messages.CALL or j.task_id not in granted]
+                if waiting:
+                    self._on_waiting(waiting)
         if step.rejected:
             self._file_rejected()
         for grant in step.grants:

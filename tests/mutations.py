@@ -221,6 +221,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         (_O + "test_task_events_leave_together_and_none_is_lost",),
     ),
     Mutation(
+        "granted-jobs-announced-as-waiting",
+        "tasks/dispatcher.py",
+        "j.kind != messages.CALL or j.task_id not in granted]",
+        "j.kind != messages.CALL or j.task_id not in granted or True]",
+        "a task-sent event only for the jobs a dispatcher step leaves waiting",
+        (_O + "test_task_events_leave_together_and_none_is_lost",),
+    ),
+    Mutation(
+        "waiting-jobs-not-announced",
+        "tasks/dispatcher.py",
+        "j.kind != messages.CALL or j.task_id not in granted]",
+        "j.kind != messages.CALL or j.task_id in granted]",
+        "Flower sees the jobs that wait in the fair intake",
+        (_O + "test_task_events_leave_together_and_none_is_lost",),
+    ),
+    Mutation(
         "worker-events-flushed-every-turn",
         "workers/consumer.py",
         "        hub.call_soon(self._arm_events_flush)",

@@ -1,5 +1,5 @@
 """Flower sees the jobs that wait in the fair intake: a task-sent event for each job the fleet's
-dispatcher takes in.
+dispatcher takes in and leaves waiting.
 
 Flower learns of a job from Celery's events. A producer sends `task-sent` only when it has
 `task_send_sent_event` set (neither the project's helpers nor a plain `send_task` do), and the
@@ -7,7 +7,10 @@ worker sends `task-received` only once the job is granted: with a backlog in the
 Flower knew only the jobs already running. The dispatcher, which reads every message as it
 takes it in (tasks/messages.py), sends the event for it: Flower lists each job as SENT from
 the moment the fleet has it, with its name and (masked) argument reprs. A job whose producer
-sent the event too is simply seen twice in the SENT state.
+sent the event too is simply seen twice in the SENT state. A job granted in the step that takes
+it in gets none: a worker thread takes it at once, and its task-received event (name, arguments
+and all) reaches Flower a moment later, as for any plain Celery producer; in a burst, building
+and publishing those events was a quarter of the dispatcher thread's CPU.
 
 A dispatcher step's events leave in one message (Celery's `task.multi` form, a list of events,
 as the worker's own buffered task events do), not one `PUBLISH` each: building and publishing a
@@ -32,8 +35,8 @@ MAX_PER_MESSAGE = 500
 
 
 class IntakeEvents:
-    """Sends task-sent events for jobs taken into the fair intake (called by the dispatcher's
-    thread only: the connection is its own)."""
+    """Sends task-sent events for jobs taken into the fair intake that wait there (called by the
+    dispatcher's thread only: the connection is its own)."""
 
     def __init__(self, app: Celery, queue: str) -> None:
         self.app = app

@@ -57,7 +57,7 @@ class FleetMember:
             logger.info("Carried the run-time limit overrides over to the fair intake's keys.")
         events = IntakeEvents(app, settings.celery_task_default_queue)
         self.dispatcher = Dispatcher(  # 2.
-            client, settings, intake, self.threads, get_limiter(), self.ident, on_taken=events
+            client, settings, intake, self.threads, get_limiter(), self.ident, on_waiting=events
         )
         self.dispatcher.start()
         self.reconciler = Reconciler(settings)  # 3.

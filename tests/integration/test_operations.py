@@ -292,10 +292,12 @@ def _events_in(payload: bytes) -> list[dict[str, Any]]:
 def test_task_events_leave_together_and_none_is_lost(
     start_worker: StartWorker, sandbox: Sandbox
 ) -> None:
-    """60 jobs waiting when a worker starts: every job's task-sent (the fleet's intake),
-    task-received, task-started and task-succeeded events are published, in far fewer messages
-    than events: a dispatcher step's task-sent events in one message, the worker's own a flush
-    at a time (one message per event, or per two, before)."""
+    """60 jobs waiting when a worker of 8 threads starts: the dispatcher's first step takes them
+    all in and grants 8. Every job's task-received, task-started and task-succeeded events are
+    published, and the task-sent event (the fleet's intake) of every job the step left waiting,
+    none for those it granted at once; in far fewer messages than events: a dispatcher step's
+    task-sent events in one message, the worker's own a flush at a time (one message per
+    event, or per two, before)."""
     first = start_worker("events")
     first.process.stop()
     db = int(first.redis_url.rsplit("/", 1)[1])
@@ -307,7 +309,7 @@ def test_task_events_leave_together_and_none_is_lost(
         for job in sent:
             job.get(timeout=30)  # type: ignore[attr-defined]
         ids = {job.id for job in sent}  # type: ignore[attr-defined]
-        wanted = {(job, kind) for job in ids for kind in TASK_EVENTS}
+        wanted = {(job, kind) for job in ids for kind in TASK_EVENTS[1:]}
         seen: set[tuple[str, str]] = set()
         messages = {"intake": 0, "worker": 0}
         events = {"intake": 0, "worker": 0}
@@ -323,8 +325,12 @@ def test_task_events_leave_together_and_none_is_lost(
             for event in ours:
                 events[_source(event)] += 1
                 seen.add((event["uuid"], event["type"]))
+        # (A waiting job's task-sent is published in the step that took it in, before any
+        # later step grants it: it is here before its worker events.)
         assert worker.process.log().count("succeeded") >= 60
-        assert events == {"intake": 60, "worker": 180}, events
+        announced = {job for job, kind in seen if kind == "task-sent"}
+        assert 60 - 8 <= len(announced) < 60, f"{len(announced)} of 60 jobs had a task-sent"
+        assert events == {"intake": len(announced), "worker": 180}, events
         assert messages["intake"] <= 10, messages
         assert messages["worker"] <= 180 / 4, messages
     finally:
