@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,6 +52,7 @@ DAY_S = 86_400
 # (RUNWARE_BILLED_RETENTION_S) and the daily totals (RUNWARE_DAY_TOTALS_RETENTION_DAYS) are
 # settings; a day's highest cost per call shape is read today and tomorrow, then goes.
 ESTIMATE_TTL_S = 3 * DAY_S
+Arg = str | bytes | int | float  # a script's argument
 # The request fields a price depends on; with the task type and the model they make a shape.
 PRICE_FIELDS = ("width", "height", "steps", "numberResults", "promptVersions", "duration", "fps")
 
@@ -58,6 +60,20 @@ PRICE_FIELDS = ("width", "height", "steps", "numberResults", "promptVersions", "
 def to_micro(usd: float) -> int:
     """USD as integer micro-dollars, rounded to the nearest."""
     return round(usd * MICRO)
+
+
+_UUID_FORM = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def marker_field(task_uuid: str) -> bytes:
+    """The field of a taskUUID's billed-once marker (tasks/lua/ledger_lib.lua): a UUID's 16 bytes
+    (in any case), any other taskUUID as it is. Markers written by earlier versions, which made
+    it in Lua, have the same field."""
+    if _UUID_FORM.fullmatch(task_uuid):
+        return bytes.fromhex(task_uuid.replace("-", ""))
+    return task_uuid.encode()
 
 
 def call_shape(body: dict[str, Any]) -> str:
@@ -202,14 +218,14 @@ class Ledger:
         self._release = register(client, "ledger_release", after="ledger_lib")
         self._claim = register(client, "ledger_claim")
 
-    def _common(self, task_uuid: str) -> tuple[list[str], list[str | int | float]]:
+    def _common(self, task_uuid: str) -> tuple[list[str], list[Arg]]:
         keys = self.keys
         return (
             [keys.record(task_uuid), keys.reservations, keys.reservations_due, keys.reserved_sums],
             [task_uuid, keys.ledger],
         )
 
-    def _run(self, script: Script, keys: list[str], args: list[str | int | float]) -> Any:
+    def _run(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
         return hold_through_outage(lambda: run_script(script, keys, args), "ledger", self.outage_s)
 
     # --- a call --------------------------------------------------------------------------------
@@ -317,6 +333,7 @@ class Ledger:
             shape,
             ESTIMATE_TTL_S,
             self.settings.runware_billed_retention_s,
+            marker_field(task_uuid),
         ]
         recorded = bool(int(self._run(self._end, keys, args)))
         if recorded:
@@ -376,7 +393,7 @@ class Ledger:
             self.keys.reservations_due,
             self.keys.reservations_checked,
         ]
-        args: list[str | int | float] = [check_s, limit, "0" if alive is None else "1"]
+        args: list[Arg] = [check_s, limit, "0" if alive is None else "1"]
         flat = self._run(self._claim, keys, [*args, *(alive or [])])
         return [
             Reservation.parse(text(flat[i]), flat[i + 1], float(flat[i + 2]))

@@ -96,6 +96,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "marker-field-lowercase-only",
+        "tasks/ledger.py",
+        'r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-',
+        'r"[0-9a-f]{8}-[0-9a-fA-F]{4}-',
+        "a billed-once marker is found by the field earlier versions wrote",
+        (
+            "tests/integration/test_ledger_redis.py::"
+            "test_a_marker_field_is_the_one_earlier_versions_wrote",
+        ),
+    ),
+    Mutation(
+        "marker-field-prefix-match",
+        "tasks/ledger.py",
+        "    if _UUID_FORM.fullmatch(task_uuid):",
+        "    if _UUID_FORM.match(task_uuid):",
+        "a billed-once marker is found by the field earlier versions wrote",
+        (
+            "tests/integration/test_ledger_redis.py::"
+            "test_a_marker_field_is_the_one_earlier_versions_wrote",
+        ),
+    ),
+    Mutation(
         "dispatcher-lock-outlives-its-holder",
         "tasks/dispatcher.py",
         "LOCK_MS = 3000",
@@ -110,8 +132,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "cost-booked-at-every-end",
         "tasks/lua/ledger_lib.lua",
-        "  if recorded or not first_billing(cost, billed_ttl) then return 0 end",
-        "  first_billing(cost, billed_ttl)",
+        "  if recorded or not first_billing(cost, billed_ttl, field) then return 0 end",
+        "  first_billing(cost, billed_ttl, field)",
         "a call's cost is counted once, however many times it ends",
         ("tests/integration/test_cost.py::test_a_call_ended_twice_is_counted_once",),
     ),

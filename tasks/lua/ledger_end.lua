@@ -4,7 +4,8 @@
 -- KEYS 5: the poll marker, 6: the "send alone" marker, 7: today's highest cost per shape
 -- ARGV 3: account, 4: real cost (micro), 5: items JSON, 6: seconds the items are kept,
 --      7: seconds a day's totals are kept, 8: today, 9: the call's shape ('': the reservation's),
---      10: seconds today's highest costs are kept, 11: seconds the billed-once marker is kept
+--      10: seconds today's highest costs are kept, 11: seconds the billed-once marker is kept,
+--      12: the marker's field (the UUID's 16 bytes: tasks/ledger.py marker_field)
 -- Returns 1 when this call recorded the cost, 0 when it already was.
 local cost = tonumber(ARGV[4])
 local entry = reservation()
@@ -17,5 +18,6 @@ if shape ~= '' and cost > tonumber(redis.call('HGET', KEYS[7], shape) or '-1') t
   redis.call('EXPIRE', KEYS[7], tonumber(ARGV[10]))
 end
 return record(
-  entry, ARGV[3], cost, ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[11]), tonumber(ARGV[7]), ARGV[8]
+  entry, ARGV[3], cost, ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[11]), tonumber(ARGV[7]), ARGV[8],
+  ARGV[12]
 )

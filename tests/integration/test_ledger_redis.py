@@ -52,6 +52,45 @@ def _call(ledger: Ledger, account: str = "a", estimate: float = 0.0013, shape: s
     return task
 
 
+# How versions before 2026-12 made a billed-once marker's field, in the ledger's Lua: markers
+# they wrote must be found by the field tasks/ledger.py makes now (a rolling upgrade, and the
+# 8 days a marker is kept).
+EARLIER_MARKER_FIELD = """
+local UUID_FORM = '^' .. string.rep('%x', 8) .. '%-' .. string.rep('%x', 4) .. '%-'
+  .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 12) .. '$'
+local task_uuid = ARGV[1]
+if not string.find(task_uuid, UUID_FORM) then return task_uuid end
+return (string.gsub(string.gsub(string.lower(task_uuid), '%-', ''), '%x%x', function(pair)
+  return string.char(tonumber(pair, 16))
+end))
+"""
+
+
+@pytest.mark.parametrize(
+    "task_uuid",
+    [
+        "6f1c2a3e-0b9d-4c1e-8f2a-9d3b7c6e5a41",
+        "6F1C2A3E-0B9D-4C1E-8F2A-9D3B7C6E5A41",
+        "6f1c2a3e0b9d4c1e8f2a9d3b7c6e5a41",  # no dashes: not the UUID form, kept as it is
+        "{6f1c2a3e-0b9d-4c1e-8f2a-9d3b7c6e5a41}",
+        "6f1c2a3e-0b9d-4c1e-8f2a-9d3b7c6e5a41\n",
+        "6f1c2a3e-0b9d-4c1e-8f2a-9d3b7c6e5a4g",
+        "job-42",
+    ],
+)
+def test_a_marker_field_is_the_one_earlier_versions_wrote(
+    redis_server: RedisServer, task_uuid: str
+) -> None:
+    client = redis.Redis.from_url(redis_server.url(61))
+    try:
+        earlier = client.eval(EARLIER_MARKER_FIELD, 0, task_uuid)
+    finally:
+        client.close()
+    assert ledger_module.marker_field(task_uuid) == earlier
+    if task_uuid[0] == "6" and len(task_uuid) == 36 and "g" not in task_uuid:
+        assert len(earlier) == 16  # the UUID's 16 bytes, not its 36 characters
+
+
 def test_a_call_is_billed_once_and_its_items_come_back(make: Any) -> None:
     ledger = make()
     task = _uuid()
